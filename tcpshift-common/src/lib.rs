@@ -1,0 +1,283 @@
+//! Types shared by the tcpshift eBPF programs (`tcpshift-ebpf`) and the userspace side
+//! (`tcpshift-user`).
+//!
+//! Every type stored in a BPF map is `#[repr(C)]` plain data with explicit padding, and its
+//! size is checked at compile time: the kernel and userspace must agree on every byte, and a
+//! pinned map created by one version must be readable by the next. Changing any of these
+//! layouts requires bumping [`LAYOUT_VERSION`].
+//!
+//! # Map layout
+//!
+//! | map            | type                 | key                      | value            | written by |
+//! |----------------|----------------------|--------------------------|------------------|------------|
+//! | `TS_GLOBAL`    | array, 1 entry       | `0`                      | [`Global`]       | user       |
+//! | `TS_SERVICES`  | hash (no prealloc)   | [`ServiceKey`]           | [`ServiceEntry`] | user       |
+//! | `TS_BUCKETS`   | hash (no prealloc)   | [`table_key`]            | [`BucketTable`]  | user       |
+//! | `TS_SOCKETS`   | sockhash             | [`slot`]                 | socket           | user       |
+//! | `TS_COUNTERS`  | per-CPU hash         | [`slot`]                 | [`Counters`]     | kernel     |
+//! | `TS_META`      | hash (no prealloc)   | service id               | [`ServiceMeta`]  | user       |
+//!
+//! The data path reads `TS_SERVICES` (one or two lookups), one byte of one `TS_BUCKETS` entry and
+//! one `TS_SOCKETS` entry per new connection: O(1) in the number of services and subsets.
+#![no_std]
+
+/// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
+pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
+/// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Maximum number of services per network namespace.
+pub const MAX_SERVICES: u32 = 16_384;
+/// Maximum number of subsets (versions) per service.
+pub const MAX_SUBSETS: usize = 16;
+/// Number of buckets in a service's bucket table (granularity 1/16 384, finer than 1/10 000).
+pub const NUM_BUCKETS: usize = 16_384;
+/// Mask applied to a flow hash to pick a bucket.
+pub const BUCKET_MASK: u32 = NUM_BUCKETS as u32 - 1;
+/// Maximum number of socket / counter slots (`MAX_SERVICES * MAX_SUBSETS`).
+pub const MAX_SLOTS: u32 = MAX_SERVICES * MAX_SUBSETS as u32;
+/// Maximum length of a service name, in bytes.
+pub const SERVICE_NAME_LEN: usize = 64;
+/// Maximum length of a subset name, in bytes.
+pub const SUBSET_NAME_LEN: usize = 32;
+
+/// Names of the maps, as declared in the eBPF object and pinned under the state directory.
+pub mod map_names {
+    /// See [`super::Global`].
+    pub const GLOBAL: &str = "TS_GLOBAL";
+    /// See [`super::ServiceEntry`].
+    pub const SERVICES: &str = "TS_SERVICES";
+    /// See [`super::BucketTable`].
+    pub const BUCKETS: &str = "TS_BUCKETS";
+    /// Sockets of the subsets, keyed by [`super::slot`].
+    pub const SOCKETS: &str = "TS_SOCKETS";
+    /// See [`super::Counters`].
+    pub const COUNTERS: &str = "TS_COUNTERS";
+    /// See [`super::ServiceMeta`].
+    pub const META: &str = "TS_META";
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 6] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META];
+}
+
+/// Name of the sk_lookup program in the eBPF object.
+pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";
+
+/// IANA protocol number of TCP, as used in [`ServiceKey::proto`].
+pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP (reserved: UDP services fit the same layout).
+pub const IPPROTO_UDP: u8 = 17;
+
+/// How a service picks a bucket for a new connection ([`ServiceEntry::mode`]).
+pub mod mode {
+    /// Hash of the connection's 4-tuple (the default): every new connection is placed
+    /// independently, a retransmitted SYN lands in the same bucket.
+    pub const HASH_CONNECTION: u8 = 0;
+    /// Hash of the client address only: one client always reaches the same subset while the
+    /// weights do not change (source-IP affinity). Reserved; the data path already honours it.
+    pub const HASH_SOURCE_IP: u8 = 1;
+    /// Exact weighted round-robin through the bucket table (reserved for a later release; it
+    /// needs only a per-service cursor, not a new layout).
+    pub const ROUND_ROBIN: u8 = 2;
+}
+
+/// Settings for the whole namespace (`TS_GLOBAL[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Global {
+    /// Always [`MAGIC`] once initialised.
+    pub magic: u64,
+    /// [`LAYOUT_VERSION`] of whoever created the maps.
+    pub layout_version: u32,
+    /// Seed mixed into every flow hash, chosen at install time.
+    pub hash_seed: u32,
+    /// Reserved flags (debug logging level in a later release).
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Key of `TS_SERVICES`: where a service listens.
+///
+/// `addr` is an IPv6 address (IPv4 as `::ffff:a.b.c.d`); all zeros means "any local address".
+/// The data path first looks up the exact destination address, then the wildcard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Destination address, network byte order.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] (or, later, [`IPPROTO_UDP`]).
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+
+/// Value of `TS_SERVICES`: everything the data path needs to steer one service.
+///
+/// Written by userspace as one map update, which is what makes a weight change atomic: the new
+/// bucket table is written to the inactive generation first, then this entry flips
+/// `generation` and carries the new weights.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Service id: index of its slots in `TS_SOCKETS`/`TS_COUNTERS` and key in `TS_META`.
+    pub id: u32,
+    /// Which of the two bucket tables (0 or 1) is active: see [`table_key`].
+    pub generation: u32,
+    /// Selection mode, see [`mode`].
+    pub mode: u8,
+    /// Number of subsets in use (indices `0..n_subsets`).
+    pub n_subsets: u8,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Bit `i` set when subset `i` has a weight above zero (fallback order).
+    pub weighted_mask: u32,
+    /// Relative weight of each subset: the source of truth for weights.
+    pub weights: [u32; MAX_SUBSETS],
+}
+
+/// Value of `TS_BUCKETS`: subset index for each bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketTable {
+    /// `subset[bucket]` is the index of the subset that bucket belongs to.
+    pub subset: [u8; NUM_BUCKETS],
+}
+
+/// Per-subset counters (`TS_COUNTERS`, one per CPU, summed by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// New connections whose hash chose this subset.
+    pub chosen: u64,
+    /// New connections assigned to this subset's socket (chosen here or by fallback).
+    pub steered: u64,
+    /// Connections assigned here because the chosen subset had no live socket.
+    pub fallback_in: u64,
+    /// Connections that chose this subset but had to go elsewhere (no live socket).
+    pub fallback_out: u64,
+    /// Connections that chose this subset when no subset of the service was alive.
+    pub misses: u64,
+    /// Reserved for connection accounting (sock_ops): connections opened.
+    pub opened: u64,
+    /// Reserved for connection accounting (sock_ops): connections closed.
+    pub closed: u64,
+    /// Reserved for connection accounting (sock_ops): bytes received and sent.
+    pub bytes: [u64; 2],
+    /// Explicit padding to a multiple of 16 bytes.
+    pub _reserved: u64,
+}
+
+/// One subset's static description in [`ServiceMeta`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubsetMeta {
+    /// Name, NUL-padded UTF-8.
+    pub name: [u8; SUBSET_NAME_LEN],
+    /// Backend address (IPv4 as `::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// Backend port, host byte order.
+    pub port: u16,
+    /// 4 or 6: the family the backend address was written in.
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 5],
+}
+
+/// Value of `TS_META`: what userspace needs to show and re-register a service. Never read by
+/// the data path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// Service name, NUL-padded UTF-8.
+    pub name: [u8; SERVICE_NAME_LEN],
+    /// The `TS_SERVICES` key this service is stored under.
+    pub key: ServiceKey,
+    /// 0 when listening on any address, otherwise 4 or 6.
+    pub listen_family: u8,
+    /// Number of valid entries in `subsets`.
+    pub n_subsets: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+    /// The subsets, indices matching [`ServiceEntry::weights`].
+    pub subsets: [SubsetMeta; MAX_SUBSETS],
+}
+
+/// Slot of subset `subset` of service `id` in `TS_SOCKETS` and `TS_COUNTERS`.
+#[inline(always)]
+pub const fn slot(id: u32, subset: u32) -> u32 {
+    id * MAX_SUBSETS as u32 + subset
+}
+
+/// Key in `TS_BUCKETS` of generation `generation` (0 or 1) of service `id`'s bucket table.
+#[inline(always)]
+pub const fn table_key(id: u32, generation: u32) -> u32 {
+    id * 2 + (generation & 1)
+}
+
+#[inline(always)]
+const fn mix(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Flow hash (MurmurHash3 mixing of 32-bit words) of up to ten words.
+///
+/// The data path hashes `[remote addr (4 words), local addr (4 words), remote port, local
+/// port]` for [`mode::HASH_CONNECTION`] and only the remote address for
+/// [`mode::HASH_SOURCE_IP`]; userspace uses the same function in tests and benchmarks.
+#[inline(always)]
+pub const fn flow_hash(seed: u32, words: &[u32; 10], n: usize) -> u32 {
+    let mut h = seed;
+    let mut i = 0;
+    while i < 10 {
+        if i < n {
+            h = mix(h, words[i]);
+        }
+        i += 1;
+    }
+    finish(h ^ (n as u32 * 4))
+}
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+assert_size!(Global, 24);
+assert_size!(ServiceKey, 20);
+assert_size!(ServiceEntry, 80);
+assert_size!(BucketTable, NUM_BUCKETS);
+assert_size!(Counters, 80);
+assert_size!(SubsetMeta, 56);
+assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
+const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
+const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: #[repr(C)], only integer fields and arrays of them, no implicit padding
+            // (sizes are asserted above), every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Zeroable for $t {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(Global, ServiceKey, ServiceEntry, BucketTable, Counters, SubsetMeta, ServiceMeta);
+}

@@ -1,0 +1,171 @@
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, sk_action},
+    macros::{map, sk_lookup},
+    maps::{Array, HashMap, PerCpuHashMap, SockHash},
+    programs::SkLookupContext,
+};
+use tcpshift_common::{
+    BUCKET_MASK, BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, MAX_SUBSETS,
+    ServiceEntry, ServiceKey, ServiceMeta, flow_hash, mode, slot, table_key,
+};
+
+#[map(name = "TS_GLOBAL")]
+static TS_GLOBAL: Array<Global> = Array::with_max_entries(1, 0);
+
+#[map(name = "TS_SERVICES")]
+static TS_SERVICES: HashMap<ServiceKey, ServiceEntry> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "TS_BUCKETS")]
+static TS_BUCKETS: HashMap<u32, BucketTable> =
+    HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
+
+#[map(name = "TS_SOCKETS")]
+static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
+
+#[map(name = "TS_COUNTERS")]
+static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Userspace-only description of each service; declared here so that it is created, pinned
+/// and versioned together with the maps the data path uses.
+#[map(name = "TS_META")]
+static TS_META: HashMap<u32, ServiceMeta> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+const AF_INET: u32 = 2;
+
+#[sk_lookup]
+pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer(&ctx);
+    // Whether or not a socket was assigned, let the lookup go on: with an assignment the
+    // kernel uses it, without one the normal lookup runs.
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
+    if let Some(c) = TS_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, the program is not preempted while it runs.
+        f(unsafe { &mut *c });
+    }
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sk = unsafe { &*ctx.lookup };
+    if sk.protocol != IPPROTO_TCP as u32 {
+        return;
+    }
+    let v4 = sk.family == AF_INET;
+    let mut key = ServiceKey {
+        addr: [0; 16],
+        port: sk.local_port as u16,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let wildcard = key;
+    let (local, remote) = if v4 {
+        ([0, 0, 0xffff_u32.to_be(), sk.local_ip4], [0, 0, 0xffff_u32.to_be(), sk.remote_ip4])
+    } else {
+        (sk.local_ip6, sk.remote_ip6)
+    };
+    key.addr = words_to_bytes(&local);
+    // SAFETY: the value is only read; userspace replaces entries as a whole.
+    let entry = match unsafe { TS_SERVICES.get(&key) } {
+        Some(e) => e,
+        None => match unsafe { TS_SERVICES.get(&wildcard) } {
+            Some(e) => e,
+            None => return,
+        },
+    };
+    let seed = match TS_GLOBAL.get(0) {
+        Some(g) => g.hash_seed,
+        None => 0,
+    };
+    let words = [
+        remote[0],
+        remote[1],
+        remote[2],
+        remote[3],
+        local[0],
+        local[1],
+        local[2],
+        local[3],
+        sk.remote_port as u32,
+        sk.local_port,
+    ];
+    let hash = if entry.mode == mode::HASH_SOURCE_IP {
+        flow_hash(seed, &words, 4)
+    } else {
+        flow_hash(seed, &words, 10)
+    };
+    let id = entry.id;
+    let n_subsets = entry.n_subsets as u32;
+    let Some(table) = TS_BUCKETS.get_ptr(table_key(id, entry.generation)) else {
+        return;
+    };
+    // SAFETY: the table pointer is valid for this run; the index is masked to its size.
+    let chosen = unsafe { (*table).subset[(hash & BUCKET_MASK) as usize] } as u32;
+    let chosen_slot = slot(id, chosen);
+    count(chosen_slot, |c| c.chosen += 1);
+    if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
+        count(chosen_slot, |c| c.steered += 1);
+        return;
+    }
+    // Fallback: weighted subsets first, then any subset.
+    let weighted = entry.weighted_mask;
+    for pass in 0..2u32 {
+        for i in 0..MAX_SUBSETS as u32 {
+            if i >= n_subsets {
+                break;
+            }
+            let is_weighted = weighted & (1 << i) != 0;
+            if i == chosen || (pass == 0) != is_weighted {
+                continue;
+            }
+            let s = slot(id, i);
+            if TS_SOCKETS.redirect_sk_lookup(ctx, s, 0).is_ok() {
+                count(chosen_slot, |c| c.fallback_out += 1);
+                count(s, |c| {
+                    c.steered += 1;
+                    c.fallback_in += 1;
+                });
+                return;
+            }
+        }
+    }
+    count(chosen_slot, |c| c.misses += 1);
+}
+
+#[inline(always)]
+fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+// Keep the userspace-only map in the object.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn tcpshift_meta_anchor() -> *const core::ffi::c_void {
+    core::ptr::addr_of!(TS_META).cast()
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,18 @@
+//! tcpshift userspace library: everything the loader (`tcpshiftd`) and the control CLI
+//! (`tcpshiftctl`) share.
+//!
+//! - [`config`]: the YAML configuration, parsed and validated;
+//! - [`weights`]: weight arithmetic and bucket tables;
+//! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
+//! - [`netns`]: network namespaces and bpffs;
+//! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps).
+
+pub mod config;
+pub mod discovery;
+pub mod netns;
+pub mod state;
+pub mod weights;
+
+/// The eBPF object built from `tcpshift-ebpf` (see `build.rs`).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpshift.bpf.o"));
