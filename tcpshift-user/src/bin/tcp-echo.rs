@@ -1,1 +1,315 @@
-fn main() {}
+//! `tcp-echo`: a line-echo TCP server compatible with Istio's `tcp-echo` sample.
+//!
+//! For every line a client sends, it writes back `PREFIX <line>`. It serves as a test backend
+//! for tcpshift: run several with different prefixes and see which one answers.
+
+use std::{
+    collections::HashSet,
+    io::{self, Write},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
+    net::{TcpListener, TcpStream},
+    signal::unix::{SignalKind, signal},
+};
+
+/// Listen backlog of every port.
+const BACKLOG: i32 = 1024;
+/// Longest line accepted (including its newline); a longer one closes the connection.
+const MAX_LINE: u64 = 1 << 20;
+
+/// Line-echo TCP server, compatible with Istio's tcp-echo sample.
+///
+/// Listens on every port in PORTS and answers each line received with "PREFIX <line>". A last
+/// line without a newline is answered too (with a newline added) before the connection closes.
+/// Once all ports are bound it prints "listening on ADDR:PORT, prefix: PREFIX" per port to
+/// stdout. Exits 0 on SIGINT or SIGTERM. Log level: RUST_LOG (default "warn").
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcp-echo",
+    override_usage = "tcp-echo [--bind ADDR] PORTS PREFIX",
+    after_help = "Example:\n  \
+        tcp-echo 9000,9001 one\n  \
+        printf 'hello\\nworld\\n' | nc -q1 127.0.0.1 9000    # prints \"one hello\" and \"one world\""
+)]
+struct Cli {
+    /// Listen on ADDR (IPv4 or IPv6, e.g. 127.0.0.1 or ::1) instead of dual-stack [::].
+    ///
+    /// Without it every port listens on [::] with IPV6_V6ONLY off, so it accepts both IPv4 and
+    /// IPv6. With an IPv6 ADDR the socket is IPv6-only.
+    #[arg(long, short, value_name = "ADDR", value_parser = parse_bind)]
+    bind: Option<IpAddr>,
+
+    /// Comma-separated ports to listen on, e.g. 9000,9001 (each in 1-65535, no duplicates).
+    #[arg(value_name = "PORTS", value_parser = parse_ports)]
+    ports: Ports,
+
+    /// Text put before each echoed line (followed by a space).
+    #[arg(value_name = "PREFIX", allow_hyphen_values = true)]
+    prefix: String,
+}
+
+/// The parsed PORTS argument.
+#[derive(Debug, Clone)]
+struct Ports(Vec<u16>);
+
+/// Parses a comma-separated list of distinct ports in 1-65535.
+fn parse_ports(s: &str) -> Result<Ports, String> {
+    if s.trim().is_empty() {
+        return Err("empty port list (give e.g. 9000 or 9000,9001)".to_owned());
+    }
+    let mut seen = HashSet::new();
+    let mut ports = Vec::new();
+    for item in s.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!("empty entry in port list {s:?}"));
+        }
+        let port: u16 = item
+            .parse()
+            .map_err(|_| format!("port {item:?} is not a number in 1-65535"))?;
+        if port == 0 {
+            return Err("port 0 is not allowed (give a port in 1-65535)".to_owned());
+        }
+        if !seen.insert(port) {
+            return Err(format!("port {port} is listed twice"));
+        }
+        ports.push(port);
+    }
+    Ok(Ports(ports))
+}
+
+/// Parses an IPv4 or IPv6 address, the latter optionally in brackets.
+fn parse_bind(s: &str) -> Result<IpAddr, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse().map_err(|_| {
+        format!("{s:?} is not an IPv4 or IPv6 address (give e.g. 127.0.0.1 or ::1, without a port)")
+    })
+}
+
+/// Creates a listening socket on `addr`; `dual_stack` turns IPV6_V6ONLY off, otherwise an IPv6
+/// socket is IPv6-only.
+fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections forever, one task per connection.
+async fn accept_loop(listener: TcpListener, prefix: Arc<[u8]>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let prefix = Arc::clone(&prefix);
+                tokio::spawn(async move {
+                    tracing::debug!(%peer, "connection");
+                    if let Err(e) = serve(stream, &prefix).await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                // Usually transient (aborted handshake) or resource exhaustion (EMFILE): wait
+                // a little instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Echoes every line of one connection with the prefix.
+async fn serve(stream: TcpStream, prefix: &[u8]) -> io::Result<()> {
+    // Like Go's net package (Istio's server): replies go out at once.
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut wr = BufWriter::new(wr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut rd)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            break;
+        }
+        let complete = line.ends_with(b"\n");
+        if !complete && n as u64 == MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("line longer than {MAX_LINE} bytes"),
+            ));
+        }
+        wr.write_all(prefix).await?;
+        wr.write_all(b" ").await?;
+        wr.write_all(&line).await?;
+        if !complete {
+            wr.write_all(b"\n").await?;
+        }
+        // Batch the replies to pipelined lines, but never hold one back while waiting for
+        // more input.
+        if !rd.buffer().contains(&b'\n') {
+            wr.flush().await?;
+        }
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+/// Binds every port, reports readiness, then serves until SIGINT or SIGTERM.
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+
+    let ip = cli.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    let mut listeners = Vec::with_capacity(cli.ports.0.len());
+    for &port in &cli.ports.0 {
+        let addr = SocketAddr::new(ip, port);
+        let listener = listen(addr, cli.bind.is_none()).map_err(|e| {
+            let hint = match e.kind() {
+                io::ErrorKind::AddrInUse => format!(" (is another process using port {port}?)"),
+                io::ErrorKind::AddrNotAvailable => {
+                    format!(" ({ip} is not an address of this host)")
+                }
+                io::ErrorKind::PermissionDenied => {
+                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_owned()
+                }
+                _ => String::new(),
+            };
+            anyhow::Error::new(e).context(format!("cannot listen on {addr}{hint}"))
+        })?;
+        let local = listener
+            .local_addr()
+            .with_context(|| format!("cannot get the local address of {addr}"))?;
+        listeners.push((listener, local));
+    }
+
+    let mut out = io::stdout().lock();
+    for (_, local) in &listeners {
+        if let Err(e) = writeln!(out, "listening on {local}, prefix: {}", cli.prefix) {
+            tracing::warn!("cannot write to stdout: {e}");
+        }
+    }
+    if let Err(e) = out.flush() {
+        tracing::warn!("cannot write to stdout: {e}");
+    }
+    drop(out);
+
+    let prefix: Arc<[u8]> = Arc::from(cli.prefix.into_bytes());
+    for (listener, _) in listeners {
+        tokio::spawn(accept_loop(listener, Arc::clone(&prefix)));
+    }
+
+    tokio::select! {
+        _ = sigint.recv() => tracing::info!("SIGINT, exiting"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM, exiting"),
+    }
+    Ok(())
+}
+
+/// Prints a clap error on one line (help and version are printed as usual).
+fn usage_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        // Printing help can only fail if stdout is gone; nothing to do about it then.
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("tcp-echo: {message} (see tcp-echo --help)");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcp-echo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_ports("9000").unwrap().0, [9000]);
+        assert_eq!(parse_ports("9000, 9001,1").unwrap().0, [9000, 9001, 1]);
+        assert!(parse_ports("").is_err());
+        assert!(parse_ports("0").unwrap_err().contains("port 0"));
+        assert!(parse_ports("abc").unwrap_err().contains("\"abc\""));
+        assert!(parse_ports("65536").is_err());
+        assert!(parse_ports("9000,").is_err());
+        assert!(parse_ports("9000,9000").unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn bind() {
+        assert_eq!(
+            parse_bind("127.0.0.1").unwrap(),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        assert_eq!(parse_bind("::1").unwrap(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(
+            parse_bind("[::1]").unwrap(),
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        );
+        assert!(parse_bind("localhost").is_err());
+        assert!(parse_bind("127.0.0.1:80").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
