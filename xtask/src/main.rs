@@ -1,1 +1,77 @@
-fn main() {}
+//! `cargo xtask`: one entry point to bootstrap, build, lint, test and demo tcpshift.
+//!
+//! Building tcpshift needs more than cargo: the eBPF programs are compiled with nightly
+//! (`-Z build-std=core`, so nightly's `rust-src`) and linked by bpf-linker, which is built
+//! against nightly's own LLVM. Every command that builds installs what is missing first.
+
+// Where the build tools live: shared with tcpshift-user/build.rs, so both agree.
+#[path = "../../tcpshift-user/build/tools.rs"]
+#[allow(dead_code)]
+mod tools;
+
+mod bootstrap;
+mod build;
+mod cmd;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Build, test and demo automation for tcpshift.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    after_help = "Examples:\n  cargo xtask build\n  cargo xtask test\n  cargo xtask test --unprivileged\n  \
+                  cargo xtask test -- -p tcpshift-tests -- --nocapture\n  cargo xtask run          (as root)\n\n\
+                  Tools are kept in $TCPSHIFT_TOOLS_DIR (default ~/.cache/tcpshift)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install the build tools and test dependencies that are missing.
+    ///
+    /// Checks, and installs when missing: the nightly toolchain and its rust-src component,
+    /// bpf-linker (built against nightly's own LLVM, into $TCPSHIFT_TOOLS_DIR) and, when run
+    /// as root, the Debian packages iproute2, netcat-openbsd and bpftool (optional). Every
+    /// command that builds runs this first.
+    Bootstrap,
+    /// Build tcpshiftd, tcpshiftctl and tcp-echo.
+    ///
+    /// Bootstraps, then runs `cargo build --release -p tcpshift-user --bins`; the eBPF object
+    /// is compiled by tcpshift-user's build script and embedded in tcpshiftd.
+    Build {
+        /// Build the debug profile (target/debug) instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpshift: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Bootstrap => bootstrap::bootstrap().map(drop),
+        Task::Build { debug } => {
+            let profile = if debug {
+                build::Profile::Debug
+            } else {
+                build::Profile::Release
+            };
+            build::build(profile).map(drop)
+        }
+    }
+}
