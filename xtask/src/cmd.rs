@@ -73,7 +73,7 @@ pub fn target_dir() -> Result<PathBuf> {
 
 /// Runs `cmd` with inherited stdio, echoing it first; fails unless it exits successfully.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    println!("$ {}", show(cmd));
+    echo(cmd);
     let status = cmd
         .status()
         .with_context(|| format!("cannot start `{}`", show(cmd)))?;
@@ -99,18 +99,24 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// The command line of `cmd` with the variables it sets, for messages (`cargo` instead of
-/// its full path).
+/// The command line of `cmd`, for messages (`cargo` instead of its full path).
 pub fn show(cmd: &Command) -> String {
     let program = Path::new(cmd.get_program());
     let program = program.file_name().unwrap_or(program.as_os_str());
-    let vars = cmd
-        .get_envs()
-        .filter_map(|(key, value)| Some(format!("{}={}", key.display(), value?.display())));
-    let words = std::iter::once(program)
+    std::iter::once(program)
         .chain(cmd.get_args())
-        .map(|w| OsStr::to_string_lossy(w).into_owned());
-    vars.chain(words).collect::<Vec<_>>().join(" ")
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints `$ VAR=value ... command args` before running `cmd`.
+pub fn echo(cmd: &Command) {
+    let vars: String = cmd
+        .get_envs()
+        .filter_map(|(key, value)| Some(format!("{}={} ", key.display(), value?.display())))
+        .collect();
+    println!("$ {vars}{}", show(cmd));
 }
 
 /// Whether this process runs as root.

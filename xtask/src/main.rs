@@ -12,6 +12,7 @@ mod tools;
 mod bootstrap;
 mod build;
 mod cmd;
+mod lint;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,11 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// Check formatting and run clippy, warnings as errors.
+    ///
+    /// Runs `cargo fmt --check`, clippy on the whole workspace, and clippy on the eBPF crate
+    /// with nightly for bpfel-unknown-none; runs all three, then fails if any failed.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -73,5 +79,6 @@ fn run(task: Task) -> Result<()> {
             };
             build::build(profile).map(drop)
         }
+        Task::Lint => lint::lint(),
     }
 }
