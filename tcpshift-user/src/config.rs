@@ -1,1 +1,1527 @@
-//! TODO
+//! The loader's YAML configuration, parsed and validated.
+//!
+//! ```yaml
+//! services:
+//!   tcp-echo:
+//!     listen: 31400            # port on any local address; "ADDR:PORT" and "[v6]:PORT" also accepted
+//!     subsets:
+//!       v1: 127.0.0.1:9001     # address where that version's server listens
+//!       v2: 127.0.0.1:9002
+//!     weights: {v1: 100, v2: 0}   # relative integer weights; omitted subsets get 0
+//! ```
+//!
+//! Parsing is strict: unknown keys, duplicate keys, host names instead of IP addresses,
+//! negative or fractional weights and strings where numbers are expected are all rejected with
+//! a [`ConfigError`] that names the file, the line and column when the YAML parser knows them,
+//! the path of the offending field (`services.tcp-echo.weights.v3`) and what is expected.
+//!
+//! Syntax and per-value errors (a malformed address, a negative weight) are reported by the
+//! YAML deserializer and carry a line and column; errors that involve several values (an
+//! unknown subset in `weights`, two services on the same listen address) carry the field path.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS, SERVICE_NAME_LEN, SUBSET_NAME_LEN};
+
+use crate::weights::MAX_WEIGHT;
+
+/// Longest service name, in bytes (names are stored NUL-terminated in
+/// [`SERVICE_NAME_LEN`] bytes).
+pub const MAX_SERVICE_NAME: usize = SERVICE_NAME_LEN - 1;
+/// Longest subset name, in bytes (names are stored NUL-terminated in [`SUBSET_NAME_LEN`]
+/// bytes).
+pub const MAX_SUBSET_NAME: usize = SUBSET_NAME_LEN - 1;
+/// Weight given to the only subset of a service whose `weights` key is absent.
+pub const DEFAULT_SINGLE_WEIGHT: u32 = 100;
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The services, sorted by name (names are unique).
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service: where it listens and the subsets (versions) its connections are shifted
+/// between.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Where the service accepts connections.
+    pub listen: Listen,
+    /// The subsets, in the order written in the YAML (1 to [`MAX_SUBSETS`] of them). Their
+    /// indices are the subset indices used in the kernel maps.
+    pub subsets: Vec<SubsetConfig>,
+}
+
+/// One subset (version) of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsetConfig {
+    /// Subset name: 1 to [`MAX_SUBSET_NAME`] bytes of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Address where this version's server listens (non-zero port).
+    pub addr: SocketAddr,
+    /// Relative weight, `0..=`[`MAX_WEIGHT`]. The weights of a service sum to more than 0.
+    pub weight: u32,
+}
+
+/// Where a service listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Listen {
+    /// Any local address (IPv4 and IPv6) on this port. Written `31400`, `"*:31400"`,
+    /// `"0.0.0.0:31400"` or `"[::]:31400"`.
+    Any {
+        /// The port, never 0.
+        port: u16,
+    },
+    /// One specific local address. Written `"127.0.0.1:31400"` or `"[::1]:31400"`; the port
+    /// is never 0 and the address is never unspecified (that is [`Listen::Any`]).
+    Addr(SocketAddr),
+}
+
+/// Why a configuration was rejected. Every message names the source and says what is
+/// expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("{}: cannot read the configuration file: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not UTF-8 text.
+    #[error(
+        "{}: line {line}: not valid UTF-8; the configuration must be YAML text",
+        path.display()
+    )]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the first invalid byte.
+        line: usize,
+    },
+    /// The document is empty or holds only comments.
+    #[error(
+        "{file}: the configuration is empty; expected a mapping with a `services` key, e.g. \
+         `services: {{tcp-echo: {{listen: 31400, subsets: {{v1: \"127.0.0.1:9001\"}}}}}}`"
+    )]
+    Empty {
+        /// Name of the source (file name) used in messages.
+        file: String,
+    },
+    /// Invalid YAML, or a value of the wrong type or format (reported while parsing).
+    #[error("{file}{}: {message}", fmt_location(*.line, *.column))]
+    Yaml {
+        /// Name of the source (file name) used in messages.
+        file: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// 1-based column, when known.
+        column: Option<usize>,
+        /// What is wrong, starting with the field path when known.
+        message: String,
+    },
+    /// A well-formed document that breaks a rule (names, counts, weights, conflicts).
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        /// Name of the source (file name) used in messages.
+        file: String,
+        /// Path of the offending field, e.g. `services.tcp-echo.weights.v3`.
+        path: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+fn fmt_location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+impl ConfigError {
+    /// 1-based line and column of the error, when the YAML parser reported one.
+    pub fn location(&self) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Yaml {
+                line: Some(l),
+                column: Some(c),
+                ..
+            } => Some((*l, *c)),
+            _ => None,
+        }
+    }
+
+    fn invalid(file: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    fn from_yaml(file: &str, err: &serde_yaml::Error) -> Self {
+        let mut message = err.to_string();
+        let (line, column) = match err.location() {
+            Some(loc) => {
+                // serde_yaml appends " at line L column C"; the location goes in front instead.
+                let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+                message = message.replacen(&suffix, "", 1);
+                (Some(loc.line()), Some(loc.column()))
+            }
+            None => (None, None),
+        };
+        ConfigError::Yaml {
+            file: file.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration. `source` names the text in error messages
+    /// (usually the file name).
+    pub fn from_yaml_str(text: &str, source: &str) -> Result<Config, ConfigError> {
+        match serde_yaml::from_str::<RawConfig>(text) {
+            Ok(raw) => raw.validate(source),
+            Err(_) if is_blank(text) => Err(ConfigError::Empty {
+                file: source.to_owned(),
+            }),
+            Err(err) => Err(ConfigError::from_yaml(source, &err)),
+        }
+    }
+
+    /// Reads, parses and validates a configuration file. Messages name the file as given.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|err| {
+            let valid = err.utf8_error().valid_up_to();
+            let line = 1 + err
+                .as_bytes()
+                .iter()
+                .take(valid)
+                .filter(|&&b| b == b'\n')
+                .count();
+            ConfigError::NotUtf8 {
+                path: path.to_owned(),
+                line,
+            }
+        })?;
+        Config::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// The service called `name`, if any.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .and_then(|i| self.services.get(i))
+    }
+}
+
+/// True when `text` holds no YAML content: only blank lines, comments and document markers.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
+    })
+}
+
+impl ServiceConfig {
+    /// The weights of the subsets, in subset order.
+    pub fn weights(&self) -> Vec<u32> {
+        self.subsets.iter().map(|s| s.weight).collect()
+    }
+
+    /// The subset called `name`, if any.
+    pub fn subset(&self, name: &str) -> Option<&SubsetConfig> {
+        self.subsets.iter().find(|s| s.name == name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listen
+
+impl Listen {
+    /// The port the service listens on.
+    pub fn port(&self) -> u16 {
+        match self {
+            Listen::Any { port } => *port,
+            Listen::Addr(addr) => addr.port(),
+        }
+    }
+
+    /// The specific local address, or `None` for [`Listen::Any`].
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Listen::Any { .. } => None,
+            Listen::Addr(addr) => Some(addr.ip()),
+        }
+    }
+
+    /// Parses `PORT`, `*:PORT`, `IPv4:PORT` or `[IPv6]:PORT`. An unspecified address
+    /// (`0.0.0.0`, `[::]`) means [`Listen::Any`]. The port must be in `1..=65535`. The error
+    /// says what was wrong and which forms are accepted.
+    pub fn parse(s: &str) -> Result<Listen, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(format!("empty listen address; expected {LISTEN_FORMS}"));
+        }
+        if t.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(Listen::Any {
+                port: parse_port(t)?,
+            });
+        }
+        if let Some(port) = t.strip_prefix("*:") {
+            if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                return Ok(Listen::Any {
+                    port: parse_port(port)?,
+                });
+            }
+            return Err(format!(
+                "invalid port in listen address {t:?}; expected {LISTEN_FORMS}"
+            ));
+        }
+        let addr = parse_socket_addr(t, "listen address", LISTEN_FORMS)?;
+        check_port(addr.port(), t)?;
+        if addr.ip().to_canonical().is_unspecified() {
+            Ok(Listen::Any { port: addr.port() })
+        } else {
+            Ok(Listen::Addr(addr))
+        }
+    }
+
+    /// The listen address with IPv4-mapped IPv6 addresses turned into IPv4 and the IPv6
+    /// scope and flow information dropped: two listens with the same key are the same kernel
+    /// map entry.
+    fn key(&self) -> (Option<IpAddr>, u16) {
+        match self {
+            Listen::Any { port } => (None, *port),
+            Listen::Addr(addr) => (Some(addr.ip().to_canonical()), addr.port()),
+        }
+    }
+}
+
+const LISTEN_FORMS: &str =
+    "a port (31400), IPv4:PORT (127.0.0.1:31400) or [IPv6]:PORT ([::1]:31400)";
+const SUBSET_FORMS: &str = "IPv4:PORT (127.0.0.1:9001) or [IPv6]:PORT (\"[::1]:9001\", quoted)";
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Any { port } => write!(f, "*:{port}"),
+            Listen::Addr(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        Listen::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Listen, D::Error> {
+        struct ListenVisitor;
+
+        impl<'de> Visitor<'de> for ListenVisitor {
+            type Value = Listen;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(LISTEN_FORMS)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Listen, E> {
+                let port = u16::try_from(v).map_err(|_| {
+                    E::custom(format!("port {v} is out of range; expected 1..=65535"))
+                })?;
+                check_port(port, &v.to_string()).map_err(E::custom)?;
+                Ok(Listen::Any { port })
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Listen, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!(
+                        "port {v} is negative; expected a port in 1..=65535"
+                    ))),
+                }
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
+                Listen::parse(v).map_err(E::custom)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<Listen, A::Error> {
+                Err(de::Error::custom(format!(
+                    "got a YAML list; an IPv6 listen address must be quoted, e.g. \
+                     listen: \"[::1]:31400\"; expected {LISTEN_FORMS}"
+                )))
+            }
+        }
+
+        deserializer.deserialize_any(ListenVisitor)
+    }
+}
+
+fn parse_port(digits: &str) -> Result<u16, String> {
+    match digits.parse::<u16>() {
+        Ok(port) => {
+            check_port(port, digits)?;
+            Ok(port)
+        }
+        Err(_) => Err(format!("port {digits} is out of range; expected 1..=65535")),
+    }
+}
+
+fn check_port(port: u16, written: &str) -> Result<(), String> {
+    if port == 0 {
+        Err(format!(
+            "port 0 in {written:?} is not allowed; expected a fixed port in 1..=65535"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses `IPv4:PORT` or `[IPv6]:PORT`, explaining the common mistakes (host names, IPv6
+/// without brackets, missing port). `what` names the value, `forms` lists the accepted forms.
+fn parse_socket_addr(s: &str, what: &str, forms: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bracketed = t.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    if let Ok(IpAddr::V6(_)) = t.parse::<IpAddr>()
+        && let Some((host, port)) = t.rsplit_once(':')
+        && host.parse::<Ipv6Addr>().is_ok()
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(format!(
+            "{what} {t:?} has no port: an IPv6 address and its port are written with \
+             brackets, e.g. \"[{host}]:{port}\"; expected {forms}"
+        ));
+    }
+    if t.parse::<IpAddr>().is_ok() || bracketed.is_some_and(|a| a.parse::<Ipv6Addr>().is_ok()) {
+        return Err(format!("{what} {t:?} has no port; expected {forms}"));
+    }
+    let (host, port) = match t.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (t, None),
+    };
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Some(port) = port {
+        if bare_host.parse::<Ipv6Addr>().is_ok() && !host.starts_with('[') {
+            return Err(format!(
+                "{what} {t:?}: an IPv6 address must be written in brackets, \
+                 e.g. \"[{bare_host}]:{port}\"; expected {forms}"
+            ));
+        }
+        if bare_host.parse::<IpAddr>().is_ok() {
+            if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "port {port} in {what} {t:?} is out of range; expected 1..=65535"
+                ));
+            }
+            return Err(format!(
+                "invalid port {port:?} in {what} {t:?}; expected {forms}"
+            ));
+        }
+    }
+    let looks_like_host = !bare_host.is_empty()
+        && bare_host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        && bare_host.bytes().any(|b| b.is_ascii_alphabetic());
+    if looks_like_host {
+        return Err(format!(
+            "{what} {t:?}: {bare_host:?} is a host name but an IP address is needed \
+             (names are not resolved); expected {forms}"
+        ));
+    }
+    Err(format!("invalid {what} {t:?}; expected {forms}"))
+}
+
+/// Parses a subset's address: `IPv4:PORT` or `[IPv6]:PORT` with a non-zero port. Host names
+/// are rejected (an IP address is needed).
+pub fn parse_subset_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr = parse_socket_addr(s, "subset address", SUBSET_FORMS)?;
+    check_port(addr.port(), s.trim())?;
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Names
+
+/// Checks a service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    validate_name(name, MAX_SERVICE_NAME, "service")
+}
+
+/// Checks a subset name: 1 to [`MAX_SUBSET_NAME`] bytes of `[A-Za-z0-9._-]`.
+pub fn validate_subset_name(name: &str) -> Result<(), String> {
+    validate_name(name, MAX_SUBSET_NAME, "subset")
+}
+
+fn name_byte_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
+}
+
+fn validate_name(name: &str, max: usize, kind: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!(
+            "empty {kind} name; use 1 to {max} characters from A-Z a-z 0-9 . _ -"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| !c.is_ascii() || !name_byte_ok(c as u8))
+    {
+        return Err(format!(
+            "{kind} name {name:?} contains {c:?}; use only characters from A-Z a-z 0-9 . _ -"
+        ));
+    }
+    if name.len() > max {
+        return Err(format!(
+            "{kind} name {name:?} is {} bytes long; at most {max} are allowed",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A name as a path segment: as is when it is a valid name, quoted and escaped otherwise.
+fn seg(name: &str) -> String {
+    if !name.is_empty() && name.bytes().all(name_byte_ok) {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw document
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with a `services` key at the top level"
+)]
+struct RawConfig {
+    services: Entries<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+)]
+struct RawService {
+    listen: Listen,
+    subsets: Entries<SubsetAddr>,
+    #[serde(default)]
+    weights: Option<Entries<Weight>>,
+}
+
+/// A YAML mapping read as a list of (key, value) pairs in document order; duplicate keys are
+/// rejected.
+struct Entries<V>(Vec<(String, V)>);
+
+/// What the values of an [`Entries`] mapping are, for messages.
+trait EntryKind {
+    const MAPPING: &'static str;
+}
+
+impl EntryKind for RawService {
+    const MAPPING: &'static str =
+        "a mapping of service names to services, e.g. `tcp-echo: {listen: 31400, subsets: ...}`";
+}
+
+impl EntryKind for SubsetAddr {
+    const MAPPING: &'static str =
+        "a mapping of subset names to addresses, e.g. `{v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}`";
+}
+
+impl EntryKind for Weight {
+    const MAPPING: &'static str =
+        "a mapping of subset names to integer weights, e.g. `{v1: 100, v2: 0}`";
+}
+
+impl<'de, V: Deserialize<'de> + EntryKind> Deserialize<'de> for Entries<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor<V>(PhantomData<V>);
+
+        impl<'de, V: Deserialize<'de> + EntryKind> Visitor<'de> for EntriesVisitor<V> {
+            type Value = Entries<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(V::MAPPING)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<V>, A::Error> {
+                let mut entries: Vec<(String, V)> = Vec::new();
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!(
+                            "duplicate key {key:?}; each name may appear only once"
+                        )));
+                    }
+                    let value = map.next_value::<V>()?;
+                    entries.push((key, value));
+                }
+                Ok(Entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(EntriesVisitor(PhantomData))
+    }
+}
+
+/// A subset's address.
+struct SubsetAddr(SocketAddr);
+
+impl<'de> Deserialize<'de> for SubsetAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AddrVisitor;
+
+        impl<'de> Visitor<'de> for AddrVisitor {
+            type Value = SubsetAddr;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a subset address: {SUBSET_FORMS}")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SubsetAddr, E> {
+                parse_subset_addr(v).map(SubsetAddr).map_err(E::custom)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SubsetAddr, E> {
+                Err(E::custom(format!(
+                    "{v} is only a port; a subset needs the address its server listens on: \
+                     {SUBSET_FORMS}"
+                )))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<SubsetAddr, E> {
+                Err(E::custom(format!(
+                    "{v} is not an address; expected {SUBSET_FORMS}"
+                )))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<SubsetAddr, A::Error> {
+                Err(de::Error::custom(format!(
+                    "got a YAML list; an IPv6 address must be quoted, e.g. \"[::1]:9001\"; \
+                     expected {SUBSET_FORMS}"
+                )))
+            }
+        }
+
+        deserializer.deserialize_any(AddrVisitor)
+    }
+}
+
+/// A weight: an integer in `0..=MAX_WEIGHT`.
+struct Weight(u32);
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct WeightVisitor;
+
+        impl Visitor<'_> for WeightVisitor {
+            type Value = Weight;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an integer weight in 0..={MAX_WEIGHT}")
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Weight, E> {
+                match u32::try_from(v) {
+                    Ok(w) if w <= MAX_WEIGHT => Ok(Weight(w)),
+                    _ => Err(E::custom(format!(
+                        "weight {v} is too large; expected an integer in 0..={MAX_WEIGHT}"
+                    ))),
+                }
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Weight, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!(
+                        "weight {v} is negative; weights cannot be negative, expected an \
+                         integer in 0..={MAX_WEIGHT}"
+                    ))),
+                }
+            }
+
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Weight, E> {
+                Err(E::custom(format!(
+                    "weight {v} is too large; expected an integer in 0..={MAX_WEIGHT}"
+                )))
+            }
+
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Weight, E> {
+                Err(E::custom(format!(
+                    "weight {v} is out of range; expected an integer in 0..={MAX_WEIGHT}"
+                )))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Weight, E> {
+                Err(E::custom(format!(
+                    "weight {v} is not an integer; expected an integer in 0..={MAX_WEIGHT}"
+                )))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Weight, E> {
+                Err(E::custom(format!(
+                    "missing weight; expected an integer in 0..={MAX_WEIGHT}"
+                )))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Weight, E> {
+                Err(E::custom(format!(
+                    "weight {v:?} is a string; expected an integer in 0..={MAX_WEIGHT} \
+                     (without quotes)"
+                )))
+            }
+        }
+
+        deserializer.deserialize_any(WeightVisitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+impl RawConfig {
+    fn validate(self, file: &str) -> Result<Config, ConfigError> {
+        let raw_services = self.services.0;
+        if raw_services.is_empty() {
+            return Err(ConfigError::invalid(
+                file,
+                "services",
+                "no services defined; add at least one, e.g. \
+                 `tcp-echo: {listen: 31400, subsets: {v1: 127.0.0.1:9001}}`",
+            ));
+        }
+        if raw_services.len() > MAX_SERVICES as usize {
+            return Err(ConfigError::invalid(
+                file,
+                "services",
+                format!(
+                    "{} services defined; at most {MAX_SERVICES} are supported",
+                    raw_services.len()
+                ),
+            ));
+        }
+
+        let mut services = Vec::with_capacity(raw_services.len());
+        let mut listens: HashMap<(Option<IpAddr>, u16), String> = HashMap::new();
+        for (name, raw) in raw_services {
+            let path = format!("services.{}", seg(&name));
+            validate_service_name(&name).map_err(|m| ConfigError::invalid(file, &path, m))?;
+            if let Some(other) = listens.get(&raw.listen.key()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{path}.listen"),
+                    format!(
+                        "{} is already the listen address of service {other}; each service \
+                         needs its own port or address",
+                        raw.listen
+                    ),
+                ));
+            }
+            listens.insert(raw.listen.key(), name.clone());
+            let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights)?;
+            services.push(ServiceConfig {
+                name,
+                listen: raw.listen,
+                subsets,
+            });
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Config { services })
+    }
+}
+
+fn validate_subsets(
+    file: &str,
+    path: &str,
+    raw: Vec<(String, SubsetAddr)>,
+    weights: Option<Entries<Weight>>,
+) -> Result<Vec<SubsetConfig>, ConfigError> {
+    let subsets_path = format!("{path}.subsets");
+    if raw.is_empty() {
+        return Err(ConfigError::invalid(
+            file,
+            subsets_path,
+            format!(
+                "no subsets; a service needs 1 to {MAX_SUBSETS} subsets, \
+                 e.g. `subsets: {{v1: 127.0.0.1:9001}}`"
+            ),
+        ));
+    }
+    if raw.len() > MAX_SUBSETS {
+        return Err(ConfigError::invalid(
+            file,
+            subsets_path,
+            format!(
+                "{} subsets; a service can have at most {MAX_SUBSETS}",
+                raw.len()
+            ),
+        ));
+    }
+
+    let mut subsets: Vec<SubsetConfig> = Vec::with_capacity(raw.len());
+    for (name, SubsetAddr(addr)) in raw {
+        let sub_path = format!("{subsets_path}.{}", seg(&name));
+        validate_subset_name(&name).map_err(|m| ConfigError::invalid(file, &sub_path, m))?;
+        let key = (addr.ip().to_canonical(), addr.port());
+        if let Some(other) = subsets
+            .iter()
+            .find(|s| (s.addr.ip().to_canonical(), s.addr.port()) == key)
+        {
+            return Err(ConfigError::invalid(
+                file,
+                sub_path,
+                format!(
+                    "address {addr} is already used by subset {}; each subset needs its own \
+                     server address",
+                    other.name
+                ),
+            ));
+        }
+        subsets.push(SubsetConfig {
+            name,
+            addr,
+            weight: 0,
+        });
+    }
+
+    let weights_path = format!("{path}.weights");
+    match weights {
+        None if subsets.len() == 1 => {
+            if let Some(only) = subsets.first_mut() {
+                only.weight = DEFAULT_SINGLE_WEIGHT;
+            }
+        }
+        None => {
+            let example = subsets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{}: {}", s.name, if i == 0 { 100 } else { 0 }))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ConfigError::invalid(
+                file,
+                path,
+                format!(
+                    "`weights` is missing; a service with several subsets needs explicit \
+                     weights (traffic is never split implicitly), add e.g. \
+                     `weights: {{{example}}}`"
+                ),
+            ));
+        }
+        Some(Entries(entries)) => {
+            for (name, Weight(w)) in entries {
+                match subsets.iter_mut().find(|s| s.name == name) {
+                    Some(subset) => subset.weight = w,
+                    None => {
+                        let declared = subsets
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return Err(ConfigError::invalid(
+                            file,
+                            format!("{weights_path}.{}", seg(&name)),
+                            format!("unknown subset {name:?} (declared: {declared})"),
+                        ));
+                    }
+                }
+            }
+            if subsets.iter().all(|s| s.weight == 0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    weights_path,
+                    format!(
+                        "all weights are 0; at least one subset needs a weight above 0, \
+                         e.g. `{}: 100`",
+                        subsets.first().map_or("v1", |s| s.name.as_str())
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(subsets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, SocketAddrV6};
+
+    const SAMPLE: &str = r#"services:
+  tcp-echo:
+    listen: 31400            # port on any local address; "ADDR:PORT" and "[v6]:PORT" also accepted
+    subsets:
+      v1: 127.0.0.1:9001     # address where that version's server listens
+      v2: 127.0.0.1:9002
+    weights: {v1: 100, v2: 0}   # relative integer weights; omitted subsets get 0
+"#;
+
+    fn v4(a: [u8; 4], port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(a), port))
+    }
+
+    fn err(doc: &str) -> String {
+        match Config::from_yaml_str(doc, "tcpshift.yaml") {
+            Ok(c) => panic!("expected an error for {doc:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn ok(doc: &str) -> Config {
+        match Config::from_yaml_str(doc, "tcpshift.yaml") {
+            Ok(c) => c,
+            Err(e) => panic!("expected {doc:?} to parse, got: {e}"),
+        }
+    }
+
+    fn assert_contains(msg: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(msg.contains(part), "{msg:?} does not contain {part:?}");
+        }
+    }
+
+    /// One service `s` listening on 31400 with the given `subsets:` and `weights:` bodies
+    /// (flow-style YAML, `None` leaves the key out).
+    fn service(subsets: &str, weights: Option<&str>) -> String {
+        let mut doc = format!("services:\n  s:\n    listen: 31400\n    subsets: {subsets}\n");
+        if let Some(w) = weights {
+            doc.push_str(&format!("    weights: {w}\n"));
+        }
+        doc
+    }
+
+    #[test]
+    fn sample_document() {
+        let config = ok(SAMPLE);
+        assert_eq!(
+            config,
+            Config {
+                services: vec![ServiceConfig {
+                    name: "tcp-echo".into(),
+                    listen: Listen::Any { port: 31400 },
+                    subsets: vec![
+                        SubsetConfig {
+                            name: "v1".into(),
+                            addr: v4([127, 0, 0, 1], 9001),
+                            weight: 100,
+                        },
+                        SubsetConfig {
+                            name: "v2".into(),
+                            addr: v4([127, 0, 0, 1], 9002),
+                            weight: 0,
+                        },
+                    ],
+                }],
+            }
+        );
+        let service = config.service("tcp-echo").map(ServiceConfig::weights);
+        assert_eq!(service, Some(vec![100, 0]));
+        assert!(config.service("nope").is_none());
+    }
+
+    #[test]
+    fn services_sorted_subsets_in_yaml_order() {
+        let doc = "services:
+  zeta:
+    listen: 1
+    subsets: {b: 127.0.0.1:1, a: 127.0.0.1:2, c: 127.0.0.1:3}
+    weights: {c: 1, a: 2, b: 3}
+  alpha:
+    listen: 2
+    subsets: {only: \"[::1]:9001\"}
+";
+        let config = ok(doc);
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "zeta"]);
+        let zeta = &config.services[1];
+        let subsets: Vec<(&str, u32)> = zeta
+            .subsets
+            .iter()
+            .map(|s| (s.name.as_str(), s.weight))
+            .collect();
+        assert_eq!(subsets, [("b", 3), ("a", 2), ("c", 1)]);
+        let alpha = &config.services[0];
+        assert_eq!(alpha.subsets[0].weight, DEFAULT_SINGLE_WEIGHT);
+        assert_eq!(alpha.subsets[0].addr, "[::1]:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn listen_parse_forms() {
+        let any = Listen::Any { port: 31400 };
+        for s in ["31400", " 31400 ", "*:31400", "0.0.0.0:31400", "[::]:31400"] {
+            assert_eq!(Listen::parse(s), Ok(any), "{s}");
+        }
+        assert_eq!(
+            Listen::parse("127.0.0.1:31400"),
+            Ok(Listen::Addr(v4([127, 0, 0, 1], 31400)))
+        );
+        let v6 = Listen::parse("[::1]:31400");
+        assert_eq!(
+            v6,
+            Ok(Listen::Addr(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::LOCALHOST,
+                31400,
+                0,
+                0
+            ))))
+        );
+        assert_eq!(any.port(), 31400);
+        assert_eq!(v6.map(|l| l.port()), Ok(31400));
+        assert_eq!(any.ip(), None);
+    }
+
+    #[test]
+    fn listen_display_round_trips() {
+        for (s, shown) in [
+            ("31400", "*:31400"),
+            ("127.0.0.1:31400", "127.0.0.1:31400"),
+            ("[::1]:31400", "[::1]:31400"),
+        ] {
+            let listen = Listen::parse(s).unwrap();
+            assert_eq!(listen.to_string(), shown);
+            assert_eq!(Listen::parse(shown), Ok(listen));
+            assert_eq!(shown.parse::<Listen>(), Ok(listen));
+        }
+    }
+
+    #[test]
+    fn listen_parse_errors() {
+        let cases: &[(&str, &[&str])] = &[
+            ("", &["empty listen address", "expected a port (31400)"]),
+            ("0", &["port 0", "1..=65535"]),
+            ("70000", &["port 70000 is out of range", "1..=65535"]),
+            ("99999999999999999999", &["out of range"]),
+            ("127.0.0.1:0", &["port 0", "1..=65535"]),
+            ("127.0.0.1:70000", &["port 70000", "out of range"]),
+            ("*:", &["invalid port", "expected a port"]),
+            ("*:abc", &["invalid port"]),
+            ("localhost:31400", &["host name", "IP address is needed"]),
+            ("::1:31400", &["brackets", "[::1]:31400"]),
+            ("127.0.0.1", &["has no port"]),
+            ("[::1]", &["has no port"]),
+            ("127.0.0.1:http", &["invalid port \"http\""]),
+            ("what?", &["invalid listen address", "IPv4:PORT"]),
+        ];
+        for (s, parts) in cases {
+            match Listen::parse(s) {
+                Ok(l) => panic!("{s:?} parsed as {l}"),
+                Err(e) => assert_contains(&e, parts),
+            }
+        }
+    }
+
+    #[test]
+    fn listen_in_yaml() {
+        let doc = |listen: &str| {
+            format!("services:\n  s:\n    listen: {listen}\n    subsets: {{v1: 127.0.0.1:1}}\n")
+        };
+        for (listen, expected) in [
+            ("31400", Listen::Any { port: 31400 }),
+            ("\"31400\"", Listen::Any { port: 31400 }),
+            ("0.0.0.0:31400", Listen::Any { port: 31400 }),
+            ("\"[::]:31400\"", Listen::Any { port: 31400 }),
+            ("127.0.0.1:31400", Listen::Addr(v4([127, 0, 0, 1], 31400))),
+            ("\"[::1]:31400\"", Listen::parse("[::1]:31400").unwrap()),
+        ] {
+            assert_eq!(ok(&doc(listen)).services[0].listen, expected, "{listen}");
+        }
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "0",
+                &["tcpshift.yaml:3:13: services.s.listen: port 0", "1..=65535"],
+            ),
+            ("70000", &["services.s.listen: port 70000 is out of range"]),
+            ("-1", &["services.s.listen: port -1 is negative"]),
+            (
+                "1.5",
+                &["services.s.listen: invalid type", "expected a port (31400)"],
+            ),
+            ("true", &["invalid type: boolean", "expected a port"]),
+            ("[::1]:31400", &["must be quoted", "\"[::1]:31400\""]),
+            ("localhost:31400", &["IP address is needed"]),
+            ("127.0.0.1:0", &["port 0"]),
+        ];
+        for (listen, parts) in cases {
+            assert_contains(&err(&doc(listen)), parts);
+        }
+    }
+
+    #[test]
+    fn subset_addresses() {
+        let config = ok(&service(
+            "{v1: \"[::1]:9001\", v2: 10.0.0.1:80}",
+            Some("{v1: 1}"),
+        ));
+        assert_eq!(config.services[0].subsets[0].addr.port(), 9001);
+        assert!(config.services[0].subsets[0].addr.is_ipv6());
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "{v1: localhost:9001}",
+                &[
+                    "tcpshift.yaml:4:19: services.s.subsets.v1:",
+                    "\"localhost\" is a host name but an IP address is needed",
+                ],
+            ),
+            ("{v1: backend}", &["host name", "IP address is needed"]),
+            ("{v1: 127.0.0.1:0}", &["services.s.subsets.v1", "port 0"]),
+            ("{v1: 127.0.0.1}", &["has no port", "IPv4:PORT"]),
+            ("{v1: 9001}", &["9001 is only a port", "IPv4:PORT"]),
+            ("{v1: -1}", &["-1 is not an address"]),
+            ("{v1: [::1]:9001}", &["must be quoted"]),
+            ("{v1: \"::1:9001\"}", &["brackets"]),
+            ("{v1: ~}", &["invalid type: unit value", "subset address"]),
+            ("{v1: {addr: 1}}", &["invalid type: map", "subset address"]),
+            (
+                "[127.0.0.1:1]",
+                &["services.s.subsets", "mapping of subset names"],
+            ),
+        ];
+        for (subsets, parts) in cases {
+            assert_contains(&err(&service(subsets, Some("{v1: 1}"))), parts);
+        }
+    }
+
+    #[test]
+    fn names() {
+        let long_service = "s".repeat(MAX_SERVICE_NAME);
+        let doc = format!(
+            "services:\n  {long_service}:\n    listen: 1\n    subsets: {{{}: 127.0.0.1:1}}\n",
+            "v".repeat(MAX_SUBSET_NAME)
+        );
+        assert_eq!(ok(&doc).services[0].name, long_service);
+
+        let doc = format!(
+            "services:\n  {long_service}x:\n    listen: 1\n    subsets: {{v1: 127.0.0.1:1}}\n"
+        );
+        assert_contains(&err(&doc), &["is 64 bytes long", "at most 63"]);
+        let doc = service(&format!("{{{}: 127.0.0.1:1}}", "v".repeat(32)), None);
+        assert_contains(
+            &err(&doc),
+            &["services.s.subsets.vvv", "is 32 bytes long", "at most 31"],
+        );
+
+        let doc = "services:\n  \"tcp echo\":\n    listen: 1\n    subsets: {v1: 127.0.0.1:1}\n";
+        assert_contains(
+            &err(doc),
+            &[
+                "services.\"tcp echo\":",
+                "contains ' '",
+                "A-Z a-z 0-9 . _ -",
+            ],
+        );
+        let doc = "services:\n  \"\":\n    listen: 1\n    subsets: {v1: 127.0.0.1:1}\n";
+        assert_contains(&err(doc), &["empty service name"]);
+        assert_contains(
+            &err(&service("{v/1: 127.0.0.1:1}", None)),
+            &["subset name", "'/'"],
+        );
+        assert_contains(&err(&service("{é: 127.0.0.1:1}", None)), &["'é'"]);
+        assert_eq!(validate_subset_name("v1.2_rc-3"), Ok(()));
+        assert!(validate_service_name("").is_err());
+    }
+
+    #[test]
+    fn subset_counts() {
+        assert_contains(
+            &err(&service("{}", None)),
+            &["services.s.subsets: no subsets", "1 to 16"],
+        );
+        let many = |n: usize| {
+            let body: Vec<String> = (0..n)
+                .map(|i| format!("v{i}: 127.0.0.1:{}", i + 1))
+                .collect();
+            format!("{{{}}}", body.join(", "))
+        };
+        let config = ok(&service(&many(MAX_SUBSETS), Some("{v0: 1}")));
+        assert_eq!(config.services[0].subsets.len(), MAX_SUBSETS);
+        assert_contains(
+            &err(&service(&many(MAX_SUBSETS + 1), Some("{v0: 1}"))),
+            &["services.s.subsets: 17 subsets", "at most 16"],
+        );
+    }
+
+    #[test]
+    fn service_counts() {
+        assert_contains(&err("services: {}\n"), &["services: no services defined"]);
+        assert_contains(&err("services:\n"), &["no services defined"]);
+        let n = MAX_SERVICES as usize + 1;
+        let mut doc = String::from("services:\n");
+        for i in 0..n {
+            doc.push_str(&format!(
+                "  s{i}: {{listen: {}, subsets: {{v: 127.0.0.1:1}}}}\n",
+                i + 1
+            ));
+        }
+        assert_contains(
+            &err(&doc),
+            &["services: 16385 services defined", "at most 16384"],
+        );
+    }
+
+    #[test]
+    fn weights() {
+        let subsets = "{v1: 127.0.0.1:9001, v2: 127.0.0.1:9002, v3: 127.0.0.1:9003}";
+        let config = ok(&service(subsets, Some("{v2: 7}")));
+        assert_eq!(config.services[0].weights(), [0, 7, 0]);
+        let config = ok(&service(subsets, Some("{v1: 1000000, v3: 1}")));
+        assert_eq!(config.services[0].weights(), [1_000_000, 0, 1]);
+
+        let doc = SAMPLE.replace("{v1: 100, v2: 0}", "{v1: 100, v3: 5}");
+        assert_eq!(
+            err(&doc),
+            "tcpshift.yaml: services.tcp-echo.weights.v3: unknown subset \"v3\" (declared: v1, v2)"
+        );
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "{v1: 0, v2: 0}",
+                &[
+                    "services.s.weights: all weights are 0",
+                    "at least one subset needs a weight above 0",
+                ],
+            ),
+            ("{}", &["all weights are 0"]),
+            (
+                "{v1: -5}",
+                &[
+                    "tcpshift.yaml:5:19: services.s.weights.v1: weight -5 is negative",
+                    "cannot be negative",
+                ],
+            ),
+            (
+                "{v1: 1.5}",
+                &["weight 1.5 is not an integer", "0..=1000000"],
+            ),
+            ("{v1: .inf}", &["not an integer"]),
+            (
+                "{v1: \"5\"}",
+                &["weight \"5\" is a string", "expected an integer"],
+            ),
+            ("{v1: abc}", &["weight \"abc\" is a string"]),
+            (
+                "{v1: 1000001}",
+                &["weight 1000001 is too large", "0..=1000000"],
+            ),
+            ("{v1: 99999999999999999999999}", &["too large"]),
+            ("{v1: }", &["missing weight"]),
+            ("{v1: [1]}", &["invalid type: sequence", "integer weight"]),
+            (
+                "{v1: 1, v1: 2}",
+                &["services.s.weights", "duplicate key \"v1\""],
+            ),
+            (
+                "[1, 2]",
+                &[
+                    "services.s.weights",
+                    "mapping of subset names to integer weights",
+                ],
+            ),
+        ];
+        for (weights, parts) in cases {
+            assert_contains(&err(&service(subsets, Some(weights))), parts);
+        }
+    }
+
+    #[test]
+    fn weights_absent() {
+        let config = ok(&service("{v1: 127.0.0.1:9001}", None));
+        assert_eq!(config.services[0].weights(), [100]);
+        let message = err(&service("{v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}", None));
+        assert_contains(
+            &message,
+            &[
+                "services.s:",
+                "`weights` is missing",
+                "`weights: {v1: 100, v2: 0}`",
+            ],
+        );
+    }
+
+    #[test]
+    fn listen_conflicts() {
+        let doc = |a: &str, b: &str| {
+            format!(
+                "services:\n  a: {{listen: {a}, subsets: {{v1: 127.0.0.1:1}}}}\n  \
+                 b: {{listen: {b}, subsets: {{v1: 127.0.0.1:2}}}}\n"
+            )
+        };
+        assert_contains(
+            &err(&doc("31400", "\"0.0.0.0:31400\"")),
+            &["services.b.listen: *:31400 is already the listen address of service a"],
+        );
+        assert_contains(
+            &err(&doc("\"127.0.0.1:5\"", "\"127.0.0.1:5\"")),
+            &["services.b.listen: 127.0.0.1:5 is already"],
+        );
+        assert_contains(
+            &err(&doc("\"127.0.0.1:5\"", "\"[::ffff:127.0.0.1]:5\"")),
+            &["already the listen address of service a"],
+        );
+        // Any and a specific address on the same port are fine; so are different ports.
+        assert_eq!(ok(&doc("5", "\"127.0.0.1:5\"")).services.len(), 2);
+        assert_eq!(ok(&doc("\"[::1]:5\"", "\"127.0.0.1:5\"")).services.len(), 2);
+        assert_eq!(ok(&doc("5", "6")).services.len(), 2);
+    }
+
+    #[test]
+    fn duplicate_subset_addresses() {
+        let message = err(&service(
+            "{v1: 127.0.0.1:9001, v2: 127.0.0.1:9001}",
+            Some("{v1: 1}"),
+        ));
+        assert_contains(
+            &message,
+            &["services.s.subsets.v2: address 127.0.0.1:9001 is already used by subset v1"],
+        );
+        let message = err(&service(
+            "{v1: 127.0.0.1:9001, v2: \"[::ffff:127.0.0.1]:9001\"}",
+            Some("{v1: 1}"),
+        ));
+        assert_contains(&message, &["already used by subset v1"]);
+    }
+
+    #[test]
+    fn structure_errors() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "",
+                &["tcpshift.yaml: the configuration is empty", "`services`"],
+            ),
+            ("# nothing\n\n", &["the configuration is empty"]),
+            ("---\n# nothing\n...\n", &["the configuration is empty"]),
+            (
+                "~\n",
+                &[
+                    "invalid type: unit value",
+                    "a mapping with a `services` key",
+                ],
+            ),
+            (
+                "[1, 2]\n",
+                &[
+                    "tcpshift.yaml:1:1: invalid type: sequence",
+                    "a mapping with a `services` key",
+                ],
+            ),
+            (
+                "hello\n",
+                &[
+                    "invalid type: string \"hello\"",
+                    "a mapping with a `services` key",
+                ],
+            ),
+            ("42\n", &["invalid type: integer", "a mapping"]),
+            (
+                "servics: {}\n",
+                &["unknown field `servics`, expected `services`"],
+            ),
+            ("services: {}\nextra: 1\n", &["unknown field `extra`"]),
+            (
+                "services: [a]\n",
+                &["invalid type: sequence", "mapping of service names"],
+            ),
+            (
+                "services:\n  s: 5\n",
+                &["services.s: invalid type: integer", "a service"],
+            ),
+            (
+                "services:\n  s:\n    subsets: {v1: 127.0.0.1:1}\n",
+                &["services.s: missing field `listen`"],
+            ),
+            (
+                "services:\n  s:\n    listen: 1\n",
+                &["services.s: missing field `subsets`"],
+            ),
+            (
+                "services:\n  s:\n    listen: 1\n    subsets: {v1: 127.0.0.1:1}\n    wieghts: {}\n",
+                &["tcpshift.yaml:", "unknown field `wieghts`", "`weights`"],
+            ),
+            (
+                "services:\n  s:\n    listen: 1\n    listen: 2\n    subsets: {v1: 127.0.0.1:1}\n",
+                &["duplicate field `listen`"],
+            ),
+            (
+                "services:\n  s: {listen: 1, subsets: {v1: 127.0.0.1:1}}\n  s: {listen: 2, subsets: {v1: 127.0.0.1:1}}\n",
+                &["services: duplicate key \"s\""],
+            ),
+            (
+                "services: {s: {listen: 1, subsets: {v: 127.0.0.1:1}}}\n---\nservices: {}\n",
+                &["more than one document"],
+            ),
+            (
+                "\u{0}\u{1}\u{2}\u{7f}",
+                &["tcpshift.yaml:", "control characters"],
+            ),
+            (
+                "services: {s: {listen: 1",
+                &["tcpshift.yaml:", "did not find expected"],
+            ),
+            ("services:\n  s:\n\tlisten: 1\n", &["tcpshift.yaml:3:"]),
+            ("services: *nope\n", &["unknown anchor"]),
+            ("services: !!binary AAAA\n", &["tcpshift.yaml:"]),
+        ];
+        for (doc, parts) in cases {
+            assert_contains(&err(doc), parts);
+        }
+    }
+
+    #[test]
+    fn yaml_errors_carry_locations() {
+        let doc = SAMPLE.replace("v2: 127.0.0.1:9002", "v2: localhost:9002");
+        let e = Config::from_yaml_str(&doc, "x.yaml").unwrap_err();
+        assert_eq!(e.location(), Some((6, 11)));
+        let message = e.to_string();
+        assert!(
+            message.starts_with("x.yaml:6:11: services.tcp-echo.subsets.v2: "),
+            "{message}"
+        );
+        assert!(!message.contains(" at line "), "{message}");
+    }
+
+    #[test]
+    fn truncated_sample_never_panics() {
+        for (i, _) in SAMPLE.char_indices() {
+            let _ = Config::from_yaml_str(&SAMPLE[..i], "t.yaml");
+        }
+        assert_contains(
+            &err(&SAMPLE[..SAMPLE.len() - 70]),
+            &["tcpshift.yaml:", "weights"],
+        );
+        assert_contains(&err(&SAMPLE[..40]), &["tcpshift.yaml:"]);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error() {
+        // (libyaml is quadratic in the flow nesting depth: keep these moderate.)
+        for doc in [
+            "[".repeat(10_000),
+            "{a: ".repeat(5_000),
+            "- ".repeat(10_000),
+        ] {
+            assert!(Config::from_yaml_str(&doc, "t.yaml").is_err());
+        }
+        let doc = format!("services: {}", "[".repeat(1000));
+        assert_contains(&err(&doc), &["tcpshift.yaml:"]);
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "tcpshift-config-test-{}-{name}",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn from_file() {
+        let path = temp_path("ok.yaml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let config = Config::from_file(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(config.unwrap().services[0].name, "tcp-echo");
+
+        let path = temp_path("bad.yaml");
+        std::fs::write(&path, SAMPLE.replace("v1: 100", "v1: -100")).unwrap();
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert_contains(
+            &message,
+            &[&format!("{}:7:", path.display()), "cannot be negative"],
+        );
+
+        let path = temp_path("missing.yaml");
+        let message = Config::from_file(&path).unwrap_err().to_string();
+        assert_contains(
+            &message,
+            &[
+                &path.display().to_string(),
+                "cannot read the configuration file",
+            ],
+        );
+
+        let path = temp_path("binary.yaml");
+        std::fs::write(&path, b"services:\n  a\xff\xfe: 1\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(e, ConfigError::NotUtf8 { line: 2, .. }), "{e:?}");
+        assert_contains(
+            &e.to_string(),
+            &[&path.display().to_string(), "line 2", "UTF-8"],
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            let _ = Config::from_yaml_str(&text, "fuzz.yaml");
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Config::from_yaml_str(&String::from_utf8_lossy(&bytes), "fuzz.yaml");
+        }
+
+        #[test]
+        fn yaml_like_text_never_panics(
+            text in "[a-z0-9:{}\\[\\], \\n\"'&*!#.-]{0,200}"
+        ) {
+            let _ = Config::from_yaml_str(&text, "fuzz.yaml");
+        }
+
+        #[test]
+        fn mutated_sample_never_panics(
+            at in 0..SAMPLE.len(),
+            len in 0..20usize,
+            insert in "[ -~\\n]{0,10}",
+        ) {
+            let mut doc = SAMPLE.to_owned();
+            let end = (at + len).min(doc.len());
+            doc.replace_range(at..end, &insert);
+            let _ = Config::from_yaml_str(&doc, "fuzz.yaml");
+        }
+
+        #[test]
+        fn any_port_listen_round_trips(port in 1u16..) {
+            let listen = Listen::parse(&port.to_string());
+            prop_assert_eq!(listen, Ok(Listen::Any { port }));
+            let shown = Listen::Any { port }.to_string();
+            prop_assert_eq!(Listen::parse(&shown), Ok(Listen::Any { port }));
+        }
+    }
+}

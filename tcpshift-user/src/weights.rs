@@ -1,1 +1,730 @@
-//! TODO
+//! Weight arithmetic and bucket tables.
+//!
+//! A service's traffic is split by a table of [`NUM_BUCKETS`] buckets, each holding a subset
+//! index; a new connection's flow hash picks a bucket. [`bucket_counts`] turns relative integer
+//! weights into a number of buckets per subset (largest-remainder rounding, so every subset is
+//! within one bucket of its exact share), and [`build_table`] spreads each subset's buckets
+//! evenly over the table.
+//!
+//! [`parse_assignment`] and [`apply_set_weight`] implement `tcpshiftctl set-weight`: naming
+//! every subset sets relative weights, naming only some sets percentages and gives the rest to
+//! the others in proportion to their current weights.
+
+use std::cmp::Ordering;
+
+use tcpshift_common::{BucketTable, MAX_SUBSETS, NUM_BUCKETS};
+
+/// Largest weight a subset can have (so that the sum of [`MAX_SUBSETS`] weights, and a weight
+/// times [`NUM_BUCKETS`], never overflow).
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+/// Total of the weights produced by the partial (percentage) form of [`apply_set_weight`].
+pub const PERCENT_TOTAL: u32 = 100;
+
+/// Why a set of weights or a weight assignment was rejected. Each message says what to do.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum WeightError {
+    /// No weights at all.
+    #[error("no weights given; a service needs at least one subset")]
+    Empty,
+    /// More weights than [`MAX_SUBSETS`].
+    #[error("{count} weights given; a service has at most {MAX_SUBSETS} subsets")]
+    TooManySubsets {
+        /// Number of weights given.
+        count: usize,
+    },
+    /// Every weight is 0.
+    #[error("all weights are 0: at least one subset needs a weight above 0")]
+    ZeroTotal,
+    /// A weight above [`MAX_WEIGHT`].
+    #[error("weight {weight} for subset {subset} is too large; weights are at most {MAX_WEIGHT}")]
+    TooLarge {
+        /// The subset (its name, or `#index` when only indices are known).
+        subset: String,
+        /// The weight given.
+        weight: u64,
+    },
+    /// An assignment that is not `SUBSET=WEIGHT`.
+    #[error("invalid weight assignment {input:?}: {reason}; expected SUBSET=WEIGHT, e.g. v2=20")]
+    InvalidAssignment {
+        /// The assignment as given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An assignment with a negative weight.
+    #[error(
+        "invalid weight assignment {input:?}: weights cannot be negative; expected SUBSET=WEIGHT \
+         with WEIGHT an integer from 0 to {MAX_WEIGHT}"
+    )]
+    Negative {
+        /// The assignment as given.
+        input: String,
+    },
+    /// No assignment at all.
+    #[error("no weight given; expected at least one SUBSET=WEIGHT, e.g. v2=20")]
+    NoAssignment,
+    /// An assignment names a subset the service does not have.
+    #[error("unknown subset {subset:?}; the service's subsets are: {}", known.join(", "))]
+    UnknownSubset {
+        /// The name given.
+        subset: String,
+        /// The service's subsets, in order.
+        known: Vec<String>,
+    },
+    /// A subset named twice.
+    #[error("subset {subset:?} is named twice; give each subset at most once")]
+    DuplicateSubset {
+        /// The name given twice.
+        subset: String,
+    },
+    /// A value above 100 when only some subsets are named (percentages).
+    #[error(
+        "{subset}={weight}: when only some subsets are named, weights are percentages from 0 \
+         to 100; name every subset to set relative weights above 100"
+    )]
+    PercentTooLarge {
+        /// The subset.
+        subset: String,
+        /// The weight given.
+        weight: u32,
+    },
+    /// Percentages adding up to more than 100.
+    #[error(
+        "the named subsets add up to {sum}%, more than 100%; lower them, or name every subset \
+         to set relative weights"
+    )]
+    PercentSumTooLarge {
+        /// Sum of the named percentages.
+        sum: u64,
+    },
+}
+
+/// Splits `total` into integer parts proportional to `weights` (which must not all be 0) by
+/// largest remainder, ties going to the lower index. Every part is the floor or the ceiling
+/// of its exact share and a zero weight gets 0. Callers keep `total * weight` within `u64`.
+fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+    let sum: u64 = weights.iter().sum();
+    if sum == 0 {
+        return vec![0; weights.len()];
+    }
+    let mut parts: Vec<u64> = weights.iter().map(|&w| w * total / sum).collect();
+    let mut order: Vec<(u64, usize)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (w * total % sum, i))
+        .collect();
+    // Largest remainder first, then lowest index.
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let left = total - parts.iter().sum::<u64>();
+    // `left` is smaller than the number of positive remainders (each is below `sum` and they
+    // add up to `left * sum`), so zero weights never get a part.
+    for &(_, i) in order
+        .iter()
+        .take(usize::try_from(left).unwrap_or(usize::MAX))
+    {
+        if let Some(p) = parts.get_mut(i) {
+            *p += 1;
+        }
+    }
+    parts
+}
+
+fn check_weights(weights: &[u32]) -> Result<(), WeightError> {
+    if weights.is_empty() {
+        return Err(WeightError::Empty);
+    }
+    if weights.len() > MAX_SUBSETS {
+        return Err(WeightError::TooManySubsets {
+            count: weights.len(),
+        });
+    }
+    if weights.iter().all(|&w| w == 0) {
+        return Err(WeightError::ZeroTotal);
+    }
+    Ok(())
+}
+
+/// Number of buckets of the [`NUM_BUCKETS`] table each subset gets: proportional to the
+/// weights, largest-remainder rounding (ties broken by lower index), sum exactly
+/// [`NUM_BUCKETS`], a zero weight gets 0 buckets. Error if `weights` is empty, longer than
+/// [`MAX_SUBSETS`] or sums to 0.
+pub fn bucket_counts(weights: &[u32]) -> Result<Vec<u32>, WeightError> {
+    check_weights(weights)?;
+    let wide: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+    // Each part is at most NUM_BUCKETS, which fits in u32.
+    Ok(apportion(NUM_BUCKETS as u64, &wide)
+        .into_iter()
+        .map(|c| u32::try_from(c).unwrap_or(u32::MAX))
+        .collect())
+}
+
+/// Full table: subset index per bucket, the buckets of each subset spread evenly over the
+/// table (smooth weighted interleaving, deterministic), counts equal to [`bucket_counts`].
+///
+/// The `j`-th bucket (from 0) of a subset with `c` buckets is ideally at position
+/// `(j + 1/2) * NUM_BUCKETS / c`; buckets are laid out in order of their ideal positions
+/// (ties: lower subset index first). Consequently, in every prefix of `t` buckets, a subset
+/// with `c` buckets owns `t * c / NUM_BUCKETS` buckets give or take `(n - 1) / 2` where `n` is
+/// the number of subsets, and each half of the table holds `floor(c / 2)` or `ceil(c / 2)` of
+/// them.
+pub fn build_table(weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
+    let counts = bucket_counts(weights)?;
+    // (j, subset) for every bucket of every subset.
+    let mut slots: Vec<(u64, u8)> = Vec::with_capacity(NUM_BUCKETS);
+    for (i, &c) in counts.iter().enumerate() {
+        // i < MAX_SUBSETS <= 32, so it fits in a u8.
+        let i = u8::try_from(i).unwrap_or(u8::MAX);
+        slots.extend((0..u64::from(c)).map(|j| (j, i)));
+    }
+    let count_of = |i: u8| {
+        counts
+            .get(usize::from(i))
+            .map_or(1, |&c| u64::from(c.max(1)))
+    };
+    // Compare (2ja + 1) / ca with (2jb + 1) / cb exactly.
+    slots.sort_unstable_by(|&(ja, ia), &(jb, ib)| {
+        let lhs = (2 * ja + 1) * count_of(ib);
+        let rhs = (2 * jb + 1) * count_of(ia);
+        match lhs.cmp(&rhs) {
+            Ordering::Equal => ia.cmp(&ib),
+            other => other,
+        }
+    });
+    let mut table = Box::new(BucketTable {
+        subset: [0; NUM_BUCKETS],
+    });
+    for (bucket, &(_, i)) in table.subset.iter_mut().zip(slots.iter()) {
+        *bucket = i;
+    }
+    Ok(table)
+}
+
+/// Parses one CLI assignment `NAME=W`. `W` must be a non-negative integer (at most
+/// [`MAX_WEIGHT`]); `-5` gets a message saying weights cannot be negative, `v2`, `=5` or
+/// `v2=abc` a message showing the expected form `SUBSET=WEIGHT`.
+pub fn parse_assignment(s: &str) -> Result<(String, u32), WeightError> {
+    let invalid = |reason: &str| WeightError::InvalidAssignment {
+        input: s.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let Some((name, value)) = s.split_once('=') else {
+        return Err(invalid("missing '='"));
+    };
+    let name = name.trim();
+    let value = value.trim();
+    if name.is_empty() {
+        return Err(invalid("missing subset name before '='"));
+    }
+    if value.is_empty() {
+        return Err(invalid("missing weight after '='"));
+    }
+    if let Some(digits) = value.strip_prefix('-')
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(WeightError::Negative {
+            input: s.to_owned(),
+        });
+    }
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(&format!(
+            "weight {value:?} is not a non-negative integer"
+        )));
+    }
+    match value.parse::<u64>() {
+        Ok(w) if w <= u64::from(MAX_WEIGHT) => {
+            let w = u32::try_from(w).unwrap_or(MAX_WEIGHT);
+            Ok((name.to_owned(), w))
+        }
+        Ok(w) => Err(WeightError::TooLarge {
+            subset: name.to_owned(),
+            weight: w,
+        }),
+        Err(_) => Err(WeightError::TooLarge {
+            subset: name.to_owned(),
+            weight: u64::MAX,
+        }),
+    }
+}
+
+/// The `tcpshiftctl set-weight` rule. `current` = (subset name, current weight) of every
+/// subset of the service in order; `requested` = parsed assignments. Returns the new weights
+/// in the order of `current`.
+///
+/// - Naming **all** subsets sets them exactly (relative integers, each at most
+///   [`MAX_WEIGHT`], sum above 0).
+/// - Naming only **some**: each named value must be 0..=100 and their sum at most 100
+///   (percentages); the rest (100 - sum) goes to the unnamed subsets in proportion to their
+///   current weights (largest remainder, ties to the lower index); if all unnamed subsets
+///   currently have weight 0 the rest is split equally among them (the remainder to the first
+///   ones). The result sums to 100.
+///
+/// Example: current `v1=100,v2=0`, request `v2=20` → `v1=80,v2=20`; current `v1=3,v2=1,v3=0`,
+/// request `v3=20` → `v1=60,v2=20,v3=20`.
+pub fn apply_set_weight(
+    current: &[(String, u32)],
+    requested: &[(String, u32)],
+) -> Result<Vec<u32>, WeightError> {
+    if requested.is_empty() {
+        return Err(WeightError::NoAssignment);
+    }
+    if current.len() > MAX_SUBSETS {
+        return Err(WeightError::TooManySubsets {
+            count: current.len(),
+        });
+    }
+    let mut named: Vec<Option<u32>> = vec![None; current.len()];
+    for (name, weight) in requested {
+        let Some(i) = current.iter().position(|(n, _)| n == name) else {
+            return Err(WeightError::UnknownSubset {
+                subset: name.clone(),
+                known: current.iter().map(|(n, _)| n.clone()).collect(),
+            });
+        };
+        match named.get_mut(i) {
+            Some(Some(_)) => {
+                return Err(WeightError::DuplicateSubset {
+                    subset: name.clone(),
+                });
+            }
+            Some(slot) => *slot = Some(*weight),
+            None => {}
+        }
+    }
+
+    if named.iter().all(Option::is_some) {
+        for (name, weight) in requested {
+            if *weight > MAX_WEIGHT {
+                return Err(WeightError::TooLarge {
+                    subset: name.clone(),
+                    weight: u64::from(*weight),
+                });
+            }
+        }
+        let weights: Vec<u32> = named.iter().map(|w| w.unwrap_or(0)).collect();
+        if weights.iter().all(|&w| w == 0) {
+            return Err(WeightError::ZeroTotal);
+        }
+        return Ok(weights);
+    }
+
+    // Partial form: percentages.
+    for (name, weight) in requested {
+        if *weight > PERCENT_TOTAL {
+            return Err(WeightError::PercentTooLarge {
+                subset: name.clone(),
+                weight: *weight,
+            });
+        }
+    }
+    let sum: u64 = requested.iter().map(|(_, w)| u64::from(*w)).sum();
+    if sum > u64::from(PERCENT_TOTAL) {
+        return Err(WeightError::PercentSumTooLarge { sum });
+    }
+    let rest = u64::from(PERCENT_TOTAL) - sum;
+    let unnamed: Vec<usize> = (0..current.len())
+        .filter(|&i| named.get(i).is_some_and(Option::is_none))
+        .collect();
+    let unnamed_current: Vec<u64> = unnamed
+        .iter()
+        .map(|&i| current.get(i).map_or(0, |(_, w)| u64::from(*w)))
+        .collect();
+    let shares = if unnamed_current.iter().all(|&w| w == 0) {
+        apportion(rest, &vec![1; unnamed.len()])
+    } else {
+        apportion(rest, &unnamed_current)
+    };
+    let mut result: Vec<u32> = named.iter().map(|w| w.unwrap_or(0)).collect();
+    for (&i, &share) in unnamed.iter().zip(shares.iter()) {
+        if let Some(r) = result.get_mut(i) {
+            // share <= rest <= 100.
+            *r = u32::try_from(share).unwrap_or(PERCENT_TOTAL);
+        }
+    }
+    Ok(result)
+}
+
+/// Share in percent of each subset (`weight / total * 100`), for display. All shares are 0
+/// when the total is 0.
+pub fn shares(weights: &[u32]) -> Vec<f64> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    if total == 0 {
+        return vec![0.0; weights.len()];
+    }
+    weights
+        .iter()
+        .map(|&w| f64::from(w) * 100.0 / total as f64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const N: u32 = NUM_BUCKETS as u32;
+
+    fn named(pairs: &[(&str, u32)]) -> Vec<(String, u32)> {
+        pairs.iter().map(|(n, w)| (n.to_string(), *w)).collect()
+    }
+
+    fn table_counts(table: &BucketTable, n: usize) -> Vec<u32> {
+        let mut counts = vec![0u32; n];
+        for &s in table.subset.iter() {
+            counts[usize::from(s)] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn bucket_counts_examples() {
+        assert_eq!(bucket_counts(&[100, 0]), Ok(vec![N, 0]));
+        assert_eq!(bucket_counts(&[0, 7]), Ok(vec![0, N]));
+        assert_eq!(bucket_counts(&[5]), Ok(vec![N]));
+        assert_eq!(bucket_counts(&[1, 1]), Ok(vec![N / 2, N / 2]));
+        // 16384 / 3 = 5461.33: equal remainders, the lowest index gets the extra bucket.
+        assert_eq!(bucket_counts(&[1, 1, 1]), Ok(vec![5462, 5461, 5461]));
+        // 13107.2 and 3276.8: the larger remainder wins.
+        assert_eq!(bucket_counts(&[80, 20]), Ok(vec![13107, 3277]));
+        assert_eq!(bucket_counts(&[MAX_WEIGHT, 1]), Ok(vec![N, 0]));
+        assert_eq!(
+            bucket_counts(&[u32::MAX; MAX_SUBSETS]),
+            Ok(vec![N / 16; 16])
+        );
+    }
+
+    #[test]
+    fn bucket_counts_errors() {
+        assert_eq!(bucket_counts(&[]), Err(WeightError::Empty));
+        assert_eq!(
+            bucket_counts(&[1; MAX_SUBSETS + 1]),
+            Err(WeightError::TooManySubsets { count: 17 })
+        );
+        assert_eq!(bucket_counts(&[0, 0]), Err(WeightError::ZeroTotal));
+        assert_eq!(
+            WeightError::ZeroTotal.to_string(),
+            "all weights are 0: at least one subset needs a weight above 0"
+        );
+        assert_eq!(
+            WeightError::TooManySubsets { count: 17 }.to_string(),
+            "17 weights given; a service has at most 16 subsets"
+        );
+        assert!(build_table(&[]).is_err());
+        assert!(build_table(&[0]).is_err());
+    }
+
+    #[test]
+    fn build_table_examples() {
+        let table = build_table(&[1, 1]).unwrap();
+        assert!(
+            table
+                .subset
+                .iter()
+                .enumerate()
+                .all(|(i, &s)| usize::from(s) == i % 2)
+        );
+        let table = build_table(&[0, 100, 0]).unwrap();
+        assert!(table.subset.iter().all(|&s| s == 1));
+        // 3:1 -> one bucket of subset 1 in every 4, in the middle of its stretch.
+        let table = build_table(&[3, 1]).unwrap();
+        assert_eq!(&table.subset[..8], &[0, 0, 1, 0, 0, 0, 1, 0]);
+        assert_eq!(table_counts(&table, 2), [12288, 4096]);
+        // Deterministic.
+        assert_eq!(build_table(&[7, 3, 5]), build_table(&[7, 3, 5]));
+    }
+
+    #[test]
+    fn parse_assignment_ok() {
+        assert_eq!(parse_assignment("v2=20"), Ok(("v2".into(), 20)));
+        assert_eq!(parse_assignment(" v2 = 0 "), Ok(("v2".into(), 0)));
+        assert_eq!(
+            parse_assignment("v2=1000000"),
+            Ok(("v2".into(), MAX_WEIGHT))
+        );
+        assert_eq!(parse_assignment("v2=007"), Ok(("v2".into(), 7)));
+    }
+
+    #[test]
+    fn parse_assignment_errors() {
+        let negative = parse_assignment("v2=-5").unwrap_err();
+        assert_eq!(
+            negative,
+            WeightError::Negative {
+                input: "v2=-5".into()
+            }
+        );
+        assert!(negative.to_string().contains("weights cannot be negative"));
+        for (input, reason) in [
+            ("v2", "missing '='"),
+            ("=5", "missing subset name"),
+            ("v2=", "missing weight"),
+            ("v2=abc", "\"abc\" is not a non-negative integer"),
+            ("v2=1.5", "\"1.5\" is not a non-negative integer"),
+            ("v2=+5", "is not a non-negative integer"),
+            ("v2=-", "is not a non-negative integer"),
+            ("", "missing '='"),
+        ] {
+            let message = parse_assignment(input).unwrap_err().to_string();
+            assert!(message.contains(&format!("{input:?}")), "{message}");
+            assert!(message.contains(reason), "{message}");
+            assert!(
+                message.contains("expected SUBSET=WEIGHT, e.g. v2=20"),
+                "{message}"
+            );
+        }
+        for input in ["v2=1000001", "v2=99999999999999999999999"] {
+            let message = parse_assignment(input).unwrap_err().to_string();
+            assert!(
+                message.contains("too large") && message.contains("at most 1000000"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn set_weight_examples() {
+        let current = named(&[("v1", 100), ("v2", 0)]);
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v2", 20)])),
+            Ok(vec![80, 20])
+        );
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v2", 100)])),
+            Ok(vec![0, 100])
+        );
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v1", 0)])),
+            Ok(vec![0, 100])
+        );
+
+        let current = named(&[("v1", 3), ("v2", 1), ("v3", 0)]);
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v3", 20)])),
+            Ok(vec![60, 20, 20])
+        );
+        // All unnamed subsets at 0: the rest is split equally, remainder to the first.
+        let current = named(&[("v1", 0), ("v2", 0), ("v3", 0), ("v4", 9)]);
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v4", 0)])),
+            Ok(vec![34, 33, 33, 0])
+        );
+        // Naming every subset sets relative weights exactly.
+        let current = named(&[("v1", 1), ("v2", 1)]);
+        assert_eq!(
+            apply_set_weight(&current, &named(&[("v2", 500), ("v1", 1_000_000)])),
+            Ok(vec![1_000_000, 500])
+        );
+        assert_eq!(
+            apply_set_weight(&current[..1], &named(&[("v1", 3)])),
+            Ok(vec![3])
+        );
+    }
+
+    #[test]
+    fn set_weight_errors() {
+        let current = named(&[("v1", 100), ("v2", 0), ("v3", 0)]);
+        type Case = (Vec<(String, u32)>, WeightError, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                vec![],
+                WeightError::NoAssignment,
+                "expected at least one SUBSET=WEIGHT",
+            ),
+            (
+                named(&[("v9", 1)]),
+                WeightError::UnknownSubset {
+                    subset: "v9".into(),
+                    known: vec!["v1".into(), "v2".into(), "v3".into()],
+                },
+                "unknown subset \"v9\"; the service's subsets are: v1, v2, v3",
+            ),
+            (
+                named(&[("v2", 1), ("v2", 2)]),
+                WeightError::DuplicateSubset {
+                    subset: "v2".into(),
+                },
+                "subset \"v2\" is named twice; give each subset at most once",
+            ),
+            (
+                named(&[("v2", 150)]),
+                WeightError::PercentTooLarge {
+                    subset: "v2".into(),
+                    weight: 150,
+                },
+                "v2=150: when only some subsets are named, weights are percentages from 0 to 100",
+            ),
+            (
+                named(&[("v2", 60), ("v3", 70)]),
+                WeightError::PercentSumTooLarge { sum: 130 },
+                "add up to 130%, more than 100%",
+            ),
+            (
+                named(&[("v1", 0), ("v2", 0), ("v3", 0)]),
+                WeightError::ZeroTotal,
+                "at least one subset needs a weight above 0",
+            ),
+            (
+                named(&[("v1", 1), ("v2", 0), ("v3", MAX_WEIGHT + 1)]),
+                WeightError::TooLarge {
+                    subset: "v3".into(),
+                    weight: 1_000_001,
+                },
+                "weight 1000001 for subset v3 is too large; weights are at most 1000000",
+            ),
+        ];
+        for (requested, expected, text) in cases {
+            let e = apply_set_weight(&current, &requested).unwrap_err();
+            assert_eq!(e, expected);
+            assert!(e.to_string().contains(text), "{e}");
+        }
+        assert!(matches!(
+            apply_set_weight(&named(&[("a", 1); 17]), &named(&[("a", 1)])),
+            Err(WeightError::TooManySubsets { count: 17 })
+        ));
+    }
+
+    #[test]
+    fn shares_examples() {
+        assert_eq!(shares(&[80, 20]), [80.0, 20.0]);
+        assert_eq!(shares(&[1, 1, 2]), [25.0, 25.0, 50.0]);
+        assert_eq!(shares(&[0, 0]), [0.0, 0.0]);
+        assert!(shares(&[]).is_empty());
+    }
+
+    fn weights_strategy() -> impl Strategy<Value = Vec<u32>> {
+        prop_oneof![
+            proptest::collection::vec(0..=MAX_WEIGHT, 1..=MAX_SUBSETS),
+            proptest::collection::vec(0..=10u32, 1..=MAX_SUBSETS),
+            proptest::collection::vec(prop_oneof![Just(0u32), Just(1), 0..=MAX_WEIGHT], 1..=4),
+        ]
+        .prop_filter("sum above 0", |w| w.iter().any(|&x| x > 0))
+    }
+
+    proptest! {
+        #[test]
+        fn counts_sum_and_proportion(weights in weights_strategy()) {
+            let counts = bucket_counts(&weights).unwrap();
+            prop_assert_eq!(counts.len(), weights.len());
+            prop_assert_eq!(counts.iter().sum::<u32>(), N);
+            let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            for (&w, &c) in weights.iter().zip(&counts) {
+                // c is the floor or the ceiling of w * N / total.
+                let exact = u64::from(w) * u64::from(N);
+                let c = u64::from(c);
+                prop_assert!(c * total + total > exact && c * total < exact + total,
+                    "w={} c={} total={}", w, c, total);
+                if w == 0 {
+                    prop_assert_eq!(c, 0);
+                }
+            }
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn table_counts_and_spread(weights in weights_strategy()) {
+            let counts = bucket_counts(&weights).unwrap();
+            let table = build_table(&weights).unwrap();
+            prop_assert_eq!(table_counts(&table, weights.len()), counts.clone());
+
+            // Each half holds floor(c/2) or ceil(c/2) of a subset's c buckets.
+            let mut half = vec![0u32; weights.len()];
+            for &s in &table.subset[..NUM_BUCKETS / 2] {
+                half[usize::from(s)] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                prop_assert!(half[i] == c / 2 || half[i] == c.div_ceil(2),
+                    "subset {} has {} of {} buckets in the first half", i, half[i], c);
+            }
+
+            // In every prefix of t buckets, a subset with c buckets has t * c / N of them,
+            // give or take (n - 1) / 2.
+            let n = weights.len() as i64;
+            let mut seen = vec![0i64; weights.len()];
+            for (t, &s) in table.subset.iter().enumerate() {
+                seen[usize::from(s)] += 1;
+                let t = t as i64 + 1;
+                for (i, &c) in counts.iter().enumerate() {
+                    let deviation = (seen[i] * i64::from(N) - t * i64::from(c)).abs();
+                    prop_assert!(2 * deviation <= (n - 1) * i64::from(N),
+                        "subset {} off by {} buckets after {}", i,
+                        deviation as f64 / f64::from(N), t);
+                }
+            }
+        }
+
+    }
+
+    proptest! {
+        #[test]
+        fn partial_set_weight_sums_to_100(
+            current in proptest::collection::vec(0..=1000u32, 2..=MAX_SUBSETS),
+            mask in proptest::collection::vec(any::<bool>(), MAX_SUBSETS),
+            raw in proptest::collection::vec(0..=100u32, MAX_SUBSETS),
+        ) {
+            let n = current.len();
+            let mut chosen: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
+            if chosen.is_empty() {
+                chosen.push(0);
+            }
+            if chosen.len() == n {
+                chosen.pop();
+            }
+            let k = chosen.len() as u32;
+            let requested: Vec<(String, u32)> = chosen
+                .iter()
+                .map(|&i| (format!("s{i}"), raw[i] % (100 / k + 1)))
+                .collect();
+            let current: Vec<(String, u32)> =
+                current.iter().enumerate().map(|(i, &w)| (format!("s{i}"), w)).collect();
+            let result = apply_set_weight(&current, &requested).unwrap();
+            prop_assert_eq!(result.len(), n);
+            prop_assert_eq!(result.iter().sum::<u32>(), 100);
+            for (name, w) in &requested {
+                let i = current.iter().position(|(n, _)| n == name).unwrap();
+                prop_assert_eq!(result[i], *w);
+            }
+            // The unnamed subsets share the rest in proportion to their current weights.
+            let rest: u32 = 100 - requested.iter().map(|(_, w)| w).sum::<u32>();
+            let unnamed: Vec<usize> = (0..n).filter(|i| !chosen.contains(i)).collect();
+            let mut base: Vec<u64> = unnamed.iter().map(|&i| u64::from(current[i].1)).collect();
+            if base.iter().all(|&w| w == 0) {
+                base = vec![1; unnamed.len()];
+            }
+            let total: u64 = base.iter().sum();
+            for (&i, &b) in unnamed.iter().zip(&base) {
+                let exact = b * u64::from(rest);
+                let got = u64::from(result[i]);
+                prop_assert!(got * total + total > exact && got * total < exact + total);
+            }
+        }
+
+        #[test]
+        fn full_set_weight_is_exact(weights in weights_strategy()) {
+            let current: Vec<(String, u32)> =
+                weights.iter().enumerate().map(|(i, _)| (format!("s{i}"), 1)).collect();
+            // Name them in reverse order: the result is still in subset order.
+            let requested: Vec<(String, u32)> = weights
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, &w)| (format!("s{i}"), w))
+                .collect();
+            prop_assert_eq!(apply_set_weight(&current, &requested), Ok(weights));
+        }
+
+        #[test]
+        fn parse_assignment_never_panics(s in any::<String>()) {
+            let _ = parse_assignment(&s);
+        }
+
+        #[test]
+        fn parse_assignment_round_trips(name in "[A-Za-z0-9._-]{1,31}", w in 0..=MAX_WEIGHT) {
+            prop_assert_eq!(parse_assignment(&format!("{name}={w}")), Ok((name, w)));
+        }
+    }
+}
