@@ -14,7 +14,9 @@ use std::{
 
 fn fail(msg: &str) -> ! {
     // cargo prints build-script stderr; keep it to one actionable line.
-    eprintln!("error: {msg}; run `cargo xtask build` once (it installs nightly rust-src and bpf-linker)");
+    eprintln!(
+        "error: {msg}; run `cargo xtask build` once (it installs nightly rust-src and bpf-linker)"
+    );
     exit(1);
 }
 
@@ -22,7 +24,13 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest.parent().expect("workspace root").to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
-    for dir in ["tcpshift-ebpf/src", "tcpshift-ebpf/Cargo.toml", "tcpshift-common/src", "tcpshift-common/Cargo.toml", "tcpshift-user/build"] {
+    for dir in [
+        "tcpshift-ebpf/src",
+        "tcpshift-ebpf/Cargo.toml",
+        "tcpshift-common/src",
+        "tcpshift-common/Cargo.toml",
+        "tcpshift-user/build",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=TCPSHIFT_TOOLS_DIR");
@@ -32,7 +40,10 @@ fn main() {
     // Escape hatch for packagers: a prebuilt object.
     if let Some(obj) = env::var_os("TCPSHIFT_EBPF_OBJECT") {
         if let Err(e) = std::fs::copy(&obj, &dest) {
-            fail(&format!("cannot copy TCPSHIFT_EBPF_OBJECT={}: {e}", Path::new(&obj).display()));
+            fail(&format!(
+                "cannot copy TCPSHIFT_EBPF_OBJECT={}: {e}",
+                Path::new(&obj).display()
+            ));
         }
         return;
     }
@@ -49,13 +60,41 @@ fn main() {
 
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", tools::NIGHTLY, "cargo", "build", "--package", "tcpshift-ebpf", "--bin", "tcpshift", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&root)
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
-        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker);
-    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_MAKEFLAGS", "CARGO_ENCODED_RUSTFLAGS_HOST"] {
+    cmd.args([
+        "run",
+        tools::NIGHTLY,
+        "cargo",
+        "build",
+        "--package",
+        "tcpshift-ebpf",
+        "--bin",
+        "tcpshift",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(&root)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+    )
+    .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker);
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_MAKEFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS_HOST",
+    ] {
         cmd.env_remove(key);
     }
     // Cargo reads a build script's stdout as directives: send the nested build's output to stderr.
@@ -69,6 +108,9 @@ fn main() {
     }
     let built = target_dir.join("bpfel-unknown-none/release/tcpshift");
     if let Err(e) = std::fs::copy(&built, &dest) {
-        fail(&format!("eBPF object {} not found after build: {e}", built.display()));
+        fail(&format!(
+            "eBPF object {} not found after build: {e}",
+            built.display()
+        ));
     }
 }

@@ -53,23 +53,53 @@ fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext) {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let sk = unsafe { &*ctx.lookup };
-    if sk.protocol != IPPROTO_TCP as u32 {
+    let sk = ctx.lookup;
+    // Every context field is read with a single load at a constant offset: the verifier
+    // refuses loads through a context pointer the compiler has moved.
+    macro_rules! field {
+        ($f:ident) => {
+            // SAFETY: the context pointer is valid for the whole program run.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$f)) }
+        };
+        ($f:ident[$i:literal]) => {
+            // SAFETY: as above; constant index within the array.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$f[$i])) }
+        };
+    }
+    if field!(protocol) != IPPROTO_TCP as u32 {
         return;
     }
-    let v4 = sk.family == AF_INET;
+    let v4 = field!(family) == AF_INET;
+    let local_port = field!(local_port);
+    let remote_port = u32::from(field!(remote_port));
     let mut key = ServiceKey {
         addr: [0; 16],
-        port: sk.local_port as u16,
+        port: local_port as u16,
         proto: IPPROTO_TCP,
         _pad: 0,
     };
     let wildcard = key;
+    // Read every address field unconditionally, then choose: loads inside the branches would
+    // be merged by the compiler into one load through a selected context pointer.
+    let local4 = field!(local_ip4);
+    let remote4 = field!(remote_ip4);
+    let local6 = [
+        field!(local_ip6[0]),
+        field!(local_ip6[1]),
+        field!(local_ip6[2]),
+        field!(local_ip6[3]),
+    ];
+    let remote6 = [
+        field!(remote_ip6[0]),
+        field!(remote_ip6[1]),
+        field!(remote_ip6[2]),
+        field!(remote_ip6[3]),
+    ];
+    let mapped = 0xffff_u32.to_be();
     let (local, remote) = if v4 {
-        ([0, 0, 0xffff_u32.to_be(), sk.local_ip4], [0, 0, 0xffff_u32.to_be(), sk.remote_ip4])
+        ([0, 0, mapped, local4], [0, 0, mapped, remote4])
     } else {
-        (sk.local_ip6, sk.remote_ip6)
+        (local6, remote6)
     };
     key.addr = words_to_bytes(&local);
     // SAFETY: the value is only read; userspace replaces entries as a whole.
@@ -93,8 +123,8 @@ fn steer(ctx: &SkLookupContext) {
         local[1],
         local[2],
         local[3],
-        sk.remote_port as u32,
-        sk.local_port,
+        remote_port,
+        local_port,
     ];
     let hash = if entry.mode == mode::HASH_SOURCE_IP {
         flow_hash(seed, &words, 4)

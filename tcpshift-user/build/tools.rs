@@ -51,7 +51,12 @@ pub fn llvm_soname(sysroot: &Path) -> Option<String> {
 
 /// LLVM major version of that library (`22` for `libLLVM.so.22.1-...`).
 pub fn llvm_major(soname: &str) -> Option<u32> {
-    soname.strip_prefix("libLLVM.so.")?.split('.').next()?.parse().ok()
+    soname
+        .strip_prefix("libLLVM.so.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Where bpf-linker built against `soname` is installed (`<root>/bin/bpf-linker`).
@@ -69,7 +74,11 @@ pub fn find_bpf_linker() -> Option<PathBuf> {
     let ours = (|| {
         let sysroot = nightly_sysroot()?;
         let soname = llvm_soname(&sysroot)?;
-        Some(bpf_linker_root(&tools_dir()?, &soname).join("bin").join("bpf-linker"))
+        Some(
+            bpf_linker_root(&tools_dir()?, &soname)
+                .join("bin")
+                .join("bpf-linker"),
+        )
     })();
     let on_path = env::var_os("PATH").and_then(|p| {
         env::split_paths(&p)

@@ -1,1 +1,1061 @@
-//! TODO
+//! The pinned state of one network namespace — the single owner of tcpshift's BPF maps.
+//!
+//! Both `tcpshiftd` and `tcpshiftctl` go through [`State`]; nothing else reads or writes the
+//! maps, and nothing keeps a copy of what they hold: weights, sockets and service definitions
+//! live in the kernel maps, pinned under `/sys/fs/bpf/tcpshift/netns-<inode>/`:
+//!
+//! ```text
+//! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
+//!   netns-4026531840/              one directory per network namespace
+//!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META   maps
+//!     link                         the sk_lookup link: keeps the program attached
+//! ```
+//!
+//! A new directory is built under a temporary name and renamed into place, so a reader sees
+//! either no state or a complete one. Changes take an exclusive `flock` on the base directory,
+//! so concurrent `tcpshiftctl` invocations never lose an update.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::fs::PermissionsExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, SockHash},
+    programs::{SkLookup, links::FdLink},
+};
+use serde::Serialize;
+use tcpshift_common::{
+    BucketTable, Counters, Global, IPPROTO_TCP, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
+    PROGRAM_SK_LOOKUP, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta,
+    SubsetMeta, map_names, mode, slot, table_key,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Config, Listen, ServiceConfig},
+    netns::{self, Netns, NetnsError},
+    weights::{self, WeightError},
+};
+
+/// Directory under bpffs holding one state directory per network namespace.
+pub const BASE_DIR: &str = "/sys/fs/bpf/tcpshift";
+/// Name of the pinned sk_lookup link inside a state directory.
+const LINK: &str = "link";
+
+/// Errors of the pinned state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// No tcpshift state for this namespace.
+    #[error(
+        "tcpshift is not installed in this network namespace (no state at {dir}); start the loader first: tcpshiftd --config FILE"
+    )]
+    NotInstalled {
+        /// Where the state would be.
+        dir: PathBuf,
+    },
+    /// Not allowed to reach the state.
+    #[error(
+        "permission denied on {path}: tcpshift's state is root-only; run this command as root (it needs CAP_BPF and CAP_SYS_ADMIN)"
+    )]
+    Permission {
+        /// What could not be accessed.
+        path: PathBuf,
+    },
+    /// The pinned state was made by a tcpshift with another layout.
+    #[error(
+        "the state at {dir} has layout version {found}, this tcpshift understands version {expected}; remove it with `tcpshiftctl uninstall` (with the tcpshift that created it) and start again"
+    )]
+    Layout {
+        /// The state directory.
+        dir: PathBuf,
+        /// Version found (0 when unreadable).
+        found: u32,
+        /// Version this build understands.
+        expected: u32,
+    },
+    /// A namespace or bpffs problem.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// A weight problem.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    /// No such service.
+    #[error("no service named {name:?} (services: {known})")]
+    UnknownService {
+        /// Name asked for.
+        name: String,
+        /// Names that exist.
+        known: String,
+    },
+    /// `--service` is needed.
+    #[error("{count} services are configured ({known}); choose one with --service NAME")]
+    AmbiguousService {
+        /// Number of services.
+        count: usize,
+        /// Their names.
+        known: String,
+    },
+    /// No service at all.
+    #[error("no service is configured in this network namespace; apply a configuration first")]
+    NoServices,
+    /// Two services want the same listen address.
+    #[error("service {name:?} wants to listen on {listen}, which service {other:?} already uses")]
+    ListenConflict {
+        /// The new service.
+        name: String,
+        /// Its listen address.
+        listen: String,
+        /// The service that has it.
+        other: String,
+    },
+    /// Too many services.
+    #[error("{wanted} services would exceed the limit of {MAX_SERVICES} per network namespace")]
+    TooManyServices {
+        /// How many there would be.
+        wanted: usize,
+    },
+    /// A BPF map operation failed.
+    #[error("{what}: {error}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// The aya error.
+        error: MapError,
+    },
+    /// Loading or attaching the program failed.
+    #[error("{what}: {error}")]
+    Program {
+        /// What was being done.
+        what: String,
+        /// The error.
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file operation failed.
+    #[error("{what} {path}: {error}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+}
+
+type Result<T, E = StateError> = std::result::Result<T, E>;
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> StateError {
+    let what = what.into();
+    move |error| StateError::Map { what, error }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |error| {
+        if is_unprivileged(&error) {
+            StateError::Permission { path }
+        } else {
+            StateError::Io { what, path, error }
+        }
+    }
+}
+
+/// The state directory of a namespace.
+pub fn state_dir(netns: &Netns) -> PathBuf {
+    Path::new(BASE_DIR).join(format!("netns-{}", netns.inode()))
+}
+
+/// Whether the loader found existing state or created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// Pinned state was already there and was adopted unchanged.
+    Adopted,
+    /// The program was loaded, attached and pinned now.
+    Created,
+}
+
+/// How [`State::apply`] treats the weights of a service that already exists unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Write the configuration's weights.
+    FromConfig,
+    /// Keep the weights in the kernel (a restarted loader must not reset a shift in progress).
+    KeepExisting,
+}
+
+/// What [`State::apply`] did to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    /// The service was added.
+    Created,
+    /// Its listen address or subsets changed.
+    Redefined,
+    /// Same definition, new weights.
+    Reweighted,
+    /// Nothing changed.
+    Unchanged,
+}
+
+/// Exclusive lock on the base directory, released on drop.
+struct Lock(#[allow(dead_code)] File);
+
+impl Lock {
+    fn take() -> Result<Self> {
+        let path = Path::new(BASE_DIR);
+        let f = File::open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StateError::NotInstalled {
+                    dir: path.to_path_buf(),
+                }
+            } else {
+                io_err("cannot open", path)(e)
+            }
+        })?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err("cannot lock", path)(io::Error::last_os_error()));
+        }
+        Ok(Self(f))
+    }
+}
+
+/// Typed handles on the pinned maps.
+struct Maps {
+    global: Array<MapData, Global>,
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    buckets: HashMap<MapData, u32, BucketTable>,
+    sockets: SockHash<MapData, u32>,
+    counters: PerCpuHashMap<MapData, u32, Counters>,
+    meta: HashMap<MapData, u32, ServiceMeta>,
+}
+
+fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| pin_error(e, &path))?;
+    let map = Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))?;
+    T::try_from(map).map_err(|_| StateError::Layout {
+        dir: dir.to_path_buf(),
+        found: 0,
+        expected: LAYOUT_VERSION,
+    })
+}
+
+/// A permission error seen by a caller without root: say so instead of showing errno.
+fn is_unprivileged(e: &io::Error) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    e.kind() == io::ErrorKind::PermissionDenied && unsafe { libc::geteuid() } != 0
+}
+
+fn pin_error(e: MapError, path: &Path) -> StateError {
+    if let MapError::SyscallError(s) = &e {
+        match s.io_error.kind() {
+            io::ErrorKind::PermissionDenied if is_unprivileged(&s.io_error) => {
+                return StateError::Permission {
+                    path: path.to_path_buf(),
+                };
+            }
+            io::ErrorKind::NotFound => {
+                return StateError::NotInstalled {
+                    dir: path.parent().unwrap_or(path).to_path_buf(),
+                };
+            }
+            _ => {}
+        }
+    }
+    map_err(format!("cannot open pinned map {}", path.display()))(e)
+}
+
+/// One subset as shown by `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubsetStatus {
+    /// Subset name.
+    pub name: String,
+    /// Backend address.
+    pub backend: SocketAddr,
+    /// Relative weight.
+    pub weight: u32,
+    /// Share of new connections the weights give it, in percent.
+    pub share: f64,
+    /// Whether a live listening socket is registered for it.
+    pub live: bool,
+    /// Counters from the data path.
+    pub counters: CounterStatus,
+}
+
+/// Data-path counters of one subset (summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CounterStatus {
+    /// New connections whose hash chose this subset.
+    pub chosen: u64,
+    /// New connections assigned to this subset.
+    pub steered: u64,
+    /// Of those, connections that had chosen another subset without a live socket.
+    pub fallback_in: u64,
+    /// Connections that chose this subset but were sent elsewhere (no live socket).
+    pub fallback_out: u64,
+    /// Connections that chose this subset while no subset of the service was alive.
+    pub misses: u64,
+}
+
+/// One service as shown by `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Internal id (slot base in the maps).
+    pub id: u32,
+    /// Where it listens: `*:PORT` or `ADDR:PORT`.
+    pub listen: String,
+    /// Selection mode.
+    pub mode: &'static str,
+    /// The subsets, in configuration order.
+    pub subsets: Vec<SubsetStatus>,
+}
+
+/// The whole namespace as shown by `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Inode of the network namespace.
+    pub netns_inode: u64,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Id of the attached sk_lookup program, if the link is alive.
+    pub program_id: Option<u32>,
+    /// Services, sorted by name.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// A subset whose socket needs registering (see [`State::missing_sockets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    /// Service id.
+    pub service_id: u32,
+    /// Service name.
+    pub service: String,
+    /// Subset index.
+    pub index: u32,
+    /// Subset name.
+    pub subset: String,
+    /// Backend address.
+    pub backend: SocketAddr,
+}
+
+/// The pinned state of one network namespace.
+pub struct State {
+    dir: PathBuf,
+    netns_inode: u64,
+    maps: Maps,
+}
+
+impl State {
+    /// Opens the existing state of `netns` (the CLI's entry point). Never creates anything.
+    pub fn open(netns: &Netns) -> Result<Self> {
+        let dir = state_dir(netns);
+        match fs::metadata(&dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::NotInstalled { dir });
+            }
+            Err(e) => return Err(io_err("cannot read", &dir)(e)),
+        }
+        Self::open_dir(dir, netns)
+    }
+
+    /// Opens the state of `netns`, or loads, attaches and pins tcpshift there when there is
+    /// none (the loader's entry point). Mounts bpffs when needed.
+    pub fn install(netns: &Netns, object: &[u8]) -> Result<(Self, Installed)> {
+        if netns::ensure_bpffs(Path::new(netns::BPFFS))? {
+            info!(path = netns::BPFFS, "mounted bpffs");
+        }
+        let base = Path::new(BASE_DIR);
+        fs::create_dir_all(base).map_err(io_err("cannot create", base))?;
+        fs::set_permissions(base, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("cannot set permissions of", base))?;
+        let _lock = Lock::take()?;
+        let dir = state_dir(netns);
+        if dir.exists() {
+            match link_netns(&dir.join(LINK)) {
+                Ok(ino) if u64::from(ino) == netns.inode() => {
+                    return Ok((Self::open_dir(dir, netns)?, Installed::Adopted));
+                }
+                Ok(ino) => {
+                    warn!(dir = %dir.display(), link_netns = ino, "stale state (its namespace is gone); replacing it")
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "stale state (no live link); replacing it")
+                }
+            }
+            fs::remove_dir_all(&dir).map_err(io_err("cannot remove stale state", &dir))?;
+        }
+        let tmp = base.join(format!(
+            "tmp-netns-{}-{}",
+            netns.inode(),
+            std::process::id()
+        ));
+        let created = create_pinned(&tmp, netns, object).and_then(|()| {
+            fs::rename(&tmp, &dir).map_err(io_err("cannot move state into place at", &dir))
+        });
+        if let Err(e) = created {
+            // Unpinning the link detaches the program once our fds are closed.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        info!(dir = %dir.display(), netns = netns.inode(), "loaded and attached the sk_lookup program");
+        Ok((Self::open_dir(dir, netns)?, Installed::Created))
+    }
+
+    /// Removes everything tcpshift pinned for `netns`: the link (which detaches the program) and
+    /// the maps. Returns the directory removed, or `None` when there was nothing.
+    pub fn uninstall(netns: &Netns) -> Result<Option<PathBuf>> {
+        let dir = state_dir(netns);
+        if !Path::new(BASE_DIR).exists() {
+            return Ok(None);
+        }
+        let _lock = Lock::take()?;
+        let prefix = format!("tmp-netns-{}-", netns.inode());
+        if let Ok(entries) = fs::read_dir(BASE_DIR) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(Some(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("cannot remove", &dir)(e)),
+        }
+    }
+
+    fn open_dir(dir: PathBuf, netns: &Netns) -> Result<Self> {
+        let global: Array<MapData, Global> = open_map(&dir, map_names::GLOBAL)?;
+        let g = global
+            .get(&0, 0)
+            .map_err(map_err("cannot read the global settings"))?;
+        if g.magic != MAGIC || g.layout_version != LAYOUT_VERSION {
+            return Err(StateError::Layout {
+                dir,
+                found: g.layout_version,
+                expected: LAYOUT_VERSION,
+            });
+        }
+        let maps = Maps {
+            global,
+            services: open_map(&dir, map_names::SERVICES)?,
+            buckets: open_map(&dir, map_names::BUCKETS)?,
+            sockets: open_map(&dir, map_names::SOCKETS)?,
+            counters: open_map(&dir, map_names::COUNTERS)?,
+            meta: open_map(&dir, map_names::META)?,
+        };
+        debug!(dir = %dir.display(), "opened pinned state");
+        Ok(Self {
+            dir,
+            netns_inode: netns.inode(),
+            maps,
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the state directory still exists (it disappears on `tcpshiftctl uninstall`).
+    pub fn is_installed(&self) -> bool {
+        self.dir.join(LINK).exists()
+    }
+
+    /// The hash seed chosen at install time.
+    pub fn hash_seed(&self) -> Result<u32> {
+        Ok(self
+            .maps
+            .global
+            .get(&0, 0)
+            .map_err(map_err("cannot read the global settings"))?
+            .hash_seed)
+    }
+
+    fn all_meta(&self) -> Result<Vec<(u32, ServiceMeta)>> {
+        let mut out = Vec::new();
+        for item in self.maps.meta.iter() {
+            out.push(item.map_err(map_err("cannot read service definitions"))?);
+        }
+        out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(out)
+    }
+
+    fn entry(&self, meta: &ServiceMeta) -> Result<Option<ServiceEntry>> {
+        match self.maps.services.get(&meta.key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("cannot read a service entry")(e)),
+        }
+    }
+
+    fn live_slots(&self) -> Result<HashSet<u32>> {
+        self.maps
+            .sockets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("cannot list registered sockets"))
+    }
+
+    fn counters(&self, slot: u32) -> Result<CounterStatus> {
+        let values: PerCpuValues<Counters> = match self.maps.counters.get(&slot, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(CounterStatus::default()),
+            Err(e) => return Err(map_err("cannot read counters")(e)),
+        };
+        let mut c = CounterStatus::default();
+        for v in values.iter() {
+            c.chosen += v.chosen;
+            c.steered += v.steered;
+            c.fallback_in += v.fallback_in;
+            c.fallback_out += v.fallback_out;
+            c.misses += v.misses;
+        }
+        Ok(c)
+    }
+
+    /// Everything `tcpshiftctl status` shows, read from the maps.
+    pub fn status(&self) -> Result<Status> {
+        let live = self.live_slots()?;
+        let mut services = Vec::new();
+        for (id, meta) in self.all_meta()? {
+            let entry = self.entry(&meta)?.unwrap_or_default();
+            let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
+            let ws = &entry.weights[..n];
+            let shares = weights::shares(ws);
+            let mut subsets = Vec::with_capacity(n);
+            for (i, s) in meta.subsets[..n].iter().enumerate() {
+                let slot = slot(id, i as u32);
+                subsets.push(SubsetStatus {
+                    name: name_str(&s.name),
+                    backend: subset_addr(s),
+                    weight: ws[i],
+                    share: shares.get(i).copied().unwrap_or(0.0),
+                    live: live.contains(&slot),
+                    counters: self.counters(slot)?,
+                });
+            }
+            services.push(ServiceStatus {
+                name: name_str(&meta.name),
+                id,
+                listen: listen_of(&meta).to_string(),
+                mode: match entry.mode {
+                    mode::HASH_SOURCE_IP => "source-ip",
+                    mode::ROUND_ROBIN => "round-robin",
+                    _ => "hash",
+                },
+                subsets,
+            });
+        }
+        Ok(Status {
+            netns_inode: self.netns_inode,
+            state_dir: self.dir.clone(),
+            program_id: link_program(&self.dir.join(LINK)).ok(),
+            services,
+        })
+    }
+
+    /// Subsets that have no live socket registered.
+    pub fn missing_sockets(&self) -> Result<Vec<Missing>> {
+        let live = self.live_slots()?;
+        let mut out = Vec::new();
+        for (id, meta) in self.all_meta()? {
+            for (i, s) in meta.subsets[..usize::from(meta.n_subsets).min(MAX_SUBSETS)]
+                .iter()
+                .enumerate()
+            {
+                if !live.contains(&slot(id, i as u32)) {
+                    out.push(Missing {
+                        service_id: id,
+                        service: name_str(&meta.name),
+                        index: i as u32,
+                        subset: name_str(&s.name),
+                        backend: subset_addr(s),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers `socket` (a listening TCP socket) for the subset described by `m`, if the
+    /// subset still has that backend address. Returns whether it was registered.
+    pub fn register_socket(&mut self, m: &Missing, socket: BorrowedFd<'_>) -> Result<bool> {
+        let _lock = Lock::take()?;
+        let current = match self.maps.meta.get(&m.service_id, 0) {
+            Ok(meta) => meta,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(map_err("cannot read a service definition")(e)),
+        };
+        let idx = m.index as usize;
+        if idx >= usize::from(current.n_subsets) || subset_addr(&current.subsets[idx]) != m.backend
+        {
+            return Ok(false);
+        }
+        self.maps
+            .sockets
+            .insert(slot(m.service_id, m.index), socket.as_raw_fd(), 0)
+            .map_err(map_err("cannot register a socket"))?;
+        Ok(true)
+    }
+
+    /// Makes the kernel state match `config`: creates new services, redefines changed ones and,
+    /// with [`Weights::FromConfig`], sets the weights of the others. Services absent from
+    /// `config` are left alone. Everything is validated before the first map is written.
+    pub fn apply(&mut self, config: &Config, policy: Weights) -> Result<Vec<(String, Change)>> {
+        let _lock = Lock::take()?;
+        let existing = self.all_meta()?;
+        // Validate: listen conflicts with services not being redefined, and capacity.
+        let mut new_count = 0;
+        for svc in &config.services {
+            let key = service_key(&svc.listen);
+            if let Some((_, other)) = existing
+                .iter()
+                .find(|(_, m)| m.key == key && name_str(&m.name) != svc.name)
+                && !config
+                    .services
+                    .iter()
+                    .any(|s| s.name == name_str(&other.name))
+            {
+                return Err(StateError::ListenConflict {
+                    name: svc.name.clone(),
+                    listen: svc.listen.to_string(),
+                    other: name_str(&other.name),
+                });
+            }
+            if !existing.iter().any(|(_, m)| name_str(&m.name) == svc.name) {
+                new_count += 1;
+            }
+        }
+        if existing.len() + new_count > MAX_SERVICES as usize {
+            return Err(StateError::TooManyServices {
+                wanted: existing.len() + new_count,
+            });
+        }
+        for svc in &config.services {
+            weights::bucket_counts(&svc.subsets.iter().map(|s| s.weight).collect::<Vec<_>>())?;
+        }
+
+        let mut used: HashSet<u32> = existing.iter().map(|(id, _)| *id).collect();
+        let mut changes = Vec::new();
+        for svc in &config.services {
+            let meta = service_meta(svc);
+            let config_weights: Vec<u32> = svc.subsets.iter().map(|s| s.weight).collect();
+            let change = match existing.iter().find(|(_, m)| name_str(&m.name) == svc.name) {
+                None => {
+                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(
+                        StateError::TooManyServices {
+                            wanted: used.len() + 1,
+                        },
+                    )?;
+                    used.insert(id);
+                    self.write_service(id, &meta, &config_weights, None)?;
+                    Change::Created
+                }
+                Some((id, old)) => {
+                    let entry = self.entry(old)?;
+                    if *old == meta && entry.is_some() {
+                        let current = entry.map(|e| e.weights).unwrap_or_default();
+                        if policy == Weights::KeepExisting
+                            || current[..config_weights.len()] == config_weights[..]
+                        {
+                            Change::Unchanged
+                        } else {
+                            self.write_service(*id, &meta, &config_weights, Some((old, entry)))?;
+                            Change::Reweighted
+                        }
+                    } else {
+                        self.write_service(*id, &meta, &config_weights, Some((old, entry)))?;
+                        Change::Redefined
+                    }
+                }
+            };
+            info!(service = %svc.name, listen = %svc.listen, change = ?change, "applied");
+            changes.push((svc.name.clone(), change));
+        }
+        Ok(changes)
+    }
+
+    /// Writes one service: bucket table into the inactive generation, definition, counters,
+    /// and finally the entry that the data path reads (the commit point).
+    fn write_service(
+        &mut self,
+        id: u32,
+        meta: &ServiceMeta,
+        ws: &[u32],
+        old: Option<(&ServiceMeta, Option<ServiceEntry>)>,
+    ) -> Result<()> {
+        let old_entry = old.and_then(|(_, e)| e);
+        let generation = old_entry.map_or(0, |e| e.generation ^ 1);
+        let table = weights::build_table(ws)?;
+        let m = &mut self.maps;
+        m.buckets
+            .insert(table_key(id, generation), &*table, 0)
+            .map_err(map_err("cannot write a bucket table"))?;
+        m.meta
+            .insert(id, meta, 0)
+            .map_err(map_err("cannot write a service definition"))?;
+        for i in 0..u32::from(meta.n_subsets) {
+            ensure_counters(&mut m.counters, slot(id, i))?;
+        }
+        let entry = new_entry(id, generation, meta.n_subsets, ws);
+        m.services
+            .insert(meta.key, entry, 0)
+            .map_err(map_err("cannot write a service entry"))?;
+        if let Some((old_meta, _)) = old {
+            if old_meta.key != meta.key {
+                ignore_missing(
+                    m.services.remove(&old_meta.key),
+                    "cannot remove a service entry",
+                )?;
+            }
+            // Sockets registered for a subset whose backend changed or that is gone.
+            for i in 0..usize::from(old_meta.n_subsets).min(MAX_SUBSETS) {
+                let s = slot(id, i as u32);
+                let same = i < usize::from(meta.n_subsets)
+                    && old_meta.subsets[i].addr == meta.subsets[i].addr
+                    && old_meta.subsets[i].port == meta.subsets[i].port;
+                if !same {
+                    ignore_missing(m.sockets.remove(&s), "cannot unregister a socket")?;
+                }
+                if i >= usize::from(meta.n_subsets) {
+                    ignore_missing(m.counters.remove(&s), "cannot remove counters")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets weights with `tcpshiftctl set-weight` semantics (see
+    /// [`weights::apply_set_weight`]). `service` may be `None` when there is one service.
+    /// Returns the service's name and its new weights.
+    pub fn set_weights(
+        &mut self,
+        service: Option<&str>,
+        requested: &[(String, u32)],
+    ) -> Result<(String, Vec<(String, u32)>)> {
+        let _lock = Lock::take()?;
+        let all = self.all_meta()?;
+        let known = || {
+            all.iter()
+                .map(|(_, m)| name_str(&m.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (id, meta) = match service {
+            Some(name) => all
+                .iter()
+                .find(|(_, m)| name_str(&m.name) == name)
+                .ok_or_else(|| StateError::UnknownService {
+                    name: name.to_string(),
+                    known: known(),
+                })?,
+            None => match all.as_slice() {
+                [] => return Err(StateError::NoServices),
+                [one] => one,
+                _ => {
+                    return Err(StateError::AmbiguousService {
+                        count: all.len(),
+                        known: known(),
+                    });
+                }
+            },
+        };
+        let entry = self.entry(meta)?.ok_or(StateError::NoServices)?;
+        let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
+        let names: Vec<String> = meta.subsets[..n]
+            .iter()
+            .map(|s| name_str(&s.name))
+            .collect();
+        let current: Vec<(String, u32)> = names
+            .iter()
+            .cloned()
+            .zip(entry.weights[..n].iter().copied())
+            .collect();
+        let new = weights::apply_set_weight(&current, requested)?;
+        let generation = entry.generation ^ 1;
+        let table = weights::build_table(&new)?;
+        let (id, key, n_subsets) = (*id, meta.key, meta.n_subsets);
+        let service_name = name_str(&meta.name);
+        self.maps
+            .buckets
+            .insert(table_key(id, generation), &*table, 0)
+            .map_err(map_err("cannot write a bucket table"))?;
+        self.maps
+            .services
+            .insert(key, new_entry(id, generation, n_subsets, &new), 0)
+            .map_err(map_err("cannot write a service entry"))?;
+        info!(service = %service_name, weights = ?new, "weights set");
+        Ok((service_name, names.into_iter().zip(new).collect()))
+    }
+}
+
+fn new_entry(id: u32, generation: u32, n_subsets: u8, ws: &[u32]) -> ServiceEntry {
+    let mut weights = [0u32; MAX_SUBSETS];
+    let mut weighted_mask = 0;
+    for (i, w) in ws.iter().enumerate().take(MAX_SUBSETS) {
+        weights[i] = *w;
+        if *w > 0 {
+            weighted_mask |= 1 << i;
+        }
+    }
+    ServiceEntry {
+        id,
+        generation,
+        mode: mode::HASH_CONNECTION,
+        n_subsets,
+        _pad: 0,
+        weighted_mask,
+        weights,
+    }
+}
+
+fn ignore_missing(r: std::result::Result<(), MapError>, what: &str) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(what)(e)),
+    }
+}
+
+/// Creates zeroed counters for `slot` unless they exist.
+fn ensure_counters(counters: &mut PerCpuHashMap<MapData, u32, Counters>, slot: u32) -> Result<()> {
+    if counters.get(&slot, 0).is_ok() {
+        return Ok(());
+    }
+    let n = aya::util::nr_cpus().map_err(|(what, e)| StateError::Io {
+        what: "cannot count CPUs",
+        path: PathBuf::from(what),
+        error: e,
+    })?;
+    let zeros = PerCpuValues::try_from(vec![Counters::default(); n])
+        .map_err(|e| map_err("cannot size per-CPU counters")(MapError::IoError(e)))?;
+    counters
+        .insert(slot, zeros, 0)
+        .map_err(map_err("cannot create counters"))
+}
+
+/// Loads the object, pins its maps and the attached program's link into `tmp`.
+fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
+    let _ = fs::remove_dir_all(tmp);
+    fs::create_dir(tmp).map_err(io_err("cannot create", tmp))?;
+    fs::set_permissions(tmp, fs::Permissions::from_mode(0o700))
+        .map_err(io_err("cannot set permissions of", tmp))?;
+    let prog_err = |what: &str| {
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| StateError::Program { what, error: e }
+    };
+    let mut ebpf = EbpfLoader::new()
+        .load(object)
+        .map_err(|e| prog_err("cannot load the eBPF object")(Box::new(e)))?;
+    let seed = random_u32();
+    {
+        let map = ebpf
+            .map_mut(map_names::GLOBAL)
+            .ok_or_else(|| missing_map(map_names::GLOBAL))?;
+        let mut global: Array<&mut MapData, Global> =
+            Array::try_from(map).map_err(map_err("global settings map"))?;
+        let g = Global {
+            magic: MAGIC,
+            layout_version: LAYOUT_VERSION,
+            hash_seed: seed,
+            flags: 0,
+            _pad: 0,
+        };
+        global
+            .set(0, g, 0)
+            .map_err(map_err("cannot write the global settings"))?;
+    }
+    for name in map_names::ALL {
+        let map = ebpf.map(name).ok_or_else(|| missing_map(name))?;
+        let path = tmp.join(name);
+        map.pin(&path).map_err(|e| StateError::Program {
+            what: format!("cannot pin map {}", path.display()),
+            error: Box::new(e),
+        })?;
+    }
+    let program: &mut SkLookup = ebpf
+        .program_mut(PROGRAM_SK_LOOKUP)
+        .ok_or_else(|| missing_map(PROGRAM_SK_LOOKUP))?
+        .try_into()
+        .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
+    program
+        .load()
+        .map_err(|e| prog_err("the kernel refused the sk_lookup program")(Box::new(e)))?;
+    let link_id = program.attach(netns.file()).map_err(|e| {
+        prog_err("cannot attach the sk_lookup program to the namespace")(Box::new(e))
+    })?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(|e| prog_err("cannot take the link")(Box::new(e)))?
+        .into();
+    let path = tmp.join(LINK);
+    link.pin(&path).map_err(|e| StateError::Program {
+        what: format!("cannot pin the link at {}", path.display()),
+        error: Box::new(e),
+    })?;
+    Ok(())
+}
+
+fn missing_map(name: &str) -> StateError {
+    StateError::Program {
+        what: format!("the eBPF object has no {name}"),
+        error: "this build of tcpshift is broken; rebuild with `cargo xtask build`".into(),
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: valid buffer of 4 bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    if n != 4 {
+        // Not security relevant: the seed only decorrelates hashes between namespaces.
+        return std::process::id().wrapping_mul(0x9e37_79b9);
+    }
+    u32::from_ne_bytes(b)
+}
+
+/// The `TS_SERVICES` key of a listen address.
+pub fn service_key(listen: &Listen) -> ServiceKey {
+    let addr = match listen {
+        Listen::Any { .. } => [0; 16],
+        Listen::Addr(a) => ip_bytes(a.ip()),
+    };
+    ServiceKey {
+        addr,
+        port: listen.port(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn service_meta(svc: &ServiceConfig) -> ServiceMeta {
+    let mut subsets = [SubsetMeta {
+        name: [0; SUBSET_NAME_LEN],
+        addr: [0; 16],
+        port: 0,
+        family: 0,
+        _pad: [0; 5],
+    }; MAX_SUBSETS];
+    for (i, s) in svc.subsets.iter().enumerate().take(MAX_SUBSETS) {
+        subsets[i] = SubsetMeta {
+            name: name_bytes(&s.name),
+            addr: ip_bytes(s.addr.ip()),
+            port: s.addr.port(),
+            family: if s.addr.is_ipv4() { 4 } else { 6 },
+            _pad: [0; 5],
+        };
+    }
+    ServiceMeta {
+        name: name_bytes(&svc.name),
+        key: service_key(&svc.listen),
+        listen_family: match svc.listen {
+            Listen::Any { .. } => 0,
+            Listen::Addr(a) if a.is_ipv4() => 4,
+            Listen::Addr(_) => 6,
+        },
+        n_subsets: svc.subsets.len().min(MAX_SUBSETS) as u8,
+        _pad: [0; 2],
+        subsets,
+    }
+}
+
+fn name_bytes<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let b = s.as_bytes();
+    let n = b.len().min(N - 1);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+fn name_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn subset_addr(s: &SubsetMeta) -> SocketAddr {
+    let v6 = Ipv6Addr::from(s.addr);
+    let ip = match (s.family, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, s.port)
+}
+
+fn listen_of(meta: &ServiceMeta) -> Listen {
+    let v6 = Ipv6Addr::from(meta.key.addr);
+    match meta.listen_family {
+        0 => Listen::Any {
+            port: meta.key.port,
+        },
+        4 => Listen::Addr(SocketAddr::new(
+            IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            meta.key.port,
+        )),
+        _ => Listen::Addr(SocketAddr::new(IpAddr::V6(v6), meta.key.port)),
+    }
+}
+
+/// Reads `bpf_link_info` of the pinned link at `path`: (program id, netns inode).
+fn link_info(path: &Path) -> io::Result<(u32, u32)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET reads the path pointer only; attr is 128 zeroed bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | (128u64 << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: info is 128 bytes, as declared in info_len.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            128,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // struct bpf_link_info { u32 type, id, prog_id; union (8-aligned, offset 16) { netns: { u32 netns_ino, attach_type } } }
+    Ok((info[2], info[4]))
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+fn link_netns(path: &Path) -> io::Result<u32> {
+    link_info(path).map(|(_, ino)| ino)
+}
+
+fn link_program(path: &Path) -> io::Result<u32> {
+    link_info(path).map(|(prog, _)| prog)
+}
