@@ -13,6 +13,7 @@ mod bootstrap;
 mod build;
 mod cmd;
 mod lint;
+mod test;
 
 use std::process::ExitCode;
 
@@ -56,6 +57,20 @@ enum Task {
     /// Runs `cargo fmt --check`, clippy on the whole workspace, and clippy on the eBPF crate
     /// with nightly for bpfel-unknown-none; runs all three, then fails if any failed.
     Lint,
+    /// Build the release binaries and run every test in the workspace.
+    ///
+    /// Runs `cargo test --workspace --release --no-fail-fast` with TCPSHIFT_BIN_DIR set to
+    /// the release binaries, then prints a summary of every test binary. The privileged
+    /// integration tests need root and BPF (each uses its own network namespace); without
+    /// them they fail and say why, unless skipped with --unprivileged.
+    Test {
+        /// Skip the privileged tests explicitly (sets TCPSHIFT_SKIP_PRIVILEGED=1).
+        #[arg(long)]
+        unprivileged: bool,
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- seed -- --nocapture`).
+        #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+        cargo_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,5 +95,9 @@ fn run(task: Task) -> Result<()> {
             build::build(profile).map(drop)
         }
         Task::Lint => lint::lint(),
+        Task::Test {
+            unprivileged,
+            cargo_args,
+        } => test::test(unprivileged, &cargo_args),
     }
 }
