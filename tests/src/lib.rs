@@ -1,1 +1,343 @@
-//! Helpers for the privileged integration tests.
+//! Helpers for tcpshift's privileged integration tests.
+//!
+//! Every test runs in a network namespace of its own ([`TestNs`]): the test thread unshares
+//! its network namespace, and the programs it starts (`tcp-echo`, `tcpshiftd`, `tcpshiftctl`)
+//! inherit it. tcpshift's pinned state is per namespace, so tests cannot disturb each other
+//! or the host.
+//!
+//! The binaries come from `$TCPSHIFT_BIN_DIR` (set by `cargo xtask test`), else from
+//! `target/release`.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
+pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";
+
+/// Checks that privileged tests can run. Returns `false` (the test should return early) only
+/// when the user opted out with `TCPSHIFT_SKIP_PRIVILEGED=1`; otherwise a missing privilege
+/// fails the test with the reason.
+pub fn privileged() -> bool {
+    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
+        eprintln!("skipped: {SKIP_VAR}=1 (privileged tests explicitly disabled)");
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test needs root (it creates a network namespace and loads BPF programs); \
+             run `cargo xtask test` as root, or set {SKIP_VAR}=1 to skip privileged tests explicitly"
+        );
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("note: /sys/kernel/btf/vmlinux is missing; the kernel may lack BPF support");
+    }
+    true
+}
+
+/// Directory holding tcpshiftd, tcpshiftctl and tcp-echo.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TCPSHIFT_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let dir = root.join("target/release");
+    assert!(
+        dir.join("tcpshiftd").is_file(),
+        "binaries not found in {}: run the tests with `cargo xtask test` (or set TCPSHIFT_BIN_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A fresh network namespace for the calling test thread, with `lo` up.
+pub struct TestNs {
+    children: Vec<Child>,
+    dir: tempdir::TempDir,
+}
+
+/// Minimal temporary directory (removed on drop).
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+    impl TempDir {
+        pub fn new() -> std::io::Result<Self> {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "tcpshift-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(Self(p))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl TestNs {
+    /// Unshares the calling thread's network namespace and brings `lo` up.
+    pub fn new() -> Result<Self> {
+        // SAFETY: affects only the calling thread (each test runs on its own thread).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "unshare(CLONE_NEWNET) failed: {} (needs root)",
+                std::io::Error::last_os_error()
+            );
+        }
+        let out = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .output()
+            .context("cannot run `ip` (install iproute2)")?;
+        if !out.status.success() {
+            bail!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self {
+            children: Vec::new(),
+            dir: tempdir::TempDir::new()?,
+        })
+    }
+
+    /// Starts `tcp-echo --bind ADDR PORT PREFIX` and waits until it listens.
+    pub fn echo(&mut self, bind: &str, port: u16, prefix: &str) -> Result<usize> {
+        let mut child = Command::new(bin("tcp-echo"))
+            .args(["--bind", bind, &port.to_string(), prefix])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start tcp-echo")?;
+        let stdout = child.stdout.take().context("tcp-echo stdout")?;
+        self.children.push(child);
+        wait_for_line(stdout, "listening on", Duration::from_secs(10))
+            .with_context(|| format!("tcp-echo {prefix} on {bind}:{port} did not start"))?;
+        Ok(self.children.len() - 1)
+    }
+
+    /// Writes `yaml` as the loader's config, starts `tcpshiftd` and waits until every subset
+    /// with a running backend has a registered socket.
+    pub fn loader(&mut self, yaml: &str) -> Result<usize> {
+        let path = self.dir.path().join("tcpshift.yaml");
+        std::fs::write(&path, yaml)?;
+        let child = Command::new(bin("tcpshiftd"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--log-level")
+            .arg("info")
+            .spawn()
+            .context("cannot start tcpshiftd")?;
+        self.children.push(child);
+        let idx = self.children.len() - 1;
+        self.wait_live(Duration::from_secs(15))?;
+        Ok(idx)
+    }
+
+    /// Starts `tcpshiftd` again with the config of the last [`TestNs::loader`] call.
+    pub fn restart_loader(&mut self) -> Result<usize> {
+        let yaml = std::fs::read_to_string(self.dir.path().join("tcpshift.yaml"))?;
+        self.loader(&yaml)
+    }
+
+    /// SIGKILLs child `idx` and reaps it.
+    pub fn kill(&mut self, idx: usize) -> Result<()> {
+        let c = &mut self.children[idx];
+        c.kill().context("kill")?;
+        c.wait().context("wait")?;
+        Ok(())
+    }
+
+    /// Waits until `status --json` shows every subset whose backend is listening as live.
+    pub fn wait_live(&self, timeout: Duration) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            if let Ok(status) = self.status() {
+                let all_live = status["services"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty())
+                    && subsets(&status).all(|s| s["live"] == true);
+                if all_live {
+                    return Ok(status);
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("subsets not live after {timeout:?}: {:?}", self.status());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `tcpshiftctl ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("tcpshiftctl"))
+            .args(args)
+            .output()
+            .context("cannot run tcpshiftctl")
+    }
+
+    /// Runs `tcpshiftctl ARGS` and fails unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "tcpshiftctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `tcpshiftctl status --json`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let out = self.ctl_ok(&["status", "--json"])?;
+        serde_json::from_str(&out).context("status --json is not JSON")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.ctl(&["uninstall"]);
+    }
+}
+
+/// Every subset object of a `status --json` document.
+pub fn subsets(status: &Value) -> impl Iterator<Item = &Value> {
+    status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["subsets"].as_array().into_iter().flatten())
+}
+
+/// The subset named `name` in a `status --json` document.
+pub fn subset<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    subsets(status).find(|s| s["name"] == name)
+}
+
+fn wait_for_line(stdout: ChildStdout, needle: &str, timeout: Duration) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let found = lines.by_ref().any(|l| l.is_ok_and(|l| l.contains(&needle)));
+        let _ = tx.send(found);
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(true) => Ok(()),
+        Ok(false) => bail!("process exited before it was ready"),
+        Err(_) => bail!("not ready after {timeout:?}"),
+    }
+}
+
+/// Opens a connection, sends `line`, returns the reply line (without the newline). Checks
+/// that the reply is `PREFIX line`, and returns the prefix.
+pub fn exchange(addr: SocketAddr, line: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let reply = reply.strip_suffix('\n').unwrap_or(&reply);
+    let (prefix, echoed) = reply
+        .split_once(' ')
+        .with_context(|| format!("malformed reply {reply:?}"))?;
+    if echoed != line {
+        bail!("echo mismatch: sent {line:?}, got {reply:?}");
+    }
+    Ok(prefix.to_string())
+}
+
+/// Makes `n` connections to `addr`, each echoing a distinct line, and counts reply prefixes.
+pub fn count_prefixes(addr: SocketAddr, n: usize) -> Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let prefix = exchange(addr, &format!("hello {i}"))?;
+        *counts.entry(prefix).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// A persistent connection that exchanges lines.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    /// Connects to `addr`.
+    pub fn open(addr: SocketAddr) -> Result<Self> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Sends `line`, returns the reply's prefix after checking the echo.
+    pub fn exchange(&mut self, line: &str) -> Result<String> {
+        self.writer.write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply)?;
+        let reply = reply.trim_end_matches('\n');
+        let (prefix, echoed) = reply
+            .split_once(' ')
+            .with_context(|| format!("malformed reply {reply:?}"))?;
+        if echoed != line {
+            bail!("echo mismatch: sent {line:?}, got {reply:?}");
+        }
+        Ok(prefix.to_string())
+    }
+}
+
+/// The seed configuration: service tcp-echo on port 31400, v1 on 9001, v2 on 9002.
+pub fn seed_config(v1: u32, v2: u32) -> String {
+    format!(
+        "services:\n  tcp-echo:\n    listen: 31400\n    subsets:\n      v1: 127.0.0.1:9001\n      v2: 127.0.0.1:9002\n    weights: {{v1: {v1}, v2: {v2}}}\n"
+    )
+}
+
+/// Address clients use in the seed.
+pub fn seed_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 31400))
+}
+
+/// Starts both seed backends and the loader with weights `v1`/`v2`. Returns the indices of
+/// (v1, v2, loader) children.
+pub fn seed(ns: &mut TestNs, v1: u32, v2: u32) -> Result<(usize, usize, usize)> {
+    let a = ns.echo("127.0.0.1", 9001, "one")?;
+    let b = ns.echo("127.0.0.1", 9002, "two")?;
+    let l = ns.loader(&seed_config(v1, v2))?;
+    Ok((a, b, l))
+}
