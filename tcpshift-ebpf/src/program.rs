@@ -103,9 +103,9 @@ fn steer(ctx: &SkLookupContext) {
     };
     key.addr = words_to_bytes(&local);
     // SAFETY: the value is only read; userspace replaces entries as a whole.
-    let entry = match unsafe { TS_SERVICES.get(&key) } {
+    let entry = match unsafe { TS_SERVICES.get(key) } {
         Some(e) => e,
-        None => match unsafe { TS_SERVICES.get(&wildcard) } {
+        None => match unsafe { TS_SERVICES.get(wildcard) } {
             Some(e) => e,
             None => return,
         },

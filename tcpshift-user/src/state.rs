@@ -35,8 +35,8 @@ use aya::{
 use serde::Serialize;
 use tcpshift_common::{
     BucketTable, Counters, Global, IPPROTO_TCP, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
-    PROGRAM_SK_LOOKUP, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta,
-    SubsetMeta, map_names, mode, slot, table_key,
+    PROGRAM_SK_LOOKUP, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta,
+    map_names, mode, slot, table_key,
 };
 use tracing::{debug, info, warn};
 
@@ -490,7 +490,7 @@ impl State {
         for item in self.maps.meta.iter() {
             out.push(item.map_err(map_err("cannot read service definitions"))?);
         }
-        out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        out.sort_by_key(|a| a.1.name);
         Ok(out)
     }
 
@@ -703,7 +703,7 @@ impl State {
         let table = weights::build_table(ws)?;
         let m = &mut self.maps;
         m.buckets
-            .insert(table_key(id, generation), &*table, 0)
+            .insert(table_key(id, generation), *table, 0)
             .map_err(map_err("cannot write a bucket table"))?;
         m.meta
             .insert(id, meta, 0)
@@ -792,7 +792,7 @@ impl State {
         let service_name = name_str(&meta.name);
         self.maps
             .buckets
-            .insert(table_key(id, generation), &*table, 0)
+            .insert(table_key(id, generation), *table, 0)
             .map_err(map_err("cannot write a bucket table"))?;
         self.maps
             .services

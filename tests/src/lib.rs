@@ -116,7 +116,10 @@ impl TestNs {
             .output()
             .context("cannot run `ip` (install iproute2)")?;
         if !out.status.success() {
-            bail!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ip link set lo up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(Self {
             children: Vec::new(),
@@ -175,9 +178,7 @@ impl TestNs {
         let start = Instant::now();
         loop {
             if let Ok(status) = self.status() {
-                let all_live = status["services"]
-                    .as_array()
-                    .is_some_and(|s| !s.is_empty())
+                let all_live = status["services"].as_array().is_some_and(|s| !s.is_empty())
                     && subsets(&status).all(|s| s["live"] == true);
                 if all_live {
                     return Ok(status);

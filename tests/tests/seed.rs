@@ -4,9 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use tcpshift_tests::{
-    Conn, TestNs, count_prefixes, exchange, privileged, seed, seed_addr, subset,
-};
+use tcpshift_tests::{Conn, TestNs, count_prefixes, exchange, privileged, seed, seed_addr, subset};
 
 fn share(counts: &std::collections::BTreeMap<String, usize>, prefix: &str) -> f64 {
     let total: usize = counts.values().sum();
@@ -43,7 +41,10 @@ fn set_weight_v2_20_gives_about_20_percent_then_0_100_gives_all_v2() -> Result<(
     let counts = count_prefixes(seed_addr(), 2000)?;
     let v2 = share(&counts, "two");
     eprintln!("80/20 over 2000 connections: {counts:?} -> v2 {v2:.2}%");
-    assert!((17.0..=23.0).contains(&v2), "v2 share {v2:.2}% not within 20 ± 3: {counts:?}");
+    assert!(
+        (17.0..=23.0).contains(&v2),
+        "v2 share {v2:.2}% not within 20 ± 3: {counts:?}"
+    );
     assert_eq!(counts.values().sum::<usize>(), 2000);
 
     ns.ctl_ok(&["set-weight", "v1=0", "v2=100"])?;
@@ -98,10 +99,16 @@ fn ports_that_are_not_configured_are_not_steered() -> Result<()> {
     ns.echo("127.0.0.1", 9100, "direct")?;
     // A port with its own listener keeps reaching it.
     for i in 0..50 {
-        assert_eq!(exchange(SocketAddr::from(([127, 0, 0, 1], 9100)), &format!("x{i}"))?, "direct");
+        assert_eq!(
+            exchange(SocketAddr::from(([127, 0, 0, 1], 9100)), &format!("x{i}"))?,
+            "direct"
+        );
     }
     // The backends' own ports still reach them directly.
-    assert_eq!(exchange(SocketAddr::from(([127, 0, 0, 1], 9002)), "direct to v2")?, "two");
+    assert_eq!(
+        exchange(SocketAddr::from(([127, 0, 0, 1], 9002)), "direct to v2")?,
+        "two"
+    );
     // A port nobody listens on is refused, as without tcpshift.
     let err = std::net::TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], 31401)),
@@ -112,7 +119,11 @@ fn ports_that_are_not_configured_are_not_steered() -> Result<()> {
     let status = ns.status()?;
     let steered: u64 = ["v1", "v2"]
         .iter()
-        .map(|s| subset(&status, s).expect("subset")["counters"]["steered"].as_u64().unwrap_or(0))
+        .map(|s| {
+            subset(&status, s).expect("subset")["counters"]["steered"]
+                .as_u64()
+                .unwrap_or(0)
+        })
         .sum();
     assert_eq!(steered, 0, "only the service port is steered");
     Ok(())
@@ -127,10 +138,18 @@ fn loader_killed_steering_continues_and_restart_keeps_weights() -> Result<()> {
     let (_, _, loader) = seed(&mut ns, 100, 0)?;
     ns.kill(loader)?;
     let counts = count_prefixes(seed_addr(), 200)?;
-    assert_eq!(counts.get("one"), Some(&200), "steering after SIGKILL: {counts:?}");
+    assert_eq!(
+        counts.get("one"),
+        Some(&200),
+        "steering after SIGKILL: {counts:?}"
+    );
     ns.ctl_ok(&["set-weight", "v2=100"])?;
     let counts = count_prefixes(seed_addr(), 200)?;
-    assert_eq!(counts.get("two"), Some(&200), "set-weight without loader: {counts:?}");
+    assert_eq!(
+        counts.get("two"),
+        Some(&200),
+        "set-weight without loader: {counts:?}"
+    );
     // Restart: the config says 100/0 but the kernel's 0/100 must survive.
     ns.restart_loader()?;
     let status = ns.status()?;
@@ -155,7 +174,10 @@ fn v2_killed_every_new_connection_goes_to_v1_none_refused() -> Result<()> {
     let v2s = subset(&status, "v2").expect("v2");
     assert_eq!(v2s["live"], false);
     let fallbacks = v2s["counters"]["fallback_out"].as_u64().unwrap_or(0);
-    assert!(fallbacks > 150, "about half of 500 connections chose v2 and fell back: {fallbacks}");
+    assert!(
+        fallbacks > 150,
+        "about half of 500 connections chose v2 and fell back: {fallbacks}"
+    );
     assert_eq!(
         subset(&status, "v1").expect("v1")["counters"]["fallback_in"].as_u64(),
         Some(fallbacks)
