@@ -206,12 +206,19 @@ pub enum Change {
     Unchanged,
 }
 
-/// Exclusive lock on the base directory, released on drop.
+/// Exclusive `flock` on a directory, released on drop.
+///
+/// [`Lock::take`] locks the base directory (creating, adopting and removing state);
+/// [`State::lock`] locks one namespace's state directory (changing its maps), so namespaces
+/// never wait for each other.
 struct Lock(#[allow(dead_code)] File);
 
 impl Lock {
     fn take() -> Result<Self> {
-        let path = Path::new(BASE_DIR);
+        Self::on(Path::new(BASE_DIR))
+    }
+
+    fn on(path: &Path) -> Result<Self> {
         let f = File::open(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 StateError::NotInstalled {
@@ -381,47 +388,77 @@ impl State {
         fs::create_dir_all(base).map_err(io_err("cannot create", base))?;
         fs::set_permissions(base, fs::Permissions::from_mode(0o700))
             .map_err(io_err("cannot set permissions of", base))?;
-        let _lock = Lock::take()?;
         let dir = state_dir(netns);
-        if dir.exists() {
-            match link_netns(&dir.join(LINK)) {
-                Ok(ino) if u64::from(ino) == netns.inode() => {
-                    return Ok((Self::open_dir(dir, netns)?, Installed::Adopted));
-                }
-                Ok(ino) => {
-                    warn!(dir = %dir.display(), link_netns = ino, "stale state (its namespace is gone); replacing it")
-                }
-                Err(e) => {
-                    warn!(dir = %dir.display(), error = %e, "stale state (no live link); replacing it")
-                }
+        {
+            let _lock = Lock::take()?;
+            if let Some(state) = Self::adopt(&dir, netns)? {
+                return Ok((state, Installed::Adopted));
             }
-            fs::remove_dir_all(&dir).map_err(io_err("cannot remove stale state", &dir))?;
         }
+        // Build the new state without holding the lock: the verifier takes about a second
+        // and other namespaces must not wait for it.
         let tmp = base.join(format!(
             "tmp-netns-{}-{}",
             netns.inode(),
             std::process::id()
         ));
-        let created = create_pinned(&tmp, netns, object).and_then(|()| {
-            fs::rename(&tmp, &dir).map_err(io_err("cannot move state into place at", &dir))
-        });
-        if let Err(e) = created {
+        if let Err(e) = create_pinned(&tmp, netns, object) {
             // Unpinning the link detaches the program once our fds are closed.
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
+        let _lock = Lock::take()?;
+        if let Some(state) = Self::adopt(&dir, netns)? {
+            // Another loader finished first: keep its state, drop ours.
+            let _ = fs::remove_dir_all(&tmp);
+            return Ok((state, Installed::Adopted));
+        }
+        if let Err(e) = fs::rename(&tmp, &dir) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(io_err("cannot move state into place at", &dir)(e));
+        }
         info!(dir = %dir.display(), netns = netns.inode(), "loaded and attached the sk_lookup program");
         Ok((Self::open_dir(dir, netns)?, Installed::Created))
+    }
+
+    /// The state of `netns` at `dir` if it is alive (its link is attached to this namespace);
+    /// removes a stale one (left by a namespace that died and whose inode was reused).
+    fn adopt(dir: &Path, netns: &Netns) -> Result<Option<Self>> {
+        if !dir.exists() {
+            return Ok(None);
+        }
+        match link_netns(&dir.join(LINK)) {
+            Ok(ino) if u64::from(ino) == netns.inode() => {
+                return Ok(Some(Self::open_dir(dir.to_path_buf(), netns)?));
+            }
+            Ok(ino) => {
+                warn!(dir = %dir.display(), link_netns = ino, "stale state (its namespace is gone); replacing it")
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "stale state (no live link); replacing it")
+            }
+        }
+        fs::remove_dir_all(dir).map_err(io_err("cannot remove stale state", dir))?;
+        Ok(None)
+    }
+
+    /// Locks this namespace's state against concurrent changes.
+    fn lock(&self) -> Result<Lock> {
+        Lock::on(&self.dir)
     }
 
     /// Removes everything tcpshift pinned for `netns`: the link (which detaches the program) and
     /// the maps. Returns the directory removed, or `None` when there was nothing.
     pub fn uninstall(netns: &Netns) -> Result<Option<PathBuf>> {
         let dir = state_dir(netns);
-        if !Path::new(BASE_DIR).exists() {
-            return Ok(None);
+        match fs::metadata(BASE_DIR) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("cannot read", Path::new(BASE_DIR))(e)),
         }
         let _lock = Lock::take()?;
+        // Wait for a change in progress in this namespace to finish.
+        let _state_lock = Lock::on(&dir).ok();
         let prefix = format!("tmp-netns-{}-", netns.inode());
         if let Ok(entries) = fs::read_dir(BASE_DIR) {
             for e in entries.flatten() {
@@ -594,7 +631,7 @@ impl State {
     /// Registers `socket` (a listening TCP socket) for the subset described by `m`, if the
     /// subset still has that backend address. Returns whether it was registered.
     pub fn register_socket(&mut self, m: &Missing, socket: BorrowedFd<'_>) -> Result<bool> {
-        let _lock = Lock::take()?;
+        let _lock = self.lock()?;
         let current = match self.maps.meta.get(&m.service_id, 0) {
             Ok(meta) => meta,
             Err(MapError::KeyNotFound) => return Ok(false),
@@ -616,7 +653,7 @@ impl State {
     /// with [`Weights::FromConfig`], sets the weights of the others. Services absent from
     /// `config` are left alone. Everything is validated before the first map is written.
     pub fn apply(&mut self, config: &Config, policy: Weights) -> Result<Vec<(String, Change)>> {
-        let _lock = Lock::take()?;
+        let _lock = self.lock()?;
         let existing = self.all_meta()?;
         // Validate: listen conflicts with services not being redefined, and capacity.
         let mut new_count = 0;
@@ -747,7 +784,7 @@ impl State {
         service: Option<&str>,
         requested: &[(String, u32)],
     ) -> Result<(String, Vec<(String, u32)>)> {
-        let _lock = Lock::take()?;
+        let _lock = self.lock()?;
         let all = self.all_meta()?;
         let known = || {
             all.iter()

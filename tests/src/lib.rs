@@ -165,6 +165,21 @@ impl TestNs {
         self.loader(&yaml)
     }
 
+    /// Process id of child `idx`.
+    pub fn pid(&self, idx: usize) -> u32 {
+        self.children[idx].id()
+    }
+
+    /// Runs `tcpshiftctl ARGS` as an unprivileged user (uid/gid 65534) in this namespace.
+    pub fn ctl_unprivileged(&self, args: &[&str]) -> Result<Output> {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("tcpshiftctl"))
+            .args(args)
+            .output()
+            .context("cannot run setpriv (util-linux)")
+    }
+
     /// SIGKILLs child `idx` and reaps it.
     pub fn kill(&mut self, idx: usize) -> Result<()> {
         let c = &mut self.children[idx];
