@@ -12,6 +12,7 @@ mod tools;
 mod bootstrap;
 mod build;
 mod cmd;
+mod demo;
 mod lint;
 mod test;
 
@@ -71,6 +72,13 @@ enum Task {
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         cargo_args: Vec<String>,
     },
+    /// Run the traffic-shifting demo (as root) in this network namespace.
+    ///
+    /// Istio's "TCP Traffic Shifting" task on one machine: two tcp-echo servers (v1, v2) on
+    /// loopback, tcpshiftd steering the service port to them by weight (100/0 at first), and
+    /// a line showing weights and steered connections whenever they change. Ctrl-C or
+    /// SIGTERM stops everything it started and uninstalls tcpshift.
+    Run(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,5 +107,6 @@ fn run(task: Task) -> Result<()> {
             unprivileged,
             cargo_args,
         } => test::test(unprivileged, &cargo_args),
+        Task::Run(args) => demo::run(&args),
     }
 }
