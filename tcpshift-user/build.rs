@@ -104,7 +104,9 @@ fn main() {
         Err(e) => fail(&format!("cannot run rustup ({e})")),
     };
     if !status.success() {
-        fail("building the eBPF programs (tcpshift-ebpf) failed, see the errors above");
+        // A compile error in the eBPF crate, not a missing tool: no install hint.
+        eprintln!("error: building the eBPF programs (tcpshift-ebpf) failed, see the errors above");
+        exit(1);
     }
     let built = target_dir.join("bpfel-unknown-none/release/tcpshift");
     if let Err(e) = std::fs::copy(&built, &dest) {
