@@ -129,12 +129,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
 impl DemoArgs {
     fn check(&self) -> Result<()> {
-        let ports = [self.port, self.v1_port, self.v2_port];
-        if ports.contains(&0)
-            || ports[0] == ports[1]
-            || ports[0] == ports[2]
-            || ports[1] == ports[2]
-        {
+        let mut ports = [self.port, self.v1_port, self.v2_port];
+        ports.sort_unstable();
+        if ports[0] == 0 || ports.windows(2).any(|w| w[0] == w[1]) {
             bail!("--port, --v1-port and --v2-port must be three different non-zero ports");
         }
         Ok(())
@@ -174,11 +171,7 @@ impl Demo {
         let mut proc = spawn(&name, echo, Some(ready_tx))?;
         let waited = wait_ready(&mut proc, &ready, port, signals);
         self.echoes.push(proc);
-        waited?;
-        say(format_args!(
-            "{name} listening on 127.0.0.1:{port} (replies start with \"{word}\")"
-        ));
-        Ok(())
+        waited
     }
 
     /// Writes the seed's routing (all traffic to v1) as tcpshiftd's configuration.
@@ -191,10 +184,16 @@ impl Demo {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("tcpshift.yaml");
+        let (port, v1, v2) = (args.port, args.v1_port, args.v2_port);
         let yaml = format!(
-            "services:\n  tcp-echo:\n    listen: {}\n    subsets:\n      v1: 127.0.0.1:{}\n      \
-             v2: 127.0.0.1:{}\n    weights: {{v1: 100, v2: 0}}\n",
-            args.port, args.v1_port, args.v2_port
+            r#"services:
+  tcp-echo:
+    listen: {port}
+    subsets:
+      v1: 127.0.0.1:{v1}
+      v2: 127.0.0.1:{v2}
+    weights: {{v1: 100, v2: 0}}
+"#
         );
         std::fs::write(&path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
         say(format_args!("wrote {}", cmd::short(&path).display()));
