@@ -16,15 +16,21 @@
 //! | `TS_SOCKETS`   | sockhash             | [`slot`]                 | socket           | user       |
 //! | `TS_COUNTERS`  | per-CPU hash         | [`slot`]                 | [`Counters`]     | kernel     |
 //! | `TS_META`      | hash (no prealloc)   | service id               | [`ServiceMeta`]  | user       |
+//! | `TS_SOCKTAG`   | sk_storage (clone)   | socket                   | [`SockTag`]      | both       |
 //!
 //! The data path reads `TS_SERVICES` (one or two lookups), one byte of one `TS_BUCKETS` entry and
 //! one `TS_SOCKETS` entry per new connection: O(1) in the number of services and subsets.
+//!
+//! The sock_ops program (connection accounting) finds a connection's subset through
+//! `TS_SOCKTAG`: userspace tags every registered listening socket with its slots, the kernel
+//! clones the tag into each connection accepted from it (`BPF_F_CLONE`), and the program turns
+//! the clone into the connection's own record when the connection is established.
 #![no_std]
 
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -55,12 +61,16 @@ pub mod map_names {
     pub const COUNTERS: &str = "TS_COUNTERS";
     /// See [`super::ServiceMeta`].
     pub const META: &str = "TS_META";
+    /// See [`super::SockTag`].
+    pub const SOCKTAG: &str = "TS_SOCKTAG";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 6] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META];
+    pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
 }
 
 /// Name of the sk_lookup program in the eBPF object.
 pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";
+/// Name of the sock_ops program (connection accounting) in the eBPF object.
+pub const PROGRAM_SOCK_OPS: &str = "tcpshift_sock_ops";
 
 /// IANA protocol number of TCP, as used in [`ServiceKey::proto`].
 pub const IPPROTO_TCP: u8 = 6;
@@ -80,6 +90,13 @@ pub mod mode {
     pub const ROUND_ROBIN: u8 = 2;
 }
 
+/// Bits of [`Global::flags`].
+pub mod global_flags {
+    /// Emit aya-log debug events (subset chosen, fallback, miss, connection opened and
+    /// closed). Off by default; `tcpshiftd --log-level debug` sets it while it runs.
+    pub const LOG_DEBUG: u32 = 1;
+}
+
 /// Settings for the whole namespace (`TS_GLOBAL[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,10 +107,14 @@ pub struct Global {
     pub layout_version: u32,
     /// Seed mixed into every flow hash, chosen at install time.
     pub hash_seed: u32,
-    /// Reserved flags (debug logging level in a later release).
+    /// See [`global_flags`].
     pub flags: u32,
     /// Explicit padding.
     pub _pad: u32,
+    /// Cookie of the network namespace this state belongs to (`SO_NETNS_COOKIE`). The sock_ops
+    /// program is attached to the cgroup v2 root and sees every socket of the host: it ignores
+    /// every socket whose namespace cookie differs.
+    pub netns_cookie: u64,
 }
 
 /// Key of `TS_SERVICES`: where a service listens.
@@ -159,14 +180,76 @@ pub struct Counters {
     pub fallback_out: u64,
     /// Connections that chose this subset when no subset of the service was alive.
     pub misses: u64,
-    /// Reserved for connection accounting (sock_ops): connections opened.
+    /// Connections established on this subset's socket through the service address (sock_ops).
     pub opened: u64,
-    /// Reserved for connection accounting (sock_ops): connections closed.
+    /// Of those, connections closed (sock_ops). Active connections: `opened - closed`.
     pub closed: u64,
-    /// Reserved for connection accounting (sock_ops): bytes received and sent.
-    pub bytes: [u64; 2],
+    /// Payload bytes received from clients by connections that are closed (FIN excluded).
+    pub bytes_received: u64,
+    /// Payload bytes sent to clients and acknowledged by connections that are closed.
+    pub bytes_sent: u64,
     /// Explicit padding to a multiple of 16 bytes.
     pub _reserved: u64,
+}
+
+/// Number of slots one listening socket can be tagged with (one per service using it).
+pub const MAX_LISTENER_SLOTS: usize = 8;
+/// Unused entry of [`SockTag::listener_slots`].
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// What a [`SockTag`] describes ([`SockTag::kind`]).
+pub mod tag {
+    /// A registered listening socket (or a connection accepted from one that tcpshift does not
+    /// account, e.g. one made directly to the backend's own address).
+    pub const LISTENER: u32 = 1;
+    /// An open connection of [`super::SockTag::slot`], counted in `opened`.
+    pub const OPEN: u32 = 2;
+    /// The connection is being closed: its bytes are being added to the counters.
+    pub const CLOSING: u32 = 3;
+    /// The connection is closed and accounted in `closed` and the byte counters.
+    pub const CLOSED: u32 = 4;
+}
+
+/// Bits of [`SockTag::flags`].
+pub mod tag_flags {
+    /// A FIN from the client was seen; [`super::SockTag::fin_seq`] is its sequence number.
+    pub const FIN_SEEN: u32 = 1;
+}
+
+/// Value of `TS_SOCKTAG`, a socket-local storage (`BPF_MAP_TYPE_SK_STORAGE` with
+/// `BPF_F_CLONE`).
+///
+/// Userspace writes it on every listening socket it registers, with the slots the socket serves
+/// ([`tag::LISTENER`]). The kernel copies it into every connection accepted from that listener;
+/// when such a connection is established through a service address, the sock_ops program finds
+/// the slot of that service in the copy and turns it into the connection's record
+/// ([`tag::OPEN`], then [`tag::CLOSING`], [`tag::CLOSED`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockTag {
+    /// See [`tag`].
+    pub kind: u32,
+    /// Connection: its slot.
+    pub slot: u32,
+    /// Connection: sequence number of the client's FIN, when [`tag_flags::FIN_SEEN`].
+    pub fin_seq: u32,
+    /// See [`tag_flags`].
+    pub flags: u32,
+    /// Listener: the slots it is registered for, [`NO_SLOT`] when unused. At most one slot per
+    /// service.
+    pub listener_slots: [u32; MAX_LISTENER_SLOTS],
+}
+
+impl Default for SockTag {
+    fn default() -> Self {
+        Self {
+            kind: tag::LISTENER,
+            slot: NO_SLOT,
+            fin_seq: 0,
+            flags: 0,
+            listener_slots: [NO_SLOT; MAX_LISTENER_SLOTS],
+        }
+    }
 }
 
 /// One subset's static description in [`ServiceMeta`].
@@ -210,6 +293,12 @@ pub const fn slot(id: u32, subset: u32) -> u32 {
     id * MAX_SUBSETS as u32 + subset
 }
 
+/// Service id of a slot (inverse of [`slot`]).
+#[inline(always)]
+pub const fn slot_service(slot: u32) -> u32 {
+    slot / MAX_SUBSETS as u32
+}
+
 /// Key in `TS_BUCKETS` of generation `generation` (0 or 1) of service `id`'s bucket table.
 #[inline(always)]
 pub const fn table_key(id: u32, generation: u32) -> u32 {
@@ -218,8 +307,14 @@ pub const fn table_key(id: u32, generation: u32) -> u32 {
 
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -254,13 +349,14 @@ macro_rules! assert_size {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
     };
 }
-assert_size!(Global, 24);
+assert_size!(Global, 32);
 assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(Counters, 80);
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
+assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
 const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
 
@@ -279,5 +375,14 @@ mod user {
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
-    pod!(Global, ServiceKey, ServiceEntry, BucketTable, Counters, SubsetMeta, ServiceMeta);
+    pod!(
+        Global,
+        ServiceKey,
+        ServiceEntry,
+        BucketTable,
+        Counters,
+        SubsetMeta,
+        ServiceMeta,
+        SockTag
+    );
 }

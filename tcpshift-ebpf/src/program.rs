@@ -4,13 +4,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuHashMap, SockHash},
     programs::SkLookupContext,
 };
+use aya_log_ebpf::debug;
 use tcpshift_common::{
     BUCKET_MASK, BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, MAX_SUBSETS,
-    ServiceEntry, ServiceKey, ServiceMeta, flow_hash, mode, slot, table_key,
+    ServiceEntry, ServiceKey, ServiceMeta, flow_hash, global_flags, mode, slot, table_key,
 };
 
 #[map(name = "TS_GLOBAL")]
-static TS_GLOBAL: Array<Global> = Array::with_max_entries(1, 0);
+pub(crate) static TS_GLOBAL: Array<Global> = Array::with_max_entries(1, 0);
 
 #[map(name = "TS_SERVICES")]
 static TS_SERVICES: HashMap<ServiceKey, ServiceEntry> =
@@ -33,7 +34,7 @@ static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
 static TS_META: HashMap<u32, ServiceMeta> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-const AF_INET: u32 = 2;
+pub(crate) const AF_INET: u32 = 2;
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -43,8 +44,34 @@ pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
     sk_action::SK_PASS
 }
 
+/// Whether debug events are on (`Global::flags`): one branch, so that logging costs nothing
+/// but this load and test while it is off.
 #[inline(always)]
-fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
+pub(crate) fn log_on(global: Option<&Global>) -> bool {
+    matches!(global, Some(g) if g.flags & global_flags::LOG_DEBUG != 0)
+}
+
+/// The service listening on `local` (IPv6 or v4-mapped words, network order) port `port`:
+/// the exact address first, then the wildcard.
+#[inline(always)]
+pub(crate) fn lookup_service(local: &[u32; 4], port: u16) -> Option<&'static ServiceEntry> {
+    let mut key = ServiceKey {
+        addr: [0; 16],
+        port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let wildcard = key;
+    key.addr = words_to_bytes(local);
+    // SAFETY: the value is only read; userspace replaces entries as a whole.
+    match unsafe { TS_SERVICES.get(key) } {
+        Some(e) => Some(e),
+        None => unsafe { TS_SERVICES.get(wildcard) },
+    }
+}
+
+#[inline(always)]
+pub(crate) fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
     if let Some(c) = TS_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, the program is not preempted while it runs.
         f(unsafe { &mut *c });
@@ -72,13 +99,6 @@ fn steer(ctx: &SkLookupContext) {
     let v4 = field!(family) == AF_INET;
     let local_port = field!(local_port);
     let remote_port = u32::from(field!(remote_port));
-    let mut key = ServiceKey {
-        addr: [0; 16],
-        port: local_port as u16,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let wildcard = key;
     // Read every address field unconditionally, then choose: loads inside the branches would
     // be merged by the compiler into one load through a selected context pointer.
     let local4 = field!(local_ip4);
@@ -101,19 +121,15 @@ fn steer(ctx: &SkLookupContext) {
     } else {
         (local6, remote6)
     };
-    key.addr = words_to_bytes(&local);
-    // SAFETY: the value is only read; userspace replaces entries as a whole.
-    let entry = match unsafe { TS_SERVICES.get(key) } {
-        Some(e) => e,
-        None => match unsafe { TS_SERVICES.get(wildcard) } {
-            Some(e) => e,
-            None => return,
-        },
+    let Some(entry) = lookup_service(&local, local_port as u16) else {
+        return;
     };
-    let seed = match TS_GLOBAL.get(0) {
+    let global = TS_GLOBAL.get(0);
+    let seed = match global {
         Some(g) => g.hash_seed,
         None => 0,
     };
+    let log = log_on(global);
     let words = [
         remote[0],
         remote[1],
@@ -142,6 +158,16 @@ fn steer(ctx: &SkLookupContext) {
     count(chosen_slot, |c| c.chosen += 1);
     if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
         count(chosen_slot, |c| c.steered += 1);
+        if log {
+            debug!(
+                ctx,
+                "service {} port {}: subset {} chosen (bucket {})",
+                id,
+                local_port,
+                chosen,
+                hash & BUCKET_MASK
+            );
+        }
         return;
     }
     // Fallback: weighted subsets first, then any subset.
@@ -162,15 +188,34 @@ fn steer(ctx: &SkLookupContext) {
                     c.steered += 1;
                     c.fallback_in += 1;
                 });
+                if log {
+                    debug!(
+                        ctx,
+                        "service {} port {}: subset {} has no live socket, fell back to subset {}",
+                        id,
+                        local_port,
+                        chosen,
+                        i
+                    );
+                }
                 return;
             }
         }
     }
     count(chosen_slot, |c| c.misses += 1);
+    if log {
+        debug!(
+            ctx,
+            "service {} port {}: miss, no subset has a live socket (chosen {})",
+            id,
+            local_port,
+            chosen
+        );
+    }
 }
 
 #[inline(always)]
-fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
+pub(crate) fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
     while i < 4 {

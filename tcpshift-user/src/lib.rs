@@ -5,11 +5,13 @@
 //! - [`weights`]: weight arithmetic and bucket tables;
 //! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
 //! - [`netns`]: network namespaces and bpffs;
-//! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps).
+//! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps);
+//! - [`sockdiag`]: byte counts of open connections, from the kernel's socket diagnostics.
 
 pub mod config;
 pub mod discovery;
 pub mod netns;
+pub mod sockdiag;
 pub mod state;
 pub mod weights;
 

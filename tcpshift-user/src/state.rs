@@ -7,8 +7,9 @@
 //! ```text
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
-//!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META   maps
+//!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
 //!     link                         the sk_lookup link: keeps the program attached
+//!     sockops-link                 the sock_ops link (cgroup v2 root): connection accounting
 //! ```
 //!
 //! A new directory is built under a temporary name and renamed into place, so a reader sees
@@ -16,12 +17,12 @@
 //! so concurrent `tcpshiftctl` invocations never lose an update.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     fs::{self, File},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
-        fd::{AsRawFd, BorrowedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::PermissionsExt,
     },
     path::{Path, PathBuf},
@@ -29,20 +30,24 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{SkLookup, links::FdLink},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, SkStorage, SockHash,
+    },
+    programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
 };
 use serde::Serialize;
 use tcpshift_common::{
-    BucketTable, Counters, Global, IPPROTO_TCP, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
-    PROGRAM_SK_LOOKUP, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta,
-    map_names, mode, slot, table_key,
+    BucketTable, Counters, Global, IPPROTO_TCP, LAYOUT_VERSION, MAGIC, MAX_LISTENER_SLOTS,
+    MAX_SERVICES, MAX_SUBSETS, NO_SLOT, PROGRAM_SK_LOOKUP, PROGRAM_SOCK_OPS, SUBSET_NAME_LEN,
+    ServiceEntry, ServiceKey, ServiceMeta, SockTag, SubsetMeta, global_flags, map_names, mode,
+    slot, slot_service, table_key, tag,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Listen, ServiceConfig},
     netns::{self, Netns, NetnsError},
+    sockdiag,
     weights::{self, WeightError},
 };
 
@@ -50,6 +55,8 @@ use crate::{
 pub const BASE_DIR: &str = "/sys/fs/bpf/tcpshift";
 /// Name of the pinned sk_lookup link inside a state directory.
 const LINK: &str = "link";
+/// Name of the pinned sock_ops link (attached to the cgroup v2 root) inside a state directory.
+const SOCKOPS_LINK: &str = "sockops-link";
 
 /// Errors of the pinned state.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +251,8 @@ struct Maps {
     sockets: SockHash<MapData, u32>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     meta: HashMap<MapData, u32, ServiceMeta>,
+    /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
+    socktag: Map,
 }
 
 fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
@@ -255,6 +264,20 @@ fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result
         found: 0,
         expected: LAYOUT_VERSION,
     })
+}
+
+/// Opens `TS_SOCKTAG` as an untyped map (checked to be socket storage).
+fn open_socktag(dir: &Path) -> Result<Map> {
+    let path = dir.join(map_names::SOCKTAG);
+    let data = MapData::from_pin(&path).map_err(|e| pin_error(e, &path))?;
+    match Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))? {
+        m @ Map::SkStorage(_) => Ok(m),
+        _ => Err(StateError::Layout {
+            dir: dir.to_path_buf(),
+            found: 0,
+            expected: LAYOUT_VERSION,
+        }),
+    }
 }
 
 /// A permission error seen by a caller without root: say so instead of showing errno.
@@ -312,6 +335,16 @@ pub struct CounterStatus {
     pub fallback_out: u64,
     /// Connections that chose this subset while no subset of the service was alive.
     pub misses: u64,
+    /// Connections established on this subset through the service address.
+    pub opened: u64,
+    /// Of those, connections closed.
+    pub closed: u64,
+    /// Of those, connections open now (`opened - closed`).
+    pub active: u64,
+    /// Payload bytes received from clients, closed and open connections.
+    pub bytes_received: u64,
+    /// Payload bytes sent to clients (acknowledged), closed and open connections.
+    pub bytes_sent: u64,
 }
 
 /// One service as shown by `status`.
@@ -338,8 +371,12 @@ pub struct Status {
     pub state_dir: PathBuf,
     /// Id of the attached sk_lookup program, if the link is alive.
     pub program_id: Option<u32>,
+    /// Id of the sock_ops program (connection accounting), if its link is pinned.
+    pub accounting_program_id: Option<u32>,
     /// Services, sorted by name.
     pub services: Vec<ServiceStatus>,
+    /// Problems that make some numbers incomplete (e.g. open connections' bytes unavailable).
+    pub warnings: Vec<String>,
 }
 
 /// A subset whose socket needs registering (see [`State::missing_sockets`]).
@@ -493,6 +530,7 @@ impl State {
             sockets: open_map(&dir, map_names::SOCKETS)?,
             counters: open_map(&dir, map_names::COUNTERS)?,
             meta: open_map(&dir, map_names::META)?,
+            socktag: open_socktag(&dir)?,
         };
         debug!(dir = %dir.display(), "opened pinned state");
         Ok(Self {
@@ -560,15 +598,83 @@ impl State {
             c.fallback_in += v.fallback_in;
             c.fallback_out += v.fallback_out;
             c.misses += v.misses;
+            c.opened += v.opened;
+            c.closed += v.closed;
+            c.bytes_received += v.bytes_received;
+            c.bytes_sent += v.bytes_sent;
         }
+        c.active = c.opened.saturating_sub(c.closed);
         Ok(c)
+    }
+
+    fn all_counters(&self, slots: &[u32]) -> Result<StdHashMap<u32, CounterStatus>> {
+        slots
+            .iter()
+            .map(|&s| self.counters(s).map(|c| (s, c)))
+            .collect()
+    }
+
+    /// Counters of `slots`, with the bytes of open connections added (from sock_diag).
+    ///
+    /// A connection's bytes move from "open" to the counters when it closes; to count each
+    /// connection exactly once the counters are read before and after the dump of open
+    /// connections, and the whole is read again if a connection closed in between (its
+    /// `closed` count moved, or it was seen in the middle of its close: `tag::CLOSING`).
+    fn accounted(&self, slots: &[u32]) -> Result<(StdHashMap<u32, CounterStatus>, Vec<String>)> {
+        let Map::SkStorage(data) = &self.maps.socktag else {
+            return Ok((self.all_counters(slots)?, Vec::new()));
+        };
+        let map_id = data
+            .info()
+            .map_err(map_err("cannot read the socket tag map's id"))?
+            .id();
+        let mut last = None;
+        for _ in 0..50 {
+            let before = self.all_counters(slots)?;
+            let open = match sockdiag::tagged_connections(data.fd().as_fd(), map_id) {
+                Ok(open) => open,
+                Err(e) => {
+                    let warning = format!(
+                        "bytes of open connections unavailable (sock_diag: {e}); only closed connections' bytes are counted"
+                    );
+                    return Ok((before, vec![warning]));
+                }
+            };
+            let after = self.all_counters(slots)?;
+            let settled = before
+                .iter()
+                .all(|(s, c)| after.get(s).is_some_and(|a| a.closed == c.closed))
+                && !open.iter().any(|o| o.tag.kind == tag::CLOSING);
+            let mut totals = after;
+            for o in open.iter().filter(|o| o.tag.kind == tag::OPEN) {
+                if let Some(c) = totals.get_mut(&o.tag.slot) {
+                    c.bytes_received += o.bytes_received;
+                    c.bytes_sent += o.bytes_sent;
+                }
+            }
+            if settled {
+                return Ok((totals, Vec::new()));
+            }
+            last = Some(totals);
+            std::thread::yield_now();
+        }
+        match last {
+            Some(totals) => Ok((totals, Vec::new())),
+            None => Ok((self.all_counters(slots)?, Vec::new())),
+        }
     }
 
     /// Everything `tcpshiftctl status` shows, read from the maps.
     pub fn status(&self) -> Result<Status> {
         let live = self.live_slots()?;
+        let all = self.all_meta()?;
+        let slots: Vec<u32> = all
+            .iter()
+            .flat_map(|(id, m)| (0..u32::from(m.n_subsets)).map(move |i| slot(*id, i)))
+            .collect();
+        let (mut counters, warnings) = self.accounted(&slots)?;
         let mut services = Vec::new();
-        for (id, meta) in self.all_meta()? {
+        for (id, meta) in all {
             let entry = self.entry(&meta)?.unwrap_or_default();
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
             let ws = &entry.weights[..n];
@@ -582,7 +688,7 @@ impl State {
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
                     live: live.contains(&slot),
-                    counters: self.counters(slot)?,
+                    counters: counters.remove(&slot).unwrap_or_default(),
                 });
             }
             services.push(ServiceStatus {
@@ -601,8 +707,39 @@ impl State {
             netns_inode: self.netns_inode,
             state_dir: self.dir.clone(),
             program_id: link_program(&self.dir.join(LINK)).ok(),
+            accounting_program_id: link_program(&self.dir.join(SOCKOPS_LINK)).ok(),
             services,
+            warnings,
         })
+    }
+
+    /// Id of the attached sk_lookup program (e.g. to read its aya-log events).
+    pub fn program_id(&self) -> Result<u32> {
+        let path = self.dir.join(LINK);
+        link_program(&path).map_err(|e| StateError::Io {
+            what: "cannot read the link",
+            path,
+            error: e,
+        })
+    }
+
+    /// Turns the programs' debug events on or off (`Global::flags`).
+    pub fn set_debug_events(&mut self, on: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut g = self
+            .maps
+            .global
+            .get(&0, 0)
+            .map_err(map_err("cannot read the global settings"))?;
+        if on {
+            g.flags |= global_flags::LOG_DEBUG;
+        } else {
+            g.flags &= !global_flags::LOG_DEBUG;
+        }
+        self.maps
+            .global
+            .set(0, g, 0)
+            .map_err(map_err("cannot write the global settings"))
     }
 
     /// Subsets that have no live socket registered.
@@ -642,11 +779,36 @@ impl State {
         {
             return Ok(false);
         }
+        let s = slot(m.service_id, m.index);
+        // Tag first: a connection steered to the socket must find its slot in the tag.
+        self.tag_listener(socket, s)?;
         self.maps
             .sockets
-            .insert(slot(m.service_id, m.index), socket.as_raw_fd(), 0)
+            .insert(s, socket.as_raw_fd(), 0)
             .map_err(map_err("cannot register a socket"))?;
         Ok(true)
+    }
+
+    /// Records in the listening socket's `TS_SOCKTAG` storage that it serves `slot` (replacing
+    /// a slot of the same service). The kernel copies the tag into every connection accepted
+    /// from it; the sock_ops program finds the connection's subset there.
+    fn tag_listener(&mut self, socket: BorrowedFd<'_>, slot: u32) -> Result<()> {
+        let mut storage: SkStorage<&mut MapData, SockTag> =
+            SkStorage::try_from(&mut self.maps.socktag).map_err(map_err("socket tag map"))?;
+        let mut t = match storage.get(&socket, 0) {
+            Ok(t) if t.kind == tag::LISTENER => t,
+            _ => SockTag::default(),
+        };
+        let tagged = tag_with(&mut t, slot);
+        if let Some(evicted) = tagged {
+            warn!(
+                evicted_service = slot_service(evicted),
+                "a listening socket serves more than {MAX_LISTENER_SLOTS} services; connections of the oldest are not accounted"
+            );
+        }
+        storage
+            .insert(&socket, t, 0)
+            .map_err(map_err("cannot tag a listening socket"))
     }
 
     /// Makes the kernel state match `config`: creates new services, redefines changed ones and,
@@ -899,6 +1061,17 @@ fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
         .load(object)
         .map_err(|e| prog_err("cannot load the eBPF object")(Box::new(e)))?;
     let seed = random_u32();
+    if Netns::current()?.inode() != netns.inode() {
+        return Err(StateError::Program {
+            what: "cannot install".into(),
+            error: "tcpshift must be installed from inside the network namespace it serves".into(),
+        });
+    }
+    let netns_cookie = netns::current_cookie().map_err(|e| StateError::Io {
+        what: "cannot read the network namespace cookie (SO_NETNS_COOKIE, Linux >= 5.14) of",
+        path: netns.path().to_path_buf(),
+        error: e,
+    })?;
     {
         let map = ebpf
             .map_mut(map_names::GLOBAL)
@@ -911,6 +1084,7 @@ fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
             hash_seed: seed,
             flags: 0,
             _pad: 0,
+            netns_cookie,
         };
         global
             .set(0, g, 0)
@@ -944,7 +1118,77 @@ fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
         what: format!("cannot pin the link at {}", path.display()),
         error: Box::new(e),
     })?;
+    attach_accounting(&mut ebpf, tmp)
+}
+
+/// Loads the sock_ops program and attaches it to the cgroup v2 root (every socket of the host;
+/// the program ignores other namespaces' sockets), pinning its link in `tmp`. Without a cgroup2
+/// mount steering still works, without connection accounting.
+fn attach_accounting(ebpf: &mut aya::Ebpf, tmp: &Path) -> Result<()> {
+    let prog_err = |what: &str| {
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| StateError::Program { what, error: e }
+    };
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let Some(root) = netns::cgroup2_root().map_err(io_err("cannot read", mountinfo))? else {
+        warn!(
+            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo): connection accounting (opened, closed, bytes) is off; mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) and reinstall to enable it"
+        );
+        return Ok(());
+    };
+    let cgroup = File::open(&root).map_err(io_err("cannot open the cgroup v2 root", &root))?;
+    let program: &mut SockOps = ebpf
+        .program_mut(PROGRAM_SOCK_OPS)
+        .ok_or_else(|| missing_map(PROGRAM_SOCK_OPS))?
+        .try_into()
+        .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
+    program
+        .load()
+        .map_err(|e| prog_err("the kernel refused the sock_ops program")(Box::new(e)))?;
+    // A bpf_link (Linux >= 5.7, which aya uses) always attaches alongside other programs
+    // (the kernel refuses mode flags on link creation): `Single` passes no flag.
+    let link_id = program
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| {
+            prog_err(&format!(
+                "cannot attach the sock_ops program to the cgroup v2 root {}",
+                root.display()
+            ))(Box::new(e))
+        })?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(|e| prog_err("cannot take the sock_ops link")(Box::new(e)))?
+        .try_into()
+        .map_err(|e| prog_err("the sock_ops link is not a bpf link")(Box::new(e)))?;
+    let path = tmp.join(SOCKOPS_LINK);
+    link.pin(&path).map_err(|e| StateError::Program {
+        what: format!("cannot pin the link at {}", path.display()),
+        error: Box::new(e),
+    })?;
+    debug!(cgroup = %root.display(), "attached the sock_ops program");
     Ok(())
+}
+
+/// Adds `slot` to a listener's tag, replacing the slot of the same service. Returns a slot
+/// evicted because the tag was full (the oldest).
+fn tag_with(t: &mut SockTag, slot: u32) -> Option<u32> {
+    let service = slot_service(slot);
+    let slots = &mut t.listener_slots;
+    if let Some(same) = slots
+        .iter_mut()
+        .find(|s| **s != NO_SLOT && slot_service(**s) == service)
+    {
+        *same = slot;
+        return None;
+    }
+    if let Some(free) = slots.iter_mut().find(|s| **s == NO_SLOT) {
+        *free = slot;
+        return None;
+    }
+    let evicted = slots[0];
+    slots.rotate_left(1);
+    slots[MAX_LISTENER_SLOTS - 1] = slot;
+    Some(evicted)
 }
 
 fn missing_map(name: &str) -> StateError {
