@@ -45,6 +45,22 @@ pub fn privileged() -> bool {
     true
 }
 
+/// Environment variable that stretches the tests' timeouts by an integer factor (default 1).
+/// `cargo xtask vm-test` sets it in its VMs: under QEMU's software emulation code runs 5–20×
+/// slower than on the host (loading and verifying the eBPF programs takes seconds there).
+pub const TIME_SCALE_VAR: &str = "TCPSHIFT_TEST_TIME_SCALE";
+
+/// `d` multiplied by `$TCPSHIFT_TEST_TIME_SCALE` ([`TIME_SCALE_VAR`]); use it for every
+/// timeout and every time bound a test asserts, so the suite also passes in a slow VM.
+pub fn scaled(d: Duration) -> Duration {
+    let factor = std::env::var(TIME_SCALE_VAR)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
 /// Directory holding tcpshiftd, tcpshiftctl and tcp-echo.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TCPSHIFT_BIN_DIR") {
@@ -136,7 +152,7 @@ impl TestNs {
             .context("cannot start tcp-echo")?;
         let stdout = child.stdout.take().context("tcp-echo stdout")?;
         self.children.push(child);
-        wait_for_line(stdout, "listening on", Duration::from_secs(10))
+        wait_for_line(stdout, "listening on", scaled(Duration::from_secs(10)))
             .with_context(|| format!("tcp-echo {prefix} on {bind}:{port} did not start"))?;
         Ok(self.children.len() - 1)
     }
@@ -155,7 +171,7 @@ impl TestNs {
             .context("cannot start tcpshiftd")?;
         self.children.push(child);
         let idx = self.children.len() - 1;
-        self.wait_live(Duration::from_secs(15))?;
+        self.wait_live(scaled(Duration::from_secs(15)))?;
         Ok(idx)
     }
 
@@ -277,9 +293,9 @@ fn wait_for_line(stdout: ChildStdout, needle: &str, timeout: Duration) -> Result
 /// Opens a connection, sends `line`, returns the reply line (without the newline). Checks
 /// that the reply is `PREFIX line`, and returns the prefix.
 pub fn exchange(addr: SocketAddr, line: &str) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    let mut s = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
         .with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
     s.write_all(format!("{line}\n").as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
     let mut reply = String::new();
@@ -313,8 +329,8 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr`.
     pub fn open(addr: SocketAddr) -> Result<Self> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let s = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
         Ok(Self {
             writer: s.try_clone()?,
             reader: BufReader::new(s),
