@@ -15,6 +15,7 @@ mod cmd;
 mod demo;
 mod lint;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -79,6 +80,13 @@ enum Task {
     /// a line showing weights and steered connections whenever they change. Ctrl-C or
     /// SIGTERM stops everything it started and uninstalls tcpshift.
     Run(demo::DemoArgs),
+    /// Run the privileged integration suite on other kernels, each booted in a QEMU VM.
+    ///
+    /// Boots each kernel (Debian's 6.1 and 6.12 by default, downloaded once into target/vm/)
+    /// with the host's root shared read-only over virtio-9p, runs the test binaries built on
+    /// the host inside it as root, and prints per kernel: version, tests passed and failed,
+    /// wall time. Uses KVM when it can boot the kernel, else QEMU's (slow) emulation.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,5 +116,6 @@ fn run(task: Task) -> Result<()> {
             cargo_args,
         } => test::test(unprivileged, &cargo_args),
         Task::Run(args) => demo::run(&args),
+        Task::VmTest(args) => vm::vm_test(&args),
     }
 }
