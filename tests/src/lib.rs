@@ -300,7 +300,12 @@ pub fn exchange(addr: SocketAddr, line: &str) -> Result<String> {
     s.shutdown(std::net::Shutdown::Write)?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
-    let reply = reply.strip_suffix('\n').unwrap_or(&reply);
+    reply_prefix(&reply, line)
+}
+
+/// Checks that `reply` is `PREFIX line` (one line) and returns the prefix.
+fn reply_prefix(reply: &str, line: &str) -> Result<String> {
+    let reply = reply.strip_suffix('\n').unwrap_or(reply);
     let (prefix, echoed) = reply
         .split_once(' ')
         .with_context(|| format!("malformed reply {reply:?}"))?;
@@ -342,14 +347,7 @@ impl Conn {
         self.writer.write_all(format!("{line}\n").as_bytes())?;
         let mut reply = String::new();
         self.reader.read_line(&mut reply)?;
-        let reply = reply.trim_end_matches('\n');
-        let (prefix, echoed) = reply
-            .split_once(' ')
-            .with_context(|| format!("malformed reply {reply:?}"))?;
-        if echoed != line {
-            bail!("echo mismatch: sent {line:?}, got {reply:?}");
-        }
-        Ok(prefix.to_string())
+        reply_prefix(&reply, line)
     }
 }
 
