@@ -122,6 +122,7 @@ struct Setup {
     args_for_tests: Vec<String>,
     busybox: PathBuf,
     xtask: PathBuf,
+    target_dir: PathBuf,
     vm_dir: PathBuf,
     workspace: PathBuf,
     machine: Machine,
@@ -182,12 +183,14 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
         Some(c) => Plan::Command(c.clone()),
         None => build_suite()?,
     };
+    let target_dir = cmd::target_dir()?;
     let setup = Setup {
         plan,
         args_for_tests: args.test_args.clone(),
         busybox,
         xtask: std::env::current_exe().context("cannot find the xtask binary")?,
-        vm_dir: cmd::target_dir()?.join("vm"),
+        vm_dir: target_dir.join("vm"),
+        target_dir,
         workspace: cmd::root().to_path_buf(),
         machine: Machine {
             accel: Accel::Tcg,
@@ -199,9 +202,14 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
         color: std::io::stdout().is_terminal(),
     };
     let mut outcomes = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
+    let mut booted: Vec<String> = Vec::new();
+    for spec in &specs {
         let outcome = kernel::prepare(spec, &setup.vm_dir)
-            .and_then(|k| run_kernel(&setup, i, &k))
+            .and_then(|k| {
+                let index = booted.iter().filter(|id| **id == k.id()).count();
+                booted.push(k.id());
+                run_kernel(&setup, index, &k)
+            })
             .unwrap_or_else(|e| Outcome::broken(spec, format!("{e:#}")));
         outcomes.push(outcome);
     }
@@ -329,6 +337,7 @@ fn build_suite() -> Result<Plan> {
             tests.push(PathBuf::from(exe));
         }
     }
+    tests.sort_by_key(|t| test_name(t));
     if tests.is_empty() {
         bail!("`cargo test --no-run -p {SUITE_PACKAGE}` reported no test executables");
     }
@@ -355,10 +364,12 @@ fn test_name(exe: &Path) -> String {
 
 /// Boots `kernel`, runs the plan in it and collects the outcome.
 fn run_kernel(setup: &Setup, index: usize, kernel: &Kernel) -> Result<Outcome> {
-    let run_dir = setup
-        .vm_dir
-        .join("runs")
-        .join(format!("{index}-{}", kernel.id()));
+    // runs/<release>, or runs/<release>-<n> when one invocation boots a kernel twice.
+    let mut name = kernel.id();
+    if index > 0 {
+        name = format!("{name}-{}", index + 1);
+    }
+    let run_dir = setup.vm_dir.join("runs").join(name);
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)
             .with_context(|| format!("cannot remove {}", run_dir.display()))?;
@@ -376,10 +387,12 @@ fn run_kernel(setup: &Setup, index: usize, kernel: &Kernel) -> Result<Outcome> {
         path: setup.workspace.clone(),
         writable: true,
     }];
-    if !run_dir.starts_with(&setup.workspace) {
+    // The target directory holds the binaries and this run's directory; share it on its own
+    // when it is elsewhere (CARGO_TARGET_DIR), e.g. below /tmp, which the guest replaces.
+    if !setup.target_dir.starts_with(&setup.workspace) {
         shares.push(Share {
-            tag: "tcpshift_run",
-            path: run_dir.clone(),
+            tag: "tcpshift_target",
+            path: setup.target_dir.clone(),
             writable: true,
         });
     }

@@ -91,6 +91,8 @@ fn init_script(payload: &Payload<'_>) -> Result<String> {
                 "mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose {ROOT_TAG} {NEWROOT} \\\n  \
                  || fail \"cannot mount the host's root over virtio-9p (the kernel needs 9P_FS, NET_9P_VIRTIO and VIRTIO_PCI, built in or as modules)\"\n"
             ));
+            // Kernel filesystems and tmpfs first: a share below /tmp must not be hidden.
+            s.push_str(INIT_KERNEL_FS);
             for share in *shares {
                 if !share.path.is_absolute() {
                     bail!("shared path {} is not absolute", share.path.display());
@@ -100,13 +102,13 @@ fn init_script(payload: &Payload<'_>) -> Result<String> {
                     &Path::new(NEWROOT).join(share.path.strip_prefix("/").unwrap_or(&share.path)),
                 )?;
                 s.push_str(&format!(
-                    "mount -t 9p -o trans=virtio,version=9p2000.L,{mode},msize=512000 {tag} {target} \\\n  \
+                    "mkdir -p {target} 2>/dev/null\n\
+                     mount -t 9p -o trans=virtio,version=9p2000.L,{mode},msize=512000 {tag} {target} \\\n  \
                      || fail \"cannot mount {tag} at {shown}\"\n",
                     tag = share.tag,
                     shown = share.path.display(),
                 ));
             }
-            s.push_str(INIT_KERNEL_FS);
             s.push_str(&format!(
                 "chroot {NEWROOT} /bin/sh {} </dev/console >/dev/console 2>&1\n",
                 quote_path(script)?

@@ -1,7 +1,8 @@
 //! The guest's pre-flight check (`cargo xtask vm-test --guest-probe`, run by the guest script
 //! before the suite): does this kernel have what tcpshift needs? A missing feature is named,
 //! with the kernel's release and the version that introduced it, instead of letting every
-//! test fail on an obscure loader error.
+//! test fail on an obscure loader error. Keep it in step with what tcpshift-ebpf uses: each
+//! check loads the smallest program that needs the feature.
 
 use std::{
     fs::File,
@@ -15,7 +16,9 @@ use anyhow::{Context, Result, anyhow, bail};
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+const BPF_FUNC_GET_NETNS_COOKIE: u8 = 122;
 const BPF_SK_LOOKUP: u32 = 36;
 const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
 
@@ -41,7 +44,7 @@ pub fn run() -> Result<()> {
             io::Error::last_os_error()
         );
     }
-    let prog = match load_sk_lookup() {
+    let prog = match load(BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP, &[MOV_R0_1, EXIT]) {
         Ok(fd) => fd,
         Err((e, log)) if is_unsupported(&e) => {
             return Err(missing(
@@ -72,8 +75,21 @@ pub fn run() -> Result<()> {
         }
         Err(e) => bail!("cannot create a sockhash map: {e}"),
     }
+    // Connection accounting (sock_ops.rs) tells namespaces apart by their cookie.
+    let call_cookie = u64::from_le_bytes([0x85, 0, 0, 0, BPF_FUNC_GET_NETNS_COOKIE, 0, 0, 0]);
+    match load(BPF_PROG_TYPE_SOCK_OPS, 0, &[call_cookie, MOV_R0_1, EXIT]) {
+        Ok(_prog) => {}
+        Err((e, log)) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EACCES) => {
+            return Err(missing(
+                "bpf_get_netns_cookie in sock_ops programs (connection accounting, Linux >= 5.15)",
+                &format!("BPF_PROG_LOAD: {e}; verifier: {log}"),
+            ));
+        }
+        Err((e, log)) => bail!("cannot load a trivial sock_ops program: {e}; verifier: {log}"),
+    }
     println!(
-        "tcpshift-vm: kernel {release} has BTF, sk_lookup programs, netns BPF links and sockhash maps"
+        "tcpshift-vm: kernel {release} has BTF, sk_lookup programs, netns BPF links, sockhash maps \
+         and bpf_get_netns_cookie in sock_ops"
     );
     Ok(())
 }
@@ -124,24 +140,28 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// Loads `r0 = SK_PASS; exit` as a sk_lookup program.
-fn load_sk_lookup() -> std::result::Result<OwnedFd, (io::Error, String)> {
-    // mov64 r0, 1 ; exit
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
+/// `mov64 r0, 1` (SK_PASS, or "done" for sock_ops).
+const MOV_R0_1: u64 = u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]);
+/// `exit`.
+const EXIT: u64 = u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]);
+
+/// Loads `insns` as a program of `prog_type`; on failure returns the error and the verifier log.
+fn load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> std::result::Result<OwnedFd, (io::Error, String)> {
     let license = c"GPL";
     let mut log = vec![0u8; 4096];
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SK_LOOKUP,
-        insn_cnt: 2,
+        prog_type,
+        insn_cnt: u32::try_from(insns.len()).unwrap_or(u32::MAX),
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
         log_level: 1,
         log_size: 4096,
         log_buf: log.as_mut_ptr() as u64,
-        expected_attach_type: BPF_SK_LOOKUP,
+        expected_attach_type,
         ..Default::default()
     };
     bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
