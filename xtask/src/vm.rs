@@ -429,7 +429,7 @@ fn run_kernel(setup: &Setup, index: usize, kernel: &Kernel) -> Result<Outcome> {
     let qemu = qemu::command(&machine, &kernel.image, &initramfs, &shares);
     cmd::echo(&qemu);
     let mut console = Console::default();
-    let prefix = format!("[{}] ", kernel.label);
+    let prefix = format!("[{}] ", kernel.short_name());
     let started = Instant::now();
     let finished = qemu::run(qemu, setup.timeout, |line| {
         let _ = writeln!(log, "{line}");

@@ -40,6 +40,15 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// What to call it on the console: the series or package asked for, else its release.
+    pub fn short_name(&self) -> &str {
+        if is_series(&self.label) || self.label.starts_with("linux-image-") {
+            &self.label
+        } else {
+            self.release.as_deref().unwrap_or(&self.label)
+        }
+    }
+
     /// A short name for directories and messages.
     pub fn id(&self) -> String {
         let raw = self.release.as_deref().unwrap_or(&self.label);
