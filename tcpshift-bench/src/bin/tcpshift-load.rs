@@ -1,0 +1,367 @@
+//! `tcpshift-load`: the load generator of `cargo xtask bench`. Each command runs one bounded
+//! measurement in the current network namespace and prints one JSON record on stdout.
+
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tcpshift_bench::{
+    load::{self, Stop},
+    record::{Labels, Record},
+    report,
+    steer::{self, FlipParams, ProgStats},
+};
+
+/// Load generator for tcpshift's benchmark (run by `cargo xtask bench`).
+///
+/// Every workload is bounded in time or count and prints one JSON record on stdout. The
+/// request/response workloads open a connection, send one line, read the echoed line
+/// (`PREFIX line`, as tcp-echo answers) and close.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tcpshift-load",
+    after_help = "Examples:\n  tcpshift-load rate --addr 127.0.0.1:9001 --concurrency 4 --duration 2\n  \
+                  tcpshift-load split --addr 127.0.0.1:31400 --connections 10000\n  \
+                  tcpshift-load report --raw target/bench/raw.jsonl --out-dir target/bench"
+)]
+struct Cli {
+    #[command(flatten)]
+    labels: LabelArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Labels copied into the record.
+#[derive(Args, Debug)]
+struct LabelArgs {
+    /// Target name recorded with the result (direct, tcpshift, nftables, haproxy, nginx).
+    #[arg(long, global = true, default_value = "direct")]
+    target: String,
+    /// Round number recorded with the result.
+    #[arg(long, global = true, default_value_t = 1)]
+    round: u32,
+    /// Services configured (scale runs), recorded with the result.
+    #[arg(long, global = true)]
+    services: Option<u32>,
+    /// Subsets per service (scale runs), recorded with the result.
+    #[arg(long, global = true)]
+    subsets: Option<u32>,
+}
+
+/// Where the load goes.
+#[derive(Args, Debug)]
+struct Addrs {
+    /// Comma-separated IP:PORT or IP:FIRST-LAST; each connection picks one at random.
+    #[arg(long, value_parser = parse_addr_list)]
+    addr: AddrList,
+}
+
+/// The parsed `--addr` list.
+#[derive(Debug, Clone)]
+struct AddrList(Vec<SocketAddr>);
+
+fn parse_addr_list(s: &str) -> Result<AddrList, String> {
+    load::parse_addrs(s)
+        .map(AddrList)
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// A measured window after a warm-up.
+#[derive(Args, Debug)]
+struct Window {
+    /// Seconds measured.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+}
+
+impl Window {
+    fn durations(&self) -> Result<(Duration, Duration)> {
+        let d = |s: f64, what: &str| {
+            if !(0.0..=3600.0).contains(&s) {
+                bail!("--{what} must be between 0 and 3600 seconds");
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        Ok((d(self.warmup, "warmup")?, d(self.duration, "duration")?))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// (a) Closed-loop connection rate: CONCURRENCY threads open connections back to back.
+    Rate {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Client threads.
+        #[arg(long, short, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        window: Window,
+        /// Also measure the run time of tcpshift's sk_lookup program (kernel BPF statistics
+        /// are enabled during the run).
+        #[arg(long)]
+        bpf_stats: bool,
+    },
+    /// (b) Latency at a fixed rate: connections scheduled RATE times a second.
+    Latency {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Connections per second.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Client threads (a scheduled connection waits for a free one).
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        #[command(flatten)]
+        window: Window,
+    },
+    /// (c) Bulk throughput: long connections streaming lines, echo read back.
+    Bulk {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Long connections.
+        #[arg(long, short, default_value_t = 2)]
+        connections: usize,
+        /// Bytes per line (with its newline).
+        #[arg(long, default_value_t = 16 * 1024)]
+        line_bytes: usize,
+        #[command(flatten)]
+        window: Window,
+    },
+    /// (d) Split accuracy: CONNECTIONS connections, counted per backend.
+    Split {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Connections in all.
+        #[arg(long, default_value_t = 10_000)]
+        connections: u64,
+        /// Client threads.
+        #[arg(long, short, default_value_t = 4)]
+        concurrency: usize,
+        /// The configured share of the second subset, in percent (recorded for the report).
+        #[arg(long, default_value_t = 20.0)]
+        expect_v2: f64,
+    },
+    /// (e) Install tcpshift here with CONFIG and register every subset's socket.
+    Populate {
+        /// tcpshift YAML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Remove tcpshift from this network namespace.
+    Uninstall,
+    /// (f) Weight-change latency: flip a two-subset service between 100/0 and 0/100.
+    WeightChange {
+        /// Service address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Service name.
+        #[arg(long, default_value = "tcp-echo")]
+        service: String,
+        /// First subset and its backend's prefix, SUBSET=PREFIX.
+        #[arg(long, default_value = "v1=one", value_parser = subset_prefix)]
+        a: (String, String),
+        /// Second subset and its backend's prefix, SUBSET=PREFIX.
+        #[arg(long, default_value = "v2=two", value_parser = subset_prefix)]
+        b: (String, String),
+        /// tcpshiftctl binary.
+        #[arg(long)]
+        tcpshiftctl: PathBuf,
+        /// Network namespace passed to tcpshiftctl.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Changes of each kind (CLI and library).
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        /// Probing client threads.
+        #[arg(long, default_value_t = 2)]
+        probes: usize,
+    },
+    /// Summarise raw.jsonl: print the table, write results.json, results.md and chart.png.
+    Report {
+        /// Records, one JSON object per line.
+        #[arg(long)]
+        raw: PathBuf,
+        /// Machine description (JSON object) to include.
+        #[arg(long)]
+        machine: Option<PathBuf>,
+        /// Directory for results.json, results.md and chart.png.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// TrueType font for the chart's text.
+        #[arg(long, default_value = report::DEFAULT_FONT)]
+        font: PathBuf,
+        /// The command line that produced the records (shown in the report).
+        #[arg(long, default_value = "cargo xtask bench")]
+        command_line: String,
+        /// Exit with an error when the run had problems (failed connections, a backend
+        /// never reached, connections that did not follow a weight change).
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn subset_prefix(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected SUBSET=PREFIX"))
+}
+
+fn addrs(a: Addrs) -> Result<Vec<SocketAddr>> {
+    Ok(a.addr.0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpshift-load: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let labels = Labels {
+        target: cli.labels.target,
+        round: cli.labels.round,
+        services: cli.labels.services,
+        subsets: cli.labels.subsets,
+    };
+    let record = match cli.command {
+        Cmd::Rate {
+            addrs: a,
+            concurrency,
+            window,
+            bpf_stats,
+        } => {
+            let (warmup, measure) = window.durations()?;
+            let addrs = addrs(a)?;
+            let mut stats = if bpf_stats {
+                Some(ProgStats::new()?)
+            } else {
+                None
+            };
+            let result = load::rate(
+                &addrs,
+                concurrency,
+                Stop::Duration { warmup, measure },
+                &mut |edge| {
+                    if let Some(s) = stats.as_mut() {
+                        s.edge(edge);
+                    }
+                },
+            )?;
+            Record::Rate {
+                labels,
+                concurrency,
+                result,
+                bpf: stats.and_then(|s| s.result()),
+            }
+        }
+        Cmd::Latency {
+            addrs: a,
+            rate,
+            workers,
+            window,
+        } => {
+            let (warmup, measure) = window.durations()?;
+            let result = load::paced(&addrs(a)?, rate, workers, warmup, measure)?;
+            Record::Latency {
+                labels,
+                workers,
+                result,
+            }
+        }
+        Cmd::Bulk {
+            addrs: a,
+            connections,
+            line_bytes,
+            window,
+        } => {
+            let (warmup, measure) = window.durations()?;
+            let result = load::bulk(&addrs(a)?, connections, line_bytes, warmup, measure)?;
+            Record::Bulk {
+                labels,
+                connections,
+                line_bytes,
+                result,
+            }
+        }
+        Cmd::Split {
+            addrs: a,
+            connections,
+            concurrency,
+            expect_v2,
+        } => {
+            let result = load::rate(
+                &addrs(a)?,
+                concurrency,
+                Stop::Count(connections),
+                &mut |_| {},
+            )?;
+            Record::Split {
+                labels,
+                concurrency,
+                expected_v2_percent: expect_v2,
+                result,
+            }
+        }
+        Cmd::Populate { config } => Record::Populate {
+            labels,
+            result: steer::populate(&config)
+                .with_context(|| format!("cannot set up tcpshift with {}", config.display()))?,
+        },
+        Cmd::Uninstall => {
+            steer::uninstall()?;
+            return Ok(());
+        }
+        Cmd::WeightChange {
+            addr,
+            service,
+            a,
+            b,
+            tcpshiftctl,
+            netns,
+            iterations,
+            probes,
+        } => Record::WeightChange {
+            labels,
+            samples: steer::weight_change(&FlipParams {
+                addr,
+                service,
+                a,
+                b,
+                tcpshiftctl,
+                netns,
+                iterations,
+                probes,
+            })?,
+        },
+        Cmd::Report {
+            raw,
+            machine,
+            out_dir,
+            font,
+            command_line,
+            check,
+        } => {
+            return report::run(&report::Inputs {
+                raw,
+                machine,
+                out_dir,
+                font,
+                command_line,
+                check,
+            });
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &record).context("cannot write the record")?;
+    writeln!(out).context("cannot write the record")?;
+    Ok(())
+}

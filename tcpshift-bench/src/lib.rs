@@ -1,0 +1,14 @@
+//! tcpshift's benchmark: the load generator `tcpshift-load` and the report of
+//! `cargo xtask bench`.
+//!
+//! - [`load`]: the client workloads (connection rate, fixed-rate latency, bulk throughput);
+//! - [`steer`]: tcpshift-specific measurements (many services, BPF run time, weight changes);
+//! - [`record`]: one measurement as printed by `tcpshift-load`;
+//! - [`stats`]: percentiles and min/median/max;
+//! - [`report`]: the summary table, `results.json` and the chart.
+
+pub mod load;
+pub mod record;
+pub mod report;
+pub mod stats;
+pub mod steer;

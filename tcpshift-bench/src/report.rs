@@ -1,0 +1,1119 @@
+//! Summarises the records of one benchmark run: ratios to `direct` within each round,
+//! min/median/max over rounds, the goals of the benchmark, the Markdown table,
+//! `results.json` and the chart.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    record::{Labels, Record},
+    stats::Spread,
+};
+
+mod chart;
+
+/// The font the chart uses by default (Debian's fonts-dejavu-core).
+pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The baseline every ratio is taken against.
+pub const BASELINE: &str = "direct";
+
+/// What [`run`] reads and where it writes.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// Records, one JSON object per line.
+    pub raw: PathBuf,
+    /// Machine description (a JSON object), if any.
+    pub machine: Option<PathBuf>,
+    /// Where results.json, results.md and chart.png go.
+    pub out_dir: PathBuf,
+    /// TrueType font for the chart.
+    pub font: PathBuf,
+    /// The command that produced the records.
+    pub command_line: String,
+    /// Fail when the summary lists problems (connection errors, a missing backend, stale
+    /// connections after a weight change).
+    pub check: bool,
+}
+
+/// Reads the records, writes `results.json`, `results.md` and `chart.png` into the output
+/// directory and prints the Markdown report.
+pub fn run(inputs: &Inputs) -> Result<()> {
+    let text = std::fs::read_to_string(&inputs.raw)
+        .with_context(|| format!("cannot read {}", inputs.raw.display()))?;
+    let records =
+        parse_records(&text).with_context(|| format!("cannot parse {}", inputs.raw.display()))?;
+    let machine: Value = match &inputs.machine {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", p.display()))?,
+        None => Value::Null,
+    };
+    let summary = summarise(&records);
+    let markdown = markdown(&summary, &machine, &inputs.command_line);
+    std::fs::create_dir_all(&inputs.out_dir)
+        .with_context(|| format!("cannot create {}", inputs.out_dir.display()))?;
+    let json = serde_json::json!({
+        "schema": 1,
+        "command": inputs.command_line,
+        "machine": machine,
+        "summary": summary,
+        "records": records,
+    });
+    write(
+        &inputs.out_dir.join("results.json"),
+        &serde_json::to_string_pretty(&json)?,
+    )?;
+    write(&inputs.out_dir.join("results.md"), &markdown)?;
+    let png = inputs.out_dir.join("chart.png");
+    chart::draw(&summary, &machine, &inputs.font, &png)
+        .with_context(|| format!("cannot draw {}", png.display()))?;
+    print!("{markdown}");
+    if inputs.check && !summary.problems.is_empty() {
+        anyhow::bail!(
+            "the benchmark found {} problem(s):\n  {}",
+            summary.problems.len(),
+            summary.problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Parses one record per non-empty line.
+pub fn parse_records(text: &str) -> Result<Vec<Record>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("line {}", i + 1)))
+        .collect()
+}
+
+/// A figure with its spread over rounds and, where there is a baseline, its ratio to the
+/// baseline of the same round (spread over rounds too).
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// The figure itself.
+    pub value: Spread,
+    /// The figure divided by the baseline's in the same round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<Spread>,
+}
+
+/// Connection rate of one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateRow {
+    /// Target.
+    pub target: String,
+    /// Connections per second by concurrency.
+    pub by_concurrency: BTreeMap<usize, Figure>,
+    /// The best concurrency's rate in each round.
+    pub peak: Option<Figure>,
+    /// Failed connections over all rounds.
+    pub errors: u64,
+}
+
+/// Latency at a fixed rate of one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRow {
+    /// Target.
+    pub target: String,
+    /// Connections per second offered.
+    pub offered_rate: f64,
+    /// Median, from the scheduled start, µs.
+    pub p50_us: Figure,
+    /// 99th percentile, µs.
+    pub p99_us: Figure,
+    /// 99.9th percentile, µs.
+    pub p999_us: Figure,
+    /// Connections that started more than 1 ms late, over all rounds.
+    pub late: u64,
+    /// Failed connections over all rounds.
+    pub errors: u64,
+}
+
+/// Bulk throughput of one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkRow {
+    /// Target.
+    pub target: String,
+    /// Echoed MiB/s.
+    pub mib_per_s: Figure,
+    /// Failed connections over all rounds.
+    pub errors: u64,
+}
+
+/// Split accuracy of one target: each round counts its own connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitRow {
+    /// Target.
+    pub target: String,
+    /// Connections counted per round (the smallest round).
+    pub connections: u64,
+    /// Replies per backend prefix, all rounds together.
+    pub prefixes: BTreeMap<String, u64>,
+    /// The second backend's observed share per round, percent.
+    pub v2_percent: Spread,
+    /// Its configured share, percent.
+    pub expected_v2_percent: f64,
+    /// |observed − configured| per round, percentage points.
+    pub error_points: Spread,
+}
+
+/// Per-connection cost with a map of a given size (tcpshift only).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    /// Services configured.
+    pub services: u32,
+    /// Subsets per service.
+    pub subsets: u32,
+    /// Connections per second (closed loop).
+    pub rate: Spread,
+    /// Microseconds of the whole machine per connection (1 / rate).
+    pub us_per_connection: Spread,
+    /// Cost relative to one service with the same number of subsets, same round.
+    pub cost_vs_one_service: Option<Spread>,
+    /// The sk_lookup program's mean run time, ns.
+    pub bpf_ns_per_run: Option<Spread>,
+    /// Writing all services (ms).
+    pub apply_ms: Option<Spread>,
+    /// Registering all sockets (ms).
+    pub register_ms: Option<Spread>,
+}
+
+/// Weight-change timings of one kind of change.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlipRow {
+    /// `cli` or `library`.
+    pub how: String,
+    /// Changes measured.
+    pub changes: usize,
+    /// Duration of the change, µs.
+    pub update_us: Spread,
+    /// From the change returning to the first connection on the new subset, µs.
+    pub first_follow_us: Option<Spread>,
+    /// Connections started after a change returned that went to the old subset (all changes).
+    pub stale_after: u64,
+    /// Connections started after the changes returned (all changes).
+    pub after: u64,
+}
+
+/// One goal of the benchmark and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    /// What is compared.
+    pub name: String,
+    /// The goal, e.g. `≥ 0.95`.
+    pub goal: String,
+    /// The measured value (median over rounds of the per-round ratio, or a share).
+    pub measured: Option<f64>,
+    /// How the value reads, e.g. `0.97 (0.95–0.99)`.
+    pub shown: String,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+/// Everything the report shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Targets in the order they were measured.
+    pub targets: Vec<String>,
+    /// Rounds measured.
+    pub rounds: u32,
+    /// (a) connection rate.
+    pub rate: Vec<RateRow>,
+    /// (b) latency at a fixed rate.
+    pub latency: Vec<LatencyRow>,
+    /// (c) bulk throughput.
+    pub bulk: Vec<BulkRow>,
+    /// (d) split accuracy.
+    pub split: Vec<SplitRow>,
+    /// (e) scale.
+    pub scale: Vec<ScaleRow>,
+    /// (f) weight changes.
+    pub weight_change: Vec<FlipRow>,
+    /// tcpshift's peak connection rate divided by HAProxy's, same round.
+    pub tcpshift_vs_haproxy: Option<Spread>,
+    /// The goals.
+    pub goals: Vec<Goal>,
+    /// What went wrong, whatever the speed: connection errors, a backend that never
+    /// answered, connections that did not follow a weight change.
+    pub problems: Vec<String>,
+}
+
+/// Values of one figure per round, for one target.
+type PerRound = BTreeMap<u32, f64>;
+
+/// The spread of `values` and of their ratio to `base` in the same rounds.
+fn figure(values: &PerRound, base: Option<&PerRound>) -> Option<Figure> {
+    let value = Spread::of(values.values().copied())?;
+    let ratio = base.and_then(|b| {
+        Spread::of(
+            values
+                .iter()
+                .filter_map(|(round, v)| b.get(round).filter(|&&d| d > 0.0).map(|d| v / d)),
+        )
+    });
+    Some(Figure { value, ratio })
+}
+
+fn is_main(l: &Labels) -> bool {
+    l.services.is_none() && l.subsets.is_none()
+}
+
+/// Computes the summary of a run's records.
+pub fn summarise(records: &[Record]) -> Summary {
+    let mut targets: Vec<String> = Vec::new();
+    for r in records {
+        let l = r.labels();
+        if is_main(l) && !targets.contains(&l.target) {
+            targets.push(l.target.clone());
+        }
+    }
+    let rounds = records.iter().map(|r| r.labels().round).max().unwrap_or(0);
+
+    // (a) rate: target -> concurrency -> round -> rate.
+    let mut rates: BTreeMap<&str, BTreeMap<usize, PerRound>> = BTreeMap::new();
+    let mut rate_errors: BTreeMap<&str, u64> = BTreeMap::new();
+    // (b) latency: target -> (p50, p99, p999) per round.
+    let mut lat: BTreeMap<&str, [PerRound; 3]> = BTreeMap::new();
+    let mut lat_extra: BTreeMap<&str, (f64, u64, u64)> = BTreeMap::new();
+    // (c) bulk.
+    let mut bulk: BTreeMap<&str, PerRound> = BTreeMap::new();
+    let mut bulk_errors: BTreeMap<&str, u64> = BTreeMap::new();
+    // (d) split: per round (connections, v2 share), prefixes summed, expected share.
+    type SplitAcc = (Vec<(u64, f64)>, BTreeMap<String, u64>, f64);
+    let mut split: BTreeMap<&str, SplitAcc> = BTreeMap::new();
+    // (e) scale: (services, subsets) -> per-round rate, bpf, apply, register.
+    type ScaleAcc = (PerRound, PerRound, PerRound, PerRound);
+    let mut scale: BTreeMap<(u32, u32), ScaleAcc> = BTreeMap::new();
+    // (f) flips by kind.
+    let mut flips: BTreeMap<String, Vec<crate::steer::FlipSample>> = BTreeMap::new();
+
+    for r in records {
+        match r {
+            Record::Rate {
+                labels,
+                concurrency,
+                result,
+                bpf,
+            } => {
+                if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
+                    let acc = scale.entry((n, s)).or_default();
+                    acc.0.insert(labels.round, result.rate);
+                    if let Some(b) = bpf {
+                        acc.1.insert(labels.round, b.ns_per_run);
+                    }
+                } else {
+                    rates
+                        .entry(&labels.target)
+                        .or_default()
+                        .entry(*concurrency)
+                        .or_default()
+                        .insert(labels.round, result.rate);
+                    *rate_errors.entry(&labels.target).or_default() += result.errors;
+                }
+            }
+            Record::Latency { labels, result, .. } => {
+                let e = lat.entry(&labels.target).or_default();
+                e[0].insert(labels.round, result.response.p50_us);
+                e[1].insert(labels.round, result.response.p99_us);
+                e[2].insert(labels.round, result.response.p999_us);
+                let x = lat_extra.entry(&labels.target).or_default();
+                x.0 = result.offered_rate;
+                x.1 += result.late;
+                x.2 += result.errors;
+            }
+            Record::Bulk { labels, result, .. } => {
+                bulk.entry(&labels.target)
+                    .or_default()
+                    .insert(labels.round, result.mib_per_s);
+                *bulk_errors.entry(&labels.target).or_default() += result.errors;
+            }
+            Record::Split {
+                labels,
+                expected_v2_percent,
+                result,
+                ..
+            } => {
+                let e = split.entry(&labels.target).or_default();
+                for (p, n) in &result.prefixes {
+                    *e.1.entry(p.clone()).or_default() += n;
+                }
+                let total: u64 = result.prefixes.values().sum();
+                // The second backend answers "two" in the benchmark's setup.
+                let v2 = result.prefixes.get("two").copied().unwrap_or(0);
+                if total > 0 {
+                    e.0.push((total, 100.0 * v2 as f64 / total as f64));
+                }
+                e.2 = *expected_v2_percent;
+            }
+            Record::Populate { labels, result } => {
+                if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
+                    let acc = scale.entry((n, s)).or_default();
+                    acc.2.insert(labels.round, result.apply_ms);
+                    acc.3.insert(labels.round, result.register_ms);
+                }
+            }
+            Record::WeightChange { samples, .. } => {
+                for s in samples {
+                    flips.entry(s.how.clone()).or_default().push(s.clone());
+                }
+            }
+        }
+    }
+
+    let order = |has: &dyn Fn(&str) -> bool| -> Vec<String> {
+        targets.iter().filter(|t| has(t)).cloned().collect()
+    };
+
+    // (a)
+    let peaks: BTreeMap<&str, PerRound> = rates
+        .iter()
+        .map(|(t, by_c)| {
+            let mut peak = PerRound::new();
+            for per_round in by_c.values() {
+                for (round, v) in per_round {
+                    let e = peak.entry(*round).or_insert(0.0);
+                    *e = e.max(*v);
+                }
+            }
+            (*t, peak)
+        })
+        .collect();
+    let rate_rows: Vec<RateRow> = order(&|t| rates.contains_key(t))
+        .into_iter()
+        .map(|t| {
+            let by_c = &rates[t.as_str()];
+            let base = rates.get(BASELINE);
+            RateRow {
+                by_concurrency: by_c
+                    .iter()
+                    .filter_map(|(c, v)| Some((*c, figure(v, base.and_then(|b| b.get(c)))?)))
+                    .collect(),
+                peak: figure(&peaks[t.as_str()], peaks.get(BASELINE)),
+                errors: rate_errors.get(t.as_str()).copied().unwrap_or(0),
+                target: t,
+            }
+        })
+        .collect();
+
+    // (b)
+    let latency_rows: Vec<LatencyRow> = order(&|t| lat.contains_key(t))
+        .into_iter()
+        .filter_map(|t| {
+            let v = &lat[t.as_str()];
+            let b = lat.get(BASELINE);
+            let (offered, late, errors) = lat_extra.get(t.as_str()).copied().unwrap_or_default();
+            Some(LatencyRow {
+                offered_rate: offered,
+                p50_us: figure(&v[0], b.map(|b| &b[0]))?,
+                p99_us: figure(&v[1], b.map(|b| &b[1]))?,
+                p999_us: figure(&v[2], b.map(|b| &b[2]))?,
+                late,
+                errors,
+                target: t,
+            })
+        })
+        .collect();
+
+    // (c)
+    let bulk_rows: Vec<BulkRow> = order(&|t| bulk.contains_key(t))
+        .into_iter()
+        .filter_map(|t| {
+            Some(BulkRow {
+                mib_per_s: figure(&bulk[t.as_str()], bulk.get(BASELINE))?,
+                errors: bulk_errors.get(t.as_str()).copied().unwrap_or(0),
+                target: t,
+            })
+        })
+        .collect();
+
+    // (d)
+    let split_rows: Vec<SplitRow> = order(&|t| split.contains_key(t))
+        .into_iter()
+        .filter_map(|t| {
+            let (rounds, prefixes, expected) = split[t.as_str()].clone();
+            Some(SplitRow {
+                connections: rounds.iter().map(|r| r.0).min()?,
+                v2_percent: Spread::of(rounds.iter().map(|r| r.1))?,
+                error_points: Spread::of(rounds.iter().map(|r| (r.1 - expected).abs()))?,
+                prefixes,
+                expected_v2_percent: expected,
+                target: t,
+            })
+        })
+        .collect();
+
+    // (e)
+    let scale_rows: Vec<ScaleRow> = scale
+        .iter()
+        .map(|(&(services, subsets), (rate, bpf, apply, register))| {
+            let cost: PerRound = rate
+                .iter()
+                .filter(|(_, r)| **r > 0.0)
+                .map(|(k, r)| (*k, 1e6 / r))
+                .collect();
+            let one: Option<PerRound> = scale.get(&(1, subsets)).map(|(r, ..)| {
+                r.iter()
+                    .filter(|(_, r)| **r > 0.0)
+                    .map(|(k, r)| (*k, 1e6 / r))
+                    .collect()
+            });
+            ScaleRow {
+                services,
+                subsets,
+                rate: Spread::of(rate.values().copied()).unwrap_or(Spread {
+                    min: 0.0,
+                    median: 0.0,
+                    max: 0.0,
+                    n: 0,
+                }),
+                us_per_connection: Spread::of(cost.values().copied()).unwrap_or(Spread {
+                    min: f64::NAN,
+                    median: f64::NAN,
+                    max: f64::NAN,
+                    n: 0,
+                }),
+                cost_vs_one_service: one
+                    .as_ref()
+                    .and_then(|one| figure(&cost, Some(one)))
+                    .and_then(|f| f.ratio),
+                bpf_ns_per_run: Spread::of(bpf.values().copied()),
+                apply_ms: Spread::of(apply.values().copied()),
+                register_ms: Spread::of(register.values().copied()),
+            }
+        })
+        .collect();
+
+    // (f)
+    let flip_rows: Vec<FlipRow> = flips
+        .into_iter()
+        .filter_map(|(how, s)| {
+            Some(FlipRow {
+                changes: s.len(),
+                update_us: Spread::of(s.iter().map(|x| x.update_us))?,
+                first_follow_us: Spread::of(s.iter().filter_map(|x| x.first_follow_us)),
+                stale_after: s.iter().map(|x| x.stale_after).sum(),
+                after: s.iter().map(|x| x.after).sum(),
+                how,
+            })
+        })
+        .collect();
+
+    let mut summary = Summary {
+        targets,
+        rounds,
+        rate: rate_rows,
+        latency: latency_rows,
+        bulk: bulk_rows,
+        split: split_rows,
+        scale: scale_rows,
+        weight_change: flip_rows,
+        tcpshift_vs_haproxy: peaks
+            .get("tcpshift")
+            .and_then(|t| figure(t, peaks.get("haproxy")))
+            .and_then(|f| f.ratio),
+        goals: Vec::new(),
+        problems: Vec::new(),
+    };
+    summary.goals = goals(&summary);
+    summary.problems = problems(&summary);
+    summary
+}
+
+/// Problems that make the run wrong rather than slow.
+fn problems(s: &Summary) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in &s.rate {
+        if r.errors > 0 {
+            out.push(format!(
+                "{}: {} failed connections (rate)",
+                r.target, r.errors
+            ));
+        }
+    }
+    for l in &s.latency {
+        if l.errors > 0 {
+            out.push(format!(
+                "{}: {} failed connections (latency)",
+                l.target, l.errors
+            ));
+        }
+    }
+    for b in &s.bulk {
+        if b.errors > 0 {
+            out.push(format!(
+                "{}: {} failed bulk connections",
+                b.target, b.errors
+            ));
+        }
+    }
+    for x in &s.split {
+        if x.connections == 0 || !x.prefixes.contains_key("one") || !x.prefixes.contains_key("two")
+        {
+            out.push(format!(
+                "{}: the split reached {:?}, not both backends",
+                x.target, x.prefixes
+            ));
+        }
+    }
+    for x in &s.scale {
+        if x.rate.n == 0 || x.rate.median <= 0.0 {
+            out.push(format!(
+                "tcpshift with {} services × {} subsets: no connection succeeded",
+                x.services, x.subsets
+            ));
+        }
+    }
+    for f in &s.weight_change {
+        if f.stale_after > 0 {
+            out.push(format!(
+                "weight change ({}): {} connections started after the change returned went to the old subset",
+                f.how, f.stale_after
+            ));
+        }
+        if f.first_follow_us.is_none() {
+            out.push(format!(
+                "weight change ({}): no connection followed the new weights",
+                f.how
+            ));
+        }
+    }
+    out
+}
+
+/// The benchmark's goals, judged on medians over rounds of per-round ratios.
+fn goals(s: &Summary) -> Vec<Goal> {
+    let mut out = Vec::new();
+    let ts = "tcpshift";
+    let at_least = |name: String, goal: f64, v: Option<Spread>| Goal {
+        name,
+        goal: format!("≥ {goal}"),
+        measured: v.map(|v| v.median),
+        shown: v.map_or("not measured".into(), |v| v.show(3)),
+        met: v.is_some_and(|v| v.median >= goal),
+    };
+    let at_most = |name: String, goal: f64, v: Option<Spread>| Goal {
+        name,
+        goal: format!("≤ {goal}"),
+        measured: v.map(|v| v.median),
+        shown: v.map_or("not measured".into(), |v| v.show(3)),
+        met: v.is_some_and(|v| v.median <= goal),
+    };
+    if let Some(row) = s.rate.iter().find(|r| r.target == ts) {
+        for (c, f) in &row.by_concurrency {
+            out.push(at_least(
+                format!("connection rate × direct, concurrency {c}"),
+                0.95,
+                f.ratio,
+            ));
+        }
+        if s.rate.iter().any(|r| r.target == "haproxy") {
+            out.push(at_least(
+                "peak connection rate × HAProxy's peak".into(),
+                2.0,
+                s.tcpshift_vs_haproxy,
+            ));
+        }
+    }
+    let bulk = s
+        .bulk
+        .iter()
+        .find(|r| r.target == ts)
+        .and_then(|r| r.mib_per_s.ratio);
+    out.push(at_least("bulk throughput × direct".into(), 0.98, bulk));
+    let p99 = s
+        .latency
+        .iter()
+        .find(|r| r.target == ts)
+        .and_then(|r| r.p99_us.ratio);
+    out.push(at_most("p99 latency × direct".into(), 1.10, p99));
+    for subsets in [2, 16] {
+        let v = s
+            .scale
+            .iter()
+            .find(|r| r.services == 10_000 && r.subsets == subsets)
+            .and_then(|r| r.cost_vs_one_service);
+        if v.is_some() || s.scale.iter().any(|r| r.subsets == subsets) {
+            out.push(at_most(
+                format!("cost per connection, 10 000 services ÷ 1 service ({subsets} subsets)"),
+                1.05,
+                v,
+            ));
+        }
+    }
+    if let Some(row) = s.split.iter().find(|r| r.target == ts) {
+        out.push(Goal {
+            name: format!(
+                "split error over {} connections (points; worst round {:.2})",
+                row.connections, row.error_points.max
+            ),
+            goal: "≤ 1".into(),
+            measured: Some(row.error_points.median),
+            shown: format!(
+                "{} (v2 share {} % vs {:.0} %)",
+                spread(&row.error_points, 2),
+                spread(&row.v2_percent, 2),
+                row.expected_v2_percent
+            ),
+            met: row.error_points.median <= 1.0,
+        });
+    }
+    out
+}
+
+/// Formats a number with thin grouping of thousands (`12 345`) and `digits` decimals.
+pub fn num(v: f64, digits: usize) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let s = format!("{:.digits$}", v.abs());
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i.to_string(), Some(f.to_string())),
+        None => (s, None),
+    };
+    let mut grouped = String::new();
+    for (i, ch) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(' ');
+        }
+        grouped.push(ch);
+    }
+    let sign = if v < 0.0 { "-" } else { "" };
+    match frac {
+        Some(f) => format!("{sign}{grouped}.{f}"),
+        None => format!("{sign}{grouped}"),
+    }
+}
+
+/// `median [min–max]`.
+fn spread(s: &Spread, digits: usize) -> String {
+    if s.n <= 1 || s.min == s.max {
+        num(s.median, digits)
+    } else {
+        format!(
+            "{} [{}–{}]",
+            num(s.median, digits),
+            num(s.min, digits),
+            num(s.max, digits)
+        )
+    }
+}
+
+fn ratio(f: Option<&Figure>) -> String {
+    match f.and_then(|f| f.ratio) {
+        Some(r) => format!("×{}", spread(&r, 2)),
+        None => "–".into(),
+    }
+}
+
+fn median(f: Option<&Figure>, digits: usize) -> String {
+    f.map_or("–".into(), |f| num(f.value.median, digits))
+}
+
+fn ratio_median(f: Option<&Figure>) -> String {
+    match f.and_then(|f| f.ratio) {
+        Some(r) => format!("{:.2}", r.median),
+        None => "–".into(),
+    }
+}
+
+/// The Markdown report: machine, headline table, goals, then every workload in detail.
+pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
+    let mut o = String::new();
+    let m = |k: &str| {
+        machine
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let _ = writeln!(o, "## tcpshift benchmark\n");
+    let _ = writeln!(o, "Command: `{command}`  ");
+    let _ = writeln!(
+        o,
+        "Machine: {} ({} cores), {} GiB, kernel {}, {}  ",
+        m("cpu"),
+        machine.get("cores").and_then(Value::as_u64).unwrap_or(0),
+        machine
+            .get("memory_gib")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        m("kernel"),
+        m("os")
+    );
+    if let Some(peers) = machine.get("peers").and_then(Value::as_object) {
+        let list: Vec<String> = peers
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or("?")))
+            .collect();
+        let _ = writeln!(o, "Peers: {}  ", list.join(", "));
+    }
+    if let Some(load) = machine.get("loadavg").and_then(Value::as_str) {
+        let _ = writeln!(o, "Load average before the run: {load}  ");
+    }
+    let _ = writeln!(
+        o,
+        "{} round(s); figures are medians over rounds, [min–max] where shown; ratios are taken \
+         against `direct` within the same round, then summarised.\n",
+        s.rounds
+    );
+
+    // Headline.
+    let _ = writeln!(
+        o,
+        "| target | peak conn/s | × direct | p50 µs | p99 µs | p99.9 µs | p99 × direct | bulk MiB/s | × direct | split (v2 %) |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for t in &s.targets {
+        let rate = s.rate.iter().find(|r| &r.target == t);
+        let lat = s.latency.iter().find(|r| &r.target == t);
+        let bulk = s.bulk.iter().find(|r| &r.target == t);
+        let split = s.split.iter().find(|r| &r.target == t);
+        let _ = writeln!(
+            o,
+            "| {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            median(rate.and_then(|r| r.peak.as_ref()), 0),
+            ratio_median(rate.and_then(|r| r.peak.as_ref())),
+            median(lat.map(|l| &l.p50_us), 0),
+            median(lat.map(|l| &l.p99_us), 0),
+            median(lat.map(|l| &l.p999_us), 0),
+            ratio_median(lat.map(|l| &l.p99_us)),
+            median(bulk.map(|b| &b.mib_per_s), 0),
+            ratio_median(bulk.map(|b| &b.mib_per_s)),
+            split.map_or("–".into(), |x| format!("{:.2}", x.v2_percent.median)),
+        );
+    }
+
+    // Goals.
+    let _ = writeln!(o, "\n### Goals (tcpshift)\n");
+    let _ = writeln!(o, "| goal | target | measured | met |");
+    let _ = writeln!(o, "|---|---|---|---|");
+    for g in &s.goals {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            g.name,
+            g.goal,
+            g.shown,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+
+    if !s.problems.is_empty() {
+        let _ = writeln!(o, "\n### Problems\n");
+        for p in &s.problems {
+            let _ = writeln!(o, "- {p}");
+        }
+    }
+
+    // (a)
+    let concs: Vec<usize> = {
+        let mut c: Vec<usize> = s
+            .rate
+            .iter()
+            .flat_map(|r| r.by_concurrency.keys().copied())
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    };
+    if !concs.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### (a) Connection rate — connect, send a line, read the echo, close (connections/s)\n"
+        );
+        let head: Vec<String> = concs.iter().map(|c| format!("{c} clients")).collect();
+        let _ = writeln!(o, "| target | {} | errors |", head.join(" | "));
+        let _ = writeln!(o, "|---|{}---:|", "---:|".repeat(concs.len()));
+        for r in &s.rate {
+            let cells: Vec<String> = concs
+                .iter()
+                .map(|c| {
+                    r.by_concurrency.get(c).map_or("–".into(), |f| {
+                        format!("{} {}", spread(&f.value, 0), ratio(Some(f)))
+                    })
+                })
+                .collect();
+            let _ = writeln!(o, "| {} | {} | {} |", r.target, cells.join(" | "), r.errors);
+        }
+    }
+
+    // (b)
+    if !s.latency.is_empty() {
+        let offered = s.latency.first().map_or(0.0, |l| l.offered_rate);
+        let _ = writeln!(
+            o,
+            "\n### (b) Latency at a fixed {} connections/s (µs, from the scheduled start to the close)\n",
+            num(offered, 0)
+        );
+        let _ = writeln!(o, "| target | p50 | p99 | p99.9 | late starts | errors |");
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
+        for l in &s.latency {
+            let _ = writeln!(
+                o,
+                "| {} | {} {} | {} {} | {} {} | {} | {} |",
+                l.target,
+                spread(&l.p50_us.value, 0),
+                ratio(Some(&l.p50_us)),
+                spread(&l.p99_us.value, 0),
+                ratio(Some(&l.p99_us)),
+                spread(&l.p999_us.value, 0),
+                ratio(Some(&l.p999_us)),
+                l.late,
+                l.errors
+            );
+        }
+    }
+
+    // (c)
+    if !s.bulk.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### (c) Bulk throughput on long connections (echoed MiB/s)\n"
+        );
+        let _ = writeln!(o, "| target | MiB/s | errors |");
+        let _ = writeln!(o, "|---|---:|---:|");
+        for b in &s.bulk {
+            let _ = writeln!(
+                o,
+                "| {} | {} {} | {} |",
+                b.target,
+                spread(&b.mib_per_s.value, 0),
+                ratio(Some(&b.mib_per_s)),
+                b.errors
+            );
+        }
+    }
+
+    // (d)
+    if !s.split.is_empty() {
+        let _ = writeln!(o, "\n### (d) Split accuracy (configured 80/20)\n");
+        let _ = writeln!(
+            o,
+            "| target | connections per round | v1 (all rounds) | v2 (all rounds) | v2 share % | error (points) |"
+        );
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
+        for x in &s.split {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} |",
+                x.target,
+                num(x.connections as f64, 0),
+                num(x.prefixes.get("one").copied().unwrap_or(0) as f64, 0),
+                num(x.prefixes.get("two").copied().unwrap_or(0) as f64, 0),
+                spread(&x.v2_percent, 2),
+                spread(&x.error_points, 2)
+            );
+        }
+    }
+
+    // (e)
+    if !s.scale.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### (e) Scale — tcpshift with many services (connections spread over all of them)\n"
+        );
+        let _ = writeln!(
+            o,
+            "| services | subsets | conn/s | µs per connection | × 1 service | sk_lookup ns/run | apply ms | register ms |"
+        );
+        let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for x in &s.scale {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                num(f64::from(x.services), 0),
+                x.subsets,
+                spread(&x.rate, 0),
+                spread(&x.us_per_connection, 2),
+                x.cost_vs_one_service
+                    .map_or("–".into(), |r| format!("×{}", spread(&r, 3))),
+                x.bpf_ns_per_run.map_or("–".into(), |v| spread(&v, 0)),
+                x.apply_ms.map_or("–".into(), |v| spread(&v, 0)),
+                x.register_ms.map_or("–".into(), |v| spread(&v, 0)),
+            );
+        }
+    }
+
+    // (f)
+    if !s.weight_change.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### (f) Weight change — 100/0 ⇄ 0/100 while clients connect continuously\n"
+        );
+        let _ = writeln!(
+            o,
+            "| change | changes | duration µs | first connection on the new subset after return, µs | connections after return still on the old subset |"
+        );
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+        for f in &s.weight_change {
+            let how = match f.how.as_str() {
+                "cli" => "`tcpshiftctl set-weight` (process)",
+                "library" => "map update (library call)",
+                other => other,
+            };
+            let _ = writeln!(
+                o,
+                "| {how} | {} | {} | {} | {} of {} |",
+                f.changes,
+                spread(&f.update_us, 0),
+                f.first_follow_us.map_or("–".into(), |v| spread(&v, 0)),
+                f.stale_after,
+                f.after
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        load::{BulkResult, PacedResult, RateResult},
+        stats::Percentiles,
+    };
+
+    fn labels(target: &str, round: u32) -> Labels {
+        Labels {
+            target: target.into(),
+            round,
+            services: None,
+            subsets: None,
+        }
+    }
+
+    fn rate(target: &str, round: u32, c: usize, r: f64) -> Record {
+        Record::Rate {
+            labels: labels(target, round),
+            concurrency: c,
+            result: RateResult {
+                rate: r,
+                ..RateResult::default()
+            },
+            bpf: None,
+        }
+    }
+
+    #[test]
+    fn ratios_are_paired_by_round() {
+        let recs = vec![
+            rate("direct", 1, 4, 100.0),
+            rate("tcpshift", 1, 4, 99.0),
+            rate("direct", 2, 4, 50.0),
+            rate("tcpshift", 2, 4, 49.0),
+            rate("haproxy", 1, 4, 40.0),
+            rate("haproxy", 2, 4, 20.0),
+        ];
+        let s = summarise(&recs);
+        assert_eq!(s.targets, ["direct", "tcpshift", "haproxy"]);
+        let t = &s.rate[1];
+        let r = t.by_concurrency[&4].ratio.unwrap();
+        assert!((r.min - 0.98).abs() < 1e-9 && (r.max - 0.99).abs() < 1e-9);
+        let g = s
+            .goals
+            .iter()
+            .find(|g| g.name.contains("concurrency 4"))
+            .unwrap();
+        assert!(g.met);
+        let h = s.goals.iter().find(|g| g.name.contains("HAProxy")).unwrap();
+        assert!(h.met, "{h:?}");
+        let md = markdown(&s, &Value::Null, "cargo xtask bench");
+        assert!(md.contains("| tcpshift |"));
+    }
+
+    #[test]
+    fn latency_bulk_split_and_scale() {
+        let p = |p99: f64| Percentiles {
+            samples: 10,
+            p50_us: 10.0,
+            p99_us: p99,
+            p999_us: 2.0 * p99,
+            max_us: 3.0 * p99,
+        };
+        let lat = |t: &str, p99: f64| Record::Latency {
+            labels: labels(t, 1),
+            workers: 4,
+            result: PacedResult {
+                offered_rate: 1000.0,
+                response: p(p99),
+                service: p(p99),
+                ..PacedResult::default()
+            },
+        };
+        let bulk = |t: &str, v: f64| Record::Bulk {
+            labels: labels(t, 1),
+            connections: 2,
+            line_bytes: 100,
+            result: BulkResult {
+                mib_per_s: v,
+                ..BulkResult::default()
+            },
+        };
+        let split = Record::Split {
+            labels: labels("tcpshift", 1),
+            concurrency: 4,
+            expected_v2_percent: 20.0,
+            result: RateResult {
+                prefixes: [("one".to_string(), 7_950), ("two".to_string(), 2_050)].into(),
+                ..RateResult::default()
+            },
+        };
+        let scale = |n: u32, r: f64| Record::Rate {
+            labels: Labels {
+                target: "tcpshift".into(),
+                round: 1,
+                services: Some(n),
+                subsets: Some(2),
+            },
+            concurrency: 4,
+            result: RateResult {
+                rate: r,
+                ..RateResult::default()
+            },
+            bpf: None,
+        };
+        let recs = vec![
+            lat("direct", 100.0),
+            lat("tcpshift", 105.0),
+            bulk("direct", 1000.0),
+            bulk("tcpshift", 990.0),
+            split,
+            scale(1, 1000.0),
+            scale(10_000, 940.0),
+        ];
+        let s = summarise(&recs);
+        let g = |name: &str| s.goals.iter().find(|g| g.name.contains(name)).unwrap();
+        assert!(g("p99").met);
+        assert!(g("bulk").met);
+        assert!(g("split").met);
+        assert!((s.split[0].v2_percent.median - 20.5).abs() < 1e-9);
+        assert_eq!(s.split[0].connections, 10_000);
+        let cost = g("10 000 services");
+        assert!(!cost.met, "{cost:?}");
+        assert!((cost.measured.unwrap() - 1000.0 / 940.0).abs() < 1e-9);
+        // Scale runs are not targets of the main comparison.
+        assert_eq!(s.targets, ["direct", "tcpshift"]);
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(num(1234567.0, 0), "1 234 567");
+        assert_eq!(num(123.456, 2), "123.46");
+        assert_eq!(num(-1234.5, 1), "-1 234.5");
+        assert_eq!(num(f64::NAN, 0), "–");
+    }
+}
