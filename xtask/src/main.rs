@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 mod tools;
 
+mod bench;
 mod bootstrap;
 mod build;
 mod cmd;
@@ -87,6 +88,13 @@ enum Task {
     /// the host inside it as root, and prints per kernel: version, tests passed and failed,
     /// wall time. Uses KVM when it can boot the kernel, else QEMU's (slow) emulation.
     VmTest(vm::VmTestArgs),
+    /// Benchmark tcpshift against direct, nftables DNAT, HAProxy and nginx (as root).
+    ///
+    /// In a fresh network namespace on loopback: connection rate, latency at a fixed rate,
+    /// bulk throughput and split accuracy for every target, then tcpshift with up to 10 000
+    /// services and its weight-change latency. Installs the peers from Debian's packages
+    /// when missing; writes target/bench/results.json, results.md and chart.png.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,5 +125,6 @@ fn run(task: Task) -> Result<()> {
         } => test::test(unprivileged, &cargo_args),
         Task::Run(args) => demo::run(&args),
         Task::VmTest(args) => vm::vm_test(&args),
+        Task::Bench(args) => bench::run(&args),
     }
 }
