@@ -30,7 +30,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -190,6 +190,36 @@ pub struct Counters {
     pub bytes_sent: u64,
     /// Explicit padding to a multiple of 16 bytes.
     pub _reserved: u64,
+    /// Connections steered here in each of the last [`RECENT_SECONDS`] seconds, a ring indexed
+    /// by `second % RECENT_SECONDS` (seconds of `CLOCK_MONOTONIC_COARSE`): the observed share
+    /// of new connections over the last seconds, without any sampling by userspace.
+    pub recent: [RecentSecond; RECENT_SECONDS],
+}
+
+/// Length of the [`Counters::recent`] ring, in seconds.
+pub const RECENT_SECONDS: usize = 16;
+
+/// One second of [`Counters::recent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecentSecond {
+    /// The second (`CLOCK_MONOTONIC_COARSE` / 10⁹, truncated to 32 bits) these counts are for;
+    /// an entry whose second is not the one asked for is stale and counts 0.
+    pub second: u32,
+    /// Connections steered to the subset during that second (on this CPU).
+    pub steered: u32,
+}
+
+impl RecentSecond {
+    /// Counts one connection steered during `second`, restarting a stale entry.
+    #[inline(always)]
+    pub fn count(&mut self, second: u32) {
+        if self.second != second {
+            self.second = second;
+            self.steered = 0;
+        }
+        self.steered = self.steered.wrapping_add(1);
+    }
 }
 
 /// Number of slots one listening socket can be tagged with (one per service using it).
@@ -353,7 +383,9 @@ assert_size!(Global, 32);
 assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80);
 assert_size!(BucketTable, NUM_BUCKETS);
-assert_size!(Counters, 80);
+assert_size!(RecentSecond, 8);
+assert_size!(Counters, 80 + 8 * RECENT_SECONDS);
+const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
@@ -381,6 +413,7 @@ mod user {
         ServiceEntry,
         BucketTable,
         Counters,
+        RecentSecond,
         SubsetMeta,
         ServiceMeta,
         SockTag

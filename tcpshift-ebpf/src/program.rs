@@ -1,5 +1,6 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, sk_action},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, sk_lookup},
     maps::{Array, HashMap, PerCpuHashMap, SockHash},
     programs::SkLookupContext,
@@ -7,7 +8,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use tcpshift_common::{
     BUCKET_MASK, BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, MAX_SUBSETS,
-    ServiceEntry, ServiceKey, ServiceMeta, flow_hash, global_flags, mode, slot, table_key,
+    RECENT_SECONDS, ServiceEntry, ServiceKey, ServiceMeta, flow_hash, global_flags, mode, slot,
+    table_key,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -68,6 +70,15 @@ pub(crate) fn lookup_service(local: &[u32; 4], port: u16) -> Option<&'static Ser
         Some(e) => Some(e),
         None => unsafe { TS_SERVICES.get(wildcard) },
     }
+}
+
+/// Counts a connection steered to a subset, in its total and in the recent-seconds ring.
+#[inline(always)]
+fn count_steered(c: &mut Counters) {
+    c.steered += 1;
+    // SAFETY: no preconditions.
+    let second = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    c.recent[second as usize % RECENT_SECONDS].count(second);
 }
 
 #[inline(always)]
@@ -157,7 +168,7 @@ fn steer(ctx: &SkLookupContext) {
     let chosen_slot = slot(id, chosen);
     count(chosen_slot, |c| c.chosen += 1);
     if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
-        count(chosen_slot, |c| c.steered += 1);
+        count(chosen_slot, count_steered);
         if log {
             debug!(
                 ctx,
@@ -185,7 +196,7 @@ fn steer(ctx: &SkLookupContext) {
             if TS_SOCKETS.redirect_sk_lookup(ctx, s, 0).is_ok() {
                 count(chosen_slot, |c| c.fallback_out += 1);
                 count(s, |c| {
-                    c.steered += 1;
+                    count_steered(c);
                     c.fallback_in += 1;
                 });
                 if log {

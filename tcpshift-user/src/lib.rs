@@ -6,11 +6,15 @@
 //! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
 //! - [`netns`]: network namespaces and bpffs;
 //! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps);
-//! - [`sockdiag`]: byte counts of open connections, from the kernel's socket diagnostics.
+//! - [`sockdiag`]: byte counts of open connections, from the kernel's socket diagnostics;
+//! - [`metrics`]: the status as Prometheus text (`tcpshiftd --metrics`, `tcpshiftctl metrics`);
+//! - [`report`]: the status as `tcpshiftctl status` and `top` print it.
 
 pub mod config;
 pub mod discovery;
+pub mod metrics;
 pub mod netns;
+pub mod report;
 pub mod sockdiag;
 pub mod state;
 pub mod weights;

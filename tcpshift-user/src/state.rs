@@ -38,9 +38,9 @@ use aya::{
 use serde::Serialize;
 use tcpshift_common::{
     BucketTable, Counters, Global, IPPROTO_TCP, LAYOUT_VERSION, MAGIC, MAX_LISTENER_SLOTS,
-    MAX_SERVICES, MAX_SUBSETS, NO_SLOT, PROGRAM_SK_LOOKUP, PROGRAM_SOCK_OPS, SUBSET_NAME_LEN,
-    ServiceEntry, ServiceKey, ServiceMeta, SockTag, SubsetMeta, global_flags, map_names, mode,
-    slot, slot_service, table_key, tag,
+    MAX_SERVICES, MAX_SUBSETS, NO_SLOT, PROGRAM_SK_LOOKUP, PROGRAM_SOCK_OPS, RECENT_SECONDS,
+    SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SockTag, SubsetMeta, global_flags,
+    map_names, mode, slot, slot_service, table_key, tag,
 };
 use tracing::{debug, info, warn};
 
@@ -57,6 +57,10 @@ pub const BASE_DIR: &str = "/sys/fs/bpf/tcpshift";
 const LINK: &str = "link";
 /// Name of the pinned sock_ops link (attached to the cgroup v2 root) inside a state directory.
 const SOCKOPS_LINK: &str = "sockops-link";
+/// The observed share of new connections in `status` covers this many seconds (the current one
+/// included), from the kernel's per-second counts.
+pub const OBSERVED_WINDOW_SECS: u32 = 10;
+const _: () = assert!(OBSERVED_WINDOW_SECS as usize <= RECENT_SECONDS);
 
 /// Errors of the pinned state.
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +322,9 @@ pub struct SubsetStatus {
     pub share: f64,
     /// Whether a live listening socket is registered for it.
     pub live: bool,
+    /// Share of the service's new connections steered to this subset over the last
+    /// [`Status::observed_window_secs`] seconds, in percent; `None` when there were none.
+    pub observed_share: Option<f64>,
     /// Counters from the data path.
     pub counters: CounterStatus,
 }
@@ -345,6 +352,8 @@ pub struct CounterStatus {
     pub bytes_received: u64,
     /// Payload bytes sent to clients (acknowledged), closed and open connections.
     pub bytes_sent: u64,
+    /// New connections steered here during the last [`OBSERVED_WINDOW_SECS`] seconds.
+    pub steered_recent: u64,
 }
 
 /// One service as shown by `status`.
@@ -373,6 +382,10 @@ pub struct Status {
     pub program_id: Option<u32>,
     /// Id of the sock_ops program (connection accounting), if its link is pinned.
     pub accounting_program_id: Option<u32>,
+    /// Seconds covered by the subsets' `observed_share`.
+    pub observed_window_secs: u32,
+    /// Whether the programs emit debug events (`tcpshiftd --log-level debug` running).
+    pub debug_events: bool,
     /// Services, sorted by name.
     pub services: Vec<ServiceStatus>,
     /// Problems that make some numbers incomplete (e.g. open connections' bytes unavailable).
@@ -428,6 +441,7 @@ impl State {
         let dir = state_dir(netns);
         {
             let _lock = Lock::take()?;
+            sweep_dead_states(base, &dir);
             if let Some(state) = Self::adopt(&dir, netns)? {
                 return Ok((state, Installed::Adopted));
             }
@@ -591,8 +605,15 @@ impl State {
             Err(MapError::KeyNotFound) => return Ok(CounterStatus::default()),
             Err(e) => return Err(map_err("cannot read counters")(e)),
         };
+        let now = coarse_second();
         let mut c = CounterStatus::default();
         for v in values.iter() {
+            c.steered_recent += v
+                .recent
+                .iter()
+                .filter(|r| now.wrapping_sub(r.second) < OBSERVED_WINDOW_SECS)
+                .map(|r| u64::from(r.steered))
+                .sum::<u64>();
             c.chosen += v.chosen;
             c.steered += v.steered;
             c.fallback_in += v.fallback_in;
@@ -688,8 +709,16 @@ impl State {
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
                     live: live.contains(&slot),
+                    observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
                 });
+            }
+            let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
+            if recent > 0 {
+                for s in &mut subsets {
+                    s.observed_share =
+                        Some(s.counters.steered_recent as f64 * 100.0 / recent as f64);
+                }
             }
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
@@ -708,6 +737,15 @@ impl State {
             state_dir: self.dir.clone(),
             program_id: link_program(&self.dir.join(LINK)).ok(),
             accounting_program_id: link_program(&self.dir.join(SOCKOPS_LINK)).ok(),
+            observed_window_secs: OBSERVED_WINDOW_SECS,
+            debug_events: self
+                .maps
+                .global
+                .get(&0, 0)
+                .map_err(map_err("cannot read the global settings"))?
+                .flags
+                & global_flags::LOG_DEBUG
+                != 0,
             services,
             warnings,
         })
@@ -1118,7 +1156,11 @@ fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
         what: format!("cannot pin the link at {}", path.display()),
         error: Box::new(e),
     })?;
-    attach_accounting(&mut ebpf, tmp)
+    if let Err(e) = attach_accounting(&mut ebpf, tmp) {
+        // Steering does not depend on it: go on, `status` says that accounting is off.
+        warn!("connection accounting is off: {e}");
+    }
+    Ok(())
 }
 
 /// Loads the sock_ops program and attaches it to the cgroup v2 root (every socket of the host;
@@ -1167,6 +1209,45 @@ fn attach_accounting(ebpf: &mut aya::Ebpf, tmp: &Path) -> Result<()> {
     })?;
     debug!(cgroup = %root.display(), "attached the sock_ops program");
     Ok(())
+}
+
+/// Removes the state of every namespace that no longer exists (its sk_lookup link was detached
+/// by the kernel: `netns_ino` 0), except `keep`. Such a state would otherwise keep its sock_ops
+/// program attached to the cgroup v2 root — running, to no purpose, for every socket of the
+/// host, and using one of the 64 program slots of that attach point — until its inode is
+/// reused. Called with the base lock held.
+fn sweep_dead_states(base: &Path, keep: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path == keep || !e.file_name().to_string_lossy().starts_with("netns-") {
+            continue;
+        }
+        if let Ok(0) = link_netns(&path.join(LINK)) {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    info!(dir = %path.display(), "removed the state of a network namespace that no longer exists")
+                }
+                Err(e) => {
+                    warn!(dir = %path.display(), error = %e, "cannot remove the state of a dead network namespace")
+                }
+            }
+        }
+    }
+}
+
+/// The current second of `CLOCK_MONOTONIC_COARSE`, as the data path counts seconds
+/// (`bpf_ktime_get_coarse_ns() / 10⁹`, truncated to 32 bits).
+fn coarse_second() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
 }
 
 /// Adds `slot` to a listener's tag, replacing the slot of the same service. Returns a slot
@@ -1339,4 +1420,37 @@ fn link_netns(path: &Path) -> io::Result<u32> {
 
 fn link_program(path: &Path) -> io::Result<u32> {
     link_info(path).map(|(prog, _)| prog)
+}
+
+#[cfg(test)]
+mod accounting_tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_tag_keeps_one_slot_per_service() {
+        let mut t = SockTag::default();
+        assert_eq!(tag_with(&mut t, slot(3, 0)), None);
+        assert_eq!(tag_with(&mut t, slot(5, 2)), None);
+        // The same service again (its subset's backend moved to this socket): replaced.
+        assert_eq!(tag_with(&mut t, slot(3, 1)), None);
+        let used: Vec<u32> = t
+            .listener_slots
+            .iter()
+            .copied()
+            .filter(|s| *s != NO_SLOT)
+            .collect();
+        assert_eq!(used, vec![slot(3, 1), slot(5, 2)]);
+        assert_eq!(t.kind, tag::LISTENER);
+    }
+
+    #[test]
+    fn a_full_listener_tag_evicts_the_oldest_service() {
+        let mut t = SockTag::default();
+        for id in 0..MAX_LISTENER_SLOTS as u32 {
+            assert_eq!(tag_with(&mut t, slot(id, 0)), None);
+        }
+        assert_eq!(tag_with(&mut t, slot(100, 1)), Some(slot(0, 0)));
+        assert_eq!(t.listener_slots[MAX_LISTENER_SLOTS - 1], slot(100, 1));
+        assert!(!t.listener_slots.contains(&slot(0, 0)));
+    }
 }

@@ -175,6 +175,41 @@ impl TestNs {
         Ok(idx)
     }
 
+    /// Like [`TestNs::loader`], with more `tcpshiftd` arguments (e.g. `--metrics ADDR`,
+    /// `--log-level debug`); its stderr goes to a file that [`TestNs::loader_log`] reads.
+    pub fn loader_with(&mut self, yaml: &str, args: &[&str]) -> Result<usize> {
+        let path = self.dir.path().join("tcpshift.yaml");
+        std::fs::write(&path, yaml)?;
+        let log = std::fs::File::create(self.dir.path().join("tcpshiftd.log"))?;
+        let mut cmd = Command::new(bin("tcpshiftd"));
+        cmd.arg("--config").arg(&path).args(args).stderr(log);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "info"]);
+        }
+        let child = cmd.spawn().context("cannot start tcpshiftd")?;
+        self.children.push(child);
+        let idx = self.children.len() - 1;
+        self.wait_live(scaled(Duration::from_secs(15)))
+            .with_context(|| format!("tcpshiftd's log:\n{}", self.loader_log()))?;
+        Ok(idx)
+    }
+
+    /// What the `tcpshiftd` started by [`TestNs::loader_with`] has logged so far.
+    pub fn loader_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tcpshiftd.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to child `idx` and reaps it.
+    pub fn signal(&mut self, idx: usize, signal: libc::c_int) -> Result<()> {
+        let c = &mut self.children[idx];
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        if unsafe { libc::kill(c.id() as libc::pid_t, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        c.wait().context("wait")?;
+        Ok(())
+    }
+
     /// Starts `tcpshiftd` again with the config of the last [`TestNs::loader`] call.
     pub fn restart_loader(&mut self) -> Result<usize> {
         let yaml = std::fs::read_to_string(self.dir.path().join("tcpshift.yaml"))?;
@@ -257,6 +292,61 @@ impl Drop for TestNs {
         }
         let _ = self.ctl(&["uninstall"]);
     }
+}
+
+/// Calls `probe` every 20 ms until it returns `Some` (a readiness check for something the
+/// kernel does asynchronously, such as accounting a closed connection), or fails after
+/// `timeout` (scaled, see [`scaled`]) with `what` and the last probe's error.
+pub fn poll_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let timeout = scaled(timeout);
+    let start = Instant::now();
+    loop {
+        let last = match probe() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        if start.elapsed() > timeout {
+            match last {
+                Some(e) => bail!("{what}: not reached after {timeout:?}: {e:#}"),
+                None => bail!("{what}: not reached after {timeout:?}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A counter of subset `name` in a `status --json` document (0 when absent).
+pub fn counter(status: &Value, name: &str, field: &str) -> u64 {
+    subset(status, name)
+        .and_then(|s| s["counters"][field].as_u64())
+        .unwrap_or(0)
+}
+
+/// `GET path` over HTTP/1.1 from `addr`: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(scaled(Duration::from_secs(10))))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_string()))
 }
 
 /// Every subset object of a `status --json` document.

@@ -1,21 +1,20 @@
 //! `tcpshiftctl`: inspect and change tcpshift's steering. Stateless: it reads and writes the
 //! pinned kernel maps directly, whether or not `tcpshiftd` runs.
 
-use std::path::PathBuf;
+#[path = "tcpshiftctl/top.rs"]
+mod top;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tcpshift::{
-    netns::Netns,
-    state::{State, Status},
-    weights,
-};
+use tcpshift::{metrics, netns::Netns, report, state::State, weights};
 
 /// Control tcpshift: show the split, change weights live, uninstall.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl uninstall"
+    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl uninstall"
 )]
 struct Args {
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
@@ -27,12 +26,24 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show services, subsets, weights, live sockets and counters.
+    /// Show services, subsets, weights, live sockets, the observed share of new connections
+    /// (last 10 s) and connection counters: opened, active, closed, bytes, fallbacks.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Watch the split live: bars of weight vs observed share, refreshed every second.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1", value_name = "SECS")]
+        interval: f64,
+        /// Stop after this many screens (for scripts); default: until q or Ctrl-C.
+        #[arg(long, value_name = "N")]
+        iterations: Option<u64>,
+    },
+    /// Print the Prometheus metrics (what `tcpshiftd --metrics` serves), read from the kernel.
+    Metrics,
     /// Change weights; takes effect for the very next connection.
     ///
     /// Naming only some subsets (v2=20) sets those in percent and gives the rest of 100 to the
@@ -73,8 +84,21 @@ fn run(args: Args) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", table(&status));
+                print!("{}", report::status_table(&status));
             }
+        }
+        Command::Top {
+            interval,
+            iterations,
+        } => {
+            if !(0.1..=3600.0).contains(&interval) {
+                anyhow::bail!("--interval {interval}: give a number of seconds in 0.1..=3600");
+            }
+            top::run(&netns, Duration::from_secs_f64(interval), iterations)?;
+        }
+        Command::Metrics => {
+            let status = State::open(&netns)?.status()?;
+            print!("{}", metrics::render(&status)?);
         }
         Command::SetWeight { service, weights } => {
             let requested = weights
@@ -94,63 +118,4 @@ fn run(args: Args) -> Result<()> {
         },
     }
     Ok(())
-}
-
-fn table(status: &Status) -> String {
-    let mut rows = vec![
-        [
-            "SERVICE",
-            "LISTEN",
-            "SUBSET",
-            "BACKEND",
-            "WEIGHT",
-            "SHARE",
-            "LIVE",
-            "STEERED",
-            "FALLBACK-IN",
-            "FALLBACK-OUT",
-            "MISSES",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for svc in &status.services {
-        for (i, s) in svc.subsets.iter().enumerate() {
-            let (name, listen) = if i == 0 {
-                (svc.name.clone(), svc.listen.clone())
-            } else {
-                (String::new(), String::new())
-            };
-            rows.push(vec![
-                name,
-                listen,
-                s.name.clone(),
-                s.backend.to_string(),
-                s.weight.to_string(),
-                format!("{:.1}%", s.share),
-                if s.live { "yes" } else { "NO" }.to_string(),
-                s.counters.steered.to_string(),
-                s.counters.fallback_in.to_string(),
-                s.counters.fallback_out.to_string(),
-                s.counters.misses.to_string(),
-            ]);
-        }
-    }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    if status.services.is_empty() {
-        out.push_str("(no services)\n");
-    }
-    out
 }

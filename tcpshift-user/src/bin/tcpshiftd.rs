@@ -3,18 +3,29 @@
 //! exits or is killed, connections keep being steered; started again, it adopts the pinned
 //! state without resetting weights.
 
-use std::{collections::HashSet, os::fd::AsFd, path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use tcpshift::{
     EBPF_OBJECT,
     config::Config,
-    discovery,
+    discovery, metrics,
     netns::Netns,
     state::{Installed, Missing, State, Weights},
 };
-use tracing::{error, info, warn};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tracing::{debug, error, info, warn};
 
 /// Kernel-level TCP traffic shifting: load the sk_lookup program into a network namespace and
 /// steer new connections to the subsets of each service by weight.
@@ -30,9 +41,16 @@ struct Args {
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides). At debug and trace
+    /// the kernel programs also report every subset chosen, fallback, miss and connection
+    /// opened or closed (aya-log events), while this tcpshiftd runs.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     log_level: tracing::Level,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464), read from the
+    /// kernel at every scrape. ADDR is in the network namespace tcpshiftd works in.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
     scan_interval_ms: u64,
@@ -40,8 +58,15 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_level.as_str()));
+    // aya's own debug output (BTF fix-ups, relocations) drowns the kernel events at debug:
+    // RUST_LOG=aya=debug brings it back.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{},aya=info,aya_obj=info",
+            args.log_level.as_str().to_lowercase()
+        ))
+    });
+
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -71,18 +96,156 @@ fn run(args: Args) -> Result<()> {
     state
         .apply(&config, policy)
         .context("cannot apply the configuration")?;
+    let debug_events = args.log_level >= tracing::Level::DEBUG;
+    state
+        .set_debug_events(debug_events)
+        .context("cannot set the kernel's debug events")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(supervise(
-        state,
-        Duration::from_millis(args.scan_interval_ms.max(10)),
-    ))
+    runtime.block_on(async {
+        if let Some(addr) = args.metrics {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            let scraped = Arc::new(Mutex::new(State::open(&netns)?));
+            info!(address = %listener.local_addr().unwrap_or(addr), "serving metrics at /metrics");
+            tokio::spawn(serve_metrics(listener, scraped));
+        }
+        if debug_events {
+            match aya_log::EbpfLogger::init_from_id(state.program_id()?) {
+                Ok(logger) => {
+                    tokio::spawn(forward_kernel_events(logger));
+                }
+                Err(e) => warn!("kernel debug events unavailable: {e}"),
+            }
+        }
+        let result = supervise(
+            &mut state,
+            Duration::from_millis(args.scan_interval_ms.max(10)),
+        )
+        .await;
+        if debug_events && state.is_installed() {
+            // Nobody reads the events any more: stop producing them.
+            if let Err(e) = state.set_debug_events(false) {
+                warn!("cannot turn the kernel's debug events off: {e}");
+            }
+        }
+        result
+    })
+}
+
+/// Forwards the programs' aya-log events (a ring buffer) into tracing, as they arrive.
+async fn forward_kernel_events(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the same for as long
+    // as the logger lives (it is moved into the AsyncFd).
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("cannot watch the kernel's debug events: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("cannot read the kernel's debug events: {e}");
+                return;
+            }
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text, rendered from the kernel maps at each request).
+async fn serve_metrics(listener: TcpListener, state: Arc<Mutex<State>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    if let Err(e) = metrics_request(stream, &state).await {
+                        debug!(%peer, "metrics request: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x request: `GET /metrics` (or `HEAD`), anything else is refused.
+async fn metrics_request(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .context("timed out reading the request")??;
+    let text = String::from_utf8_lossy(&head);
+    let mut parts = text.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (code, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let rendered = state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("metrics state poisoned"))?
+                .status()
+                .map_err(anyhow::Error::from)
+                .and_then(|s| metrics::render(&s).context("cannot encode metrics"));
+            match rendered {
+                Ok(body) => ("200 OK", metrics::CONTENT_TYPE, body),
+                Err(e) => (
+                    "500 Internal Server Error",
+                    "text/plain; charset=utf-8",
+                    format!("cannot read tcpshift's state: {e:#}\n"),
+                ),
+            }
+        }
+        ("GET" | "HEAD", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "tcpshift serves /metrics only\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET /metrics\n".to_string(),
+        ),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
 }
 
 /// Registers missing sockets until a signal arrives or the state is uninstalled.
-async fn supervise(mut state: State, every: Duration) -> Result<()> {
+async fn supervise(state: &mut State, every: Duration) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -104,7 +267,7 @@ async fn supervise(mut state: State, every: Duration) -> Result<()> {
         let mut still: HashSet<(String, String)> = HashSet::new();
         for m in &missing {
             let id = (m.service.clone(), m.subset.clone());
-            if !register(&mut state, m)? {
+            if !register(state, m)? {
                 if !waiting.contains(&id) {
                     warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
                         "no live socket: nothing listens on the backend address (yet); its connections fall back to the other subsets");

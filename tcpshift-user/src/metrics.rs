@@ -1,0 +1,242 @@
+//! Prometheus metrics: the [`Status`] read from the kernel maps, in the Prometheus text format
+//! (0.0.4), encoded by `prometheus-client`.
+//!
+//! Used by `tcpshiftd --metrics ADDR` (for every scrape of `/metrics`) and by
+//! `tcpshiftctl metrics`. Nothing is cached: each rendering is built from a [`Status`] read just
+//! before, so the values are the kernel's at scrape time.
+//!
+//! Every series has the labels `service` and `subset`; names follow Istio's
+//! (`istio_tcp_connections_opened_total` → `tcpshift_tcp_connections_opened_total`).
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use crate::state::{ServiceStatus, Status, SubsetStatus};
+
+/// `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Renders `status` as Prometheus text.
+pub fn render(status: &Status) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(status.clone())));
+    let mut out = String::new();
+    prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// One status, encoded on demand.
+#[derive(Debug)]
+struct Snapshot(Status);
+
+type Value = fn(&ServiceStatus, &SubsetStatus) -> u64;
+
+/// (name without `_total`, help, unit, type, value).
+const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
+    (
+        "tcpshift_tcp_connections_opened",
+        "TCP connections established on the subset through the service address.",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.opened,
+    ),
+    (
+        "tcpshift_tcp_connections_closed",
+        "TCP connections of the subset that are closed.",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.closed,
+    ),
+    (
+        "tcpshift_tcp_connections_active",
+        "TCP connections of the subset open now.",
+        None,
+        MetricType::Gauge,
+        |_, s| s.counters.active,
+    ),
+    (
+        "tcpshift_tcp_received",
+        "Payload bytes received from clients (closed and open connections).",
+        Some(Unit::Bytes),
+        MetricType::Counter,
+        |_, s| s.counters.bytes_received,
+    ),
+    (
+        "tcpshift_tcp_sent",
+        "Payload bytes sent to clients and acknowledged (closed and open connections).",
+        Some(Unit::Bytes),
+        MetricType::Counter,
+        |_, s| s.counters.bytes_sent,
+    ),
+    (
+        "tcpshift_lookups",
+        "New connections whose hash chose the subset (sk_lookup).",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.chosen,
+    ),
+    (
+        "tcpshift_steered",
+        "New connections assigned to the subset's socket, chosen or by fallback (sk_lookup).",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.steered,
+    ),
+    (
+        "tcpshift_misses",
+        "New connections that chose the subset while no subset of the service had a socket.",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.misses,
+    ),
+    (
+        "tcpshift_subset_weight",
+        "Relative weight of the subset.",
+        None,
+        MetricType::Gauge,
+        |_, s| u64::from(s.weight),
+    ),
+    (
+        "tcpshift_subset_socket_live",
+        "1 when a live listening socket is registered for the subset, else 0.",
+        None,
+        MetricType::Gauge,
+        |_, s| u64::from(s.live),
+    ),
+];
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let subsets = || {
+            self.0
+                .services
+                .iter()
+                .flat_map(|svc| svc.subsets.iter().map(move |s| (svc, s)))
+        };
+        for (name, help, unit, kind, value) in FAMILIES {
+            let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), *kind)?;
+            for (svc, s) in subsets() {
+                let labels = [("service", svc.name.as_str()), ("subset", s.name.as_str())];
+                let v = value(svc, s);
+                let metric = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Counter => ConstCounter::new(v).encode(metric)?,
+                    _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(metric)?,
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tcpshift_fallbacks",
+            "New connections whose chosen subset had no live socket: direction=\"out\" on the subset chosen, \"in\" on the subset that took them.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (svc, s) in subsets() {
+            for (direction, v) in [
+                ("out", s.counters.fallback_out),
+                ("in", s.counters.fallback_in),
+            ] {
+                let labels = [
+                    ("service", svc.name.as_str()),
+                    ("subset", s.name.as_str()),
+                    ("direction", direction),
+                ];
+                ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::state::CounterStatus;
+
+    fn status() -> Status {
+        let subset = |name: &str, weight, live, counters| SubsetStatus {
+            name: name.into(),
+            backend: "127.0.0.1:9001".parse().expect("addr"),
+            weight,
+            share: 0.0,
+            live,
+            observed_share: None,
+            counters,
+        };
+        Status {
+            netns_inode: 1,
+            state_dir: PathBuf::from("/x"),
+            program_id: Some(1),
+            accounting_program_id: Some(2),
+            observed_window_secs: 10,
+            debug_events: false,
+            services: vec![ServiceStatus {
+                name: "tcp-echo".into(),
+                id: 0,
+                listen: "*:31400".into(),
+                mode: "hash",
+                subsets: vec![
+                    subset(
+                        "v1",
+                        80,
+                        true,
+                        CounterStatus {
+                            chosen: 9,
+                            steered: 10,
+                            opened: 10,
+                            closed: 7,
+                            active: 3,
+                            bytes_received: 1234,
+                            bytes_sent: 5678,
+                            fallback_in: 1,
+                            ..Default::default()
+                        },
+                    ),
+                    subset(
+                        "v2",
+                        20,
+                        false,
+                        CounterStatus {
+                            chosen: 1,
+                            fallback_out: 1,
+                            ..Default::default()
+                        },
+                    ),
+                ],
+            }],
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn renders_the_istio_like_names_with_service_and_subset_labels() {
+        let text = render(&status()).expect("render");
+        for line in [
+            "# TYPE tcpshift_tcp_connections_opened_total counter",
+            "tcpshift_tcp_connections_opened_total{service=\"tcp-echo\",subset=\"v1\"} 10",
+            "tcpshift_tcp_connections_closed_total{service=\"tcp-echo\",subset=\"v1\"} 7",
+            "# TYPE tcpshift_tcp_connections_active gauge",
+            "tcpshift_tcp_connections_active{service=\"tcp-echo\",subset=\"v1\"} 3",
+            "tcpshift_tcp_received_bytes_total{service=\"tcp-echo\",subset=\"v1\"} 1234",
+            "tcpshift_tcp_sent_bytes_total{service=\"tcp-echo\",subset=\"v1\"} 5678",
+            "tcpshift_lookups_total{service=\"tcp-echo\",subset=\"v2\"} 1",
+            "tcpshift_fallbacks_total{service=\"tcp-echo\",subset=\"v2\",direction=\"out\"} 1",
+            "tcpshift_fallbacks_total{service=\"tcp-echo\",subset=\"v1\",direction=\"in\"} 1",
+            "tcpshift_misses_total{service=\"tcp-echo\",subset=\"v1\"} 0",
+            "tcpshift_subset_weight{service=\"tcp-echo\",subset=\"v2\"} 20",
+            "tcpshift_subset_socket_live{service=\"tcp-echo\",subset=\"v2\"} 0",
+            "tcpshift_subset_socket_live{service=\"tcp-echo\",subset=\"v1\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! What `tcpshiftctl status` and `tcpshiftctl top` print: text renderings of a [`Status`].
+
+use std::{fmt::Write, time::Duration};
+
+use crate::state::{ServiceStatus, Status, SubsetStatus};
+
+/// Bytes with a binary unit: `57 B`, `1.2 KiB`, `3.4 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn percent(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{v:.1}%"),
+        None => "-".to_string(),
+    }
+}
+
+/// Left-aligned columns separated by two spaces, trailing spaces trimmed.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `tcpshiftctl status` table.
+pub fn status_table(status: &Status) -> String {
+    let observed = format!("OBSERVED({}s)", status.observed_window_secs);
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "LISTEN",
+            "SUBSET",
+            "BACKEND",
+            "WEIGHT",
+            "SHARE",
+            observed.as_str(),
+            "LIVE",
+            "ACTIVE",
+            "OPENED",
+            "CLOSED",
+            "RECEIVED",
+            "SENT",
+            "FALLBACK-OUT",
+            "FALLBACK-IN",
+            "MISSES",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for svc in &status.services {
+        for (i, s) in svc.subsets.iter().enumerate() {
+            let (name, listen) = if i == 0 {
+                (svc.name.clone(), svc.listen.clone())
+            } else {
+                (String::new(), String::new())
+            };
+            let c = &s.counters;
+            rows.push(vec![
+                name,
+                listen,
+                s.name.clone(),
+                s.backend.to_string(),
+                s.weight.to_string(),
+                format!("{:.1}%", s.share),
+                percent(s.observed_share),
+                if s.live { "yes" } else { "NO" }.to_string(),
+                c.active.to_string(),
+                c.opened.to_string(),
+                c.closed.to_string(),
+                human_bytes(c.bytes_received),
+                human_bytes(c.bytes_sent),
+                c.fallback_out.to_string(),
+                c.fallback_in.to_string(),
+                c.misses.to_string(),
+            ]);
+        }
+    }
+    let mut out = columns(&rows);
+    if status.services.is_empty() {
+        out.push_str("(no services)\n");
+    }
+    if status.accounting_program_id.is_none() {
+        out.push_str(
+            "note: connection accounting is off (no cgroup2 mount when tcpshift was installed): OPENED, ACTIVE, CLOSED and bytes stay 0\n",
+        );
+    }
+    for w in &status.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
+/// Width of a bar in [`top_frame`], in cells.
+const BAR: usize = 30;
+
+fn bar(percent: f64) -> String {
+    let filled = ((percent.clamp(0.0, 100.0) / 100.0) * BAR as f64).round() as usize;
+    format!("{}{}", "█".repeat(filled), "·".repeat(BAR - filled))
+}
+
+/// What changed between two statuses, per subset (matched by service and subset name).
+struct Delta {
+    steered: u64,
+    opened: u64,
+    received: u64,
+    sent: u64,
+}
+
+fn delta(prev: Option<&Status>, svc: &ServiceStatus, s: &SubsetStatus) -> Option<Delta> {
+    let p = prev?
+        .services
+        .iter()
+        .find(|p| p.name == svc.name)?
+        .subsets
+        .iter()
+        .find(|p| p.name == s.name)?;
+    let (a, b) = (&p.counters, &s.counters);
+    Some(Delta {
+        steered: b.steered.saturating_sub(a.steered),
+        opened: b.opened.saturating_sub(a.opened),
+        received: b.bytes_received.saturating_sub(a.bytes_received),
+        sent: b.bytes_sent.saturating_sub(a.bytes_sent),
+    })
+}
+
+/// One screen of `tcpshiftctl top`: per service, per subset a bar of its weight and a bar of the
+/// share of new connections it got since `prev` (taken `elapsed` ago) — or, for the first
+/// frame, over the kernel's last [`Status::observed_window_secs`] seconds.
+pub fn top_frame(status: &Status, prev: Option<&Status>, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let window = match prev {
+        Some(_) => format!("last {secs:.1}s"),
+        None => format!("last {}s", status.observed_window_secs),
+    };
+    let mut out = String::new();
+    if status.services.is_empty() {
+        out.push_str("(no services)\n");
+    }
+    for svc in &status.services {
+        let deltas: Vec<Option<Delta>> = svc.subsets.iter().map(|s| delta(prev, svc, s)).collect();
+        let new_total: u64 = deltas.iter().flatten().map(|d| d.steered).sum();
+        let rate = match prev {
+            Some(_) => format!("  {:.1} new connections/s", new_total as f64 / secs),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "{}  {}{rate}", svc.name, svc.listen);
+        let name_w = svc
+            .subsets
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (s, d) in svc.subsets.iter().zip(&deltas) {
+            let observed = match (prev, d) {
+                (Some(_), Some(d)) if new_total > 0 => {
+                    Some(d.steered as f64 * 100.0 / new_total as f64)
+                }
+                (Some(_), _) => None,
+                (None, _) => s.observed_share,
+            };
+            let c = &s.counters;
+            let _ = writeln!(
+                out,
+                "  {:<name_w$}  weight   {:>6}  {}  live {}  active {}  opened {}{}",
+                s.name,
+                format!("{:.1}%", s.share),
+                bar(s.share),
+                if s.live { "yes" } else { "NO " },
+                c.active,
+                c.opened,
+                match d {
+                    Some(d) if prev.is_some() => format!(" (+{:.1}/s)", d.opened as f64 / secs),
+                    _ => String::new(),
+                },
+                name_w = name_w,
+            );
+            let _ = writeln!(
+                out,
+                "  {:<name_w$}  observed {:>6}  {}  in {}  out {}{}  fallbacks out {} in {}",
+                "",
+                percent(observed),
+                bar(observed.unwrap_or(0.0)),
+                human_bytes(c.bytes_received),
+                human_bytes(c.bytes_sent),
+                match d {
+                    Some(d) if prev.is_some() => format!(
+                        " ({}/s in, {}/s out)",
+                        human_bytes((d.received as f64 / secs) as u64),
+                        human_bytes((d.sent as f64 / secs) as u64)
+                    ),
+                    _ => String::new(),
+                },
+                c.fallback_out,
+                c.fallback_in,
+                name_w = name_w,
+            );
+        }
+        let _ = writeln!(out, "  (observed: share of new connections, {window})");
+    }
+    for w in &status.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::state::CounterStatus;
+
+    fn status(v1: CounterStatus, v2: CounterStatus) -> Status {
+        let subset = |name: &str, weight, share, counters| SubsetStatus {
+            name: name.into(),
+            backend: "127.0.0.1:9001".parse().expect("addr"),
+            weight,
+            share,
+            live: true,
+            observed_share: Some(share),
+            counters,
+        };
+        Status {
+            netns_inode: 1,
+            state_dir: PathBuf::from("/x"),
+            program_id: Some(1),
+            accounting_program_id: Some(2),
+            observed_window_secs: 10,
+            debug_events: false,
+            services: vec![ServiceStatus {
+                name: "tcp-echo".into(),
+                id: 0,
+                listen: "*:31400".into(),
+                mode: "hash",
+                subsets: vec![subset("v1", 80, 80.0, v1), subset("v2", 20, 20.0, v2)],
+            }],
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn bytes_are_human_readable() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn status_table_has_one_row_per_subset() {
+        let t = status_table(&status(
+            CounterStatus {
+                opened: 8,
+                closed: 5,
+                active: 3,
+                bytes_received: 2048,
+                ..Default::default()
+            },
+            CounterStatus::default(),
+        ));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("SERVICE"), "{t}");
+        assert!(lines[0].contains("OBSERVED(10s)"), "{t}");
+        assert!(lines[1].starts_with("tcp-echo  *:31400  v1"), "{t}");
+        assert!(lines[1].contains("2.0 KiB"), "{t}");
+        assert!(lines[2].trim_start().starts_with("v2"), "{t}");
+        assert_eq!(lines.len(), 3, "{t}");
+    }
+
+    #[test]
+    fn top_shows_the_share_of_new_connections_since_the_previous_frame() {
+        let before = status(
+            CounterStatus {
+                steered: 100,
+                ..Default::default()
+            },
+            CounterStatus {
+                steered: 10,
+                ..Default::default()
+            },
+        );
+        let after = status(
+            CounterStatus {
+                steered: 130,
+                ..Default::default()
+            },
+            CounterStatus {
+                steered: 20,
+                ..Default::default()
+            },
+        );
+        let f = top_frame(&after, Some(&before), Duration::from_secs(1));
+        assert!(f.contains("40.0 new connections/s"), "{f}");
+        assert!(f.contains("observed  75.0%"), "{f}");
+        assert!(f.contains("observed  25.0%"), "{f}");
+        let first = top_frame(&after, None, Duration::ZERO);
+        assert!(first.contains("observed  80.0%"), "{first}");
+        assert!(first.contains("last 10s"), "{first}");
+    }
+}
