@@ -58,11 +58,19 @@ const EXIT_MISSING_FEATURE: i32 = 3;
 
 /// Options of `cargo xtask vm-test`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    cargo xtask vm-test                          (Debian's 6.1 and 6.12)\n  \
+    cargo xtask vm-test --kernel 6.1 -- set_weight   (only tests whose name has \"set_weight\")\n  \
+    cargo xtask vm-test --kernel ./linux-image-6.6.0-1-amd64.deb\n  \
+    cargo xtask vm-test --kernel 6.12 --command 'bpftool feature probe kernel'\n\n\
+    Kernels are cached in target/vm/kernels/, each run's console log and guest script in\n\
+    target/vm/runs/<release>/. Run as root to let it install qemu-system-x86, busybox-static,\n\
+    kmod and xz-utils; the guest itself always runs the tests as root.")]
 pub struct VmTestArgs {
     /// Kernel to boot; repeat for several (they run one after another) [default: 6.1 and 6.12].
     ///
     /// A series such as `6.1` or `6.12` means the newest generic `linux-image-<series>.*-amd64`
-    /// package apt knows (on Debian 12: 6.1 from bookworm, 6.12 from bookworm-security),
+    /// package apt knows (on Debian 12: from bookworm and bookworm-security),
     /// downloaded once and cached in target/vm/kernels/. Also accepted: a package name
     /// (`linux-image-6.1.0-47-amd64`), a kernel .deb, a directory laid out like one
     /// (`boot/vmlinuz-*`, `lib/modules/*`), or a bare bzImage with virtio-pci, virtio-9p, BPF
@@ -456,7 +464,8 @@ fn run_kernel(setup: &Setup, index: usize, kernel: &Kernel) -> Result<Outcome> {
         ),
         Some(code) => Some(match &setup.plan {
             Plan::Suite { .. } if console.failed > 0 || !console.failures.is_empty() => {
-                format!("{} tests failed", console.failed)
+                let n = console.failed.max(console.failures.len() as u64);
+                format!("{n} test{} failed", if n == 1 { "" } else { "s" })
             }
             Plan::Suite { .. } => format!("a test binary failed (exit status {code})"),
             Plan::Command(_) => format!("the command exited with status {code}"),
@@ -647,8 +656,16 @@ impl Console {
         } else if let Some(name) = line
             .strip_prefix("test ")
             .and_then(|l| l.strip_suffix(" ... FAILED"))
+            // With one test thread, the test's own output may split "test NAME ... FAILED";
+            // libtest then still prints "---- NAME stdout ----" for it.
+            .or_else(|| {
+                line.strip_prefix("---- ")
+                    .and_then(|l| l.strip_suffix(" stdout ----"))
+            })
         {
-            self.failures.push(name.to_string());
+            if !self.failures.iter().any(|f| f == name) {
+                self.failures.push(name.to_string());
+            }
         } else if let Some(pos) = line.find("missing kernel feature: ") {
             self.missing_feature = Some(line[pos..].to_string());
         } else if let Some(e) = line.strip_prefix("tcpshift-vm: error: ") {
@@ -796,6 +813,8 @@ mod tests {
             "tcpshift-vm: kernel 6.1.0-56-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2",
             "test a ... ok",
             "test b ... FAILED",
+            "---- b stdout ----",
+            "---- c stdout ----",
             "test result: FAILED. 7 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out",
             "test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
         ] {
@@ -803,7 +822,7 @@ mod tests {
         }
         assert_eq!(c.release.as_deref(), Some("6.1.0-56-amd64"));
         assert_eq!((c.passed, c.failed, c.ignored), (12, 1, 2));
-        assert_eq!(c.failures, ["b"]);
+        assert_eq!(c.failures, ["b", "c"]);
     }
 
     #[test]
