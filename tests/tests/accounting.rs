@@ -123,7 +123,12 @@ fn opened_per_subset_equals_the_reply_prefixes_exactly() -> Result<()> {
     for (name, prefix) in [("v1", "one"), ("v2", "two")] {
         let want = prefix_count(&counts, prefix);
         assert_eq!(counter(&status, name, "opened"), want, "{name}: {status}");
-        assert_eq!(counter(&status, name, "steered"), want, "{name}: {status}");
+        // sk_lookup counts lookups: a SYN looked up again (e.g. retransmitted after its
+        // request was dropped on a slow machine) counts twice there, never in `opened`.
+        assert!(
+            counter(&status, name, "steered") >= want,
+            "{name}: {status}"
+        );
         assert_eq!(counter(&status, name, "closed"), want, "{name}: {status}");
         assert_eq!(counter(&status, name, "active"), 0, "{name}: {status}");
     }
@@ -204,15 +209,29 @@ fn bytes_equal_what_clients_sent_and_received_while_open_and_after_close() -> Re
                 && counter(st, name, "bytes_sent") == w.received
         })
     };
-    // Open connections: their bytes are read live (the last ACK may still be in flight).
-    let open = poll_until(Duration::from_secs(5), "bytes of open connections", || {
-        let st = ns.status()?;
-        Ok(matches(&st).then_some(st))
-    })?;
+    // Open connections: their bytes are read live (the last ACK may still be in flight),
+    // through the kernel's socket diagnostics — unless the kernel has no TCP sock_diag (a
+    // kernel without the tcp_diag module, as in vm-test's guests): then `status` says so.
+    let first = ns.status()?;
     assert_eq!(
-        counter(&open, "v1", "active") + counter(&open, "v2", "active"),
+        counter(&first, "v1", "active") + counter(&first, "v2", "active"),
         20
     );
+    let no_diag = first["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|w| w.contains("sock_diag"));
+    match no_diag {
+        None => {
+            poll_until(Duration::from_secs(5), "bytes of open connections", || {
+                let st = ns.status()?;
+                Ok(matches(&st).then_some(st))
+            })?;
+        }
+        Some(w) => eprintln!("note: open connections' bytes not checked: {w}"),
+    }
     drop(conns);
     let closed = wait_closed(&ns, 20)?;
     assert!(matches(&closed), "after close: want {want:?}, got {closed}");
@@ -324,7 +343,8 @@ fn metrics_endpoint_is_scraped_and_parsed() -> Result<()> {
         assert_eq!(get("tcpshift_tcp_connections_active")?, 0, "{name}");
         assert_eq!(get("tcpshift_tcp_received_bytes_total")?, b.sent, "{name}");
         assert_eq!(get("tcpshift_tcp_sent_bytes_total")?, b.received, "{name}");
-        assert_eq!(get("tcpshift_lookups_total")?, n, "{name}");
+        // Lookups, not connections: a SYN looked up twice counts twice.
+        assert!(get("tcpshift_lookups_total")? >= n, "{name}");
         assert_eq!(get("tcpshift_misses_total")?, 0, "{name}");
         assert_eq!(get("tcpshift_subset_weight")?, weight, "{name}");
         assert_eq!(get("tcpshift_subset_socket_live")?, 1, "{name}");

@@ -21,10 +21,12 @@ fn all_v1_every_connection_answered_by_v1() -> Result<()> {
     let counts = count_prefixes(seed_addr(), 1000)?;
     assert_eq!(counts.get("one"), Some(&1000), "{counts:?}");
     assert_eq!(counts.len(), 1, "{counts:?}");
-    // The kernel counted the same.
+    // The kernel counted the same: 1000 connections opened on v1. (`steered` counts lookups:
+    // a SYN looked up twice on a slow machine, e.g. under emulation, counts twice there.)
     let status = ns.status()?;
     let v1 = subset(&status, "v1").expect("v1 in status");
-    assert_eq!(v1["counters"]["steered"], 1000);
+    assert_eq!(v1["counters"]["opened"], 1000);
+    assert!(v1["counters"]["steered"].as_u64().unwrap_or(0) >= 1000);
     assert_eq!(subset(&status, "v2").expect("v2")["counters"]["steered"], 0);
     Ok(())
 }
