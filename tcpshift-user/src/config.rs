@@ -753,7 +753,7 @@ impl RawConfig {
                 ));
             }
             listens.insert(raw.listen.key(), name.clone());
-            let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights)?;
+            let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             services.push(ServiceConfig {
                 name,
                 listen: raw.listen,
@@ -770,6 +770,7 @@ fn validate_subsets(
     path: &str,
     raw: Vec<(String, SubsetAddr)>,
     weights: Option<Entries<Weight>>,
+    require_weights: bool,
 ) -> Result<Vec<SubsetConfig>, ConfigError> {
     let subsets_path = format!("{path}.subsets");
     if raw.is_empty() {
@@ -821,6 +822,8 @@ fn validate_subsets(
 
     let weights_path = format!("{path}.weights");
     match weights {
+        // `tcpshiftctl apply`: the weights come from elsewhere (see `ServiceSpec`).
+        None if !require_weights => {}
         None if subsets.len() == 1 => {
             if let Some(only) = subsets.first_mut() {
                 only.weight = DEFAULT_SINGLE_WEIGHT;
@@ -875,6 +878,178 @@ fn validate_subsets(
         }
     }
     Ok(subsets)
+}
+
+// ---------------------------------------------------------------------------------------------
+// `services:` documents given to `tcpshiftctl apply`
+
+/// One service of a `services:` document given to `tcpshiftctl apply`.
+///
+/// The document has the loader's format, with two keys that may be left out because
+/// `tcpshiftctl apply` can take them from elsewhere: `listen` (from a VirtualService's
+/// `match.port` or a Gateway's server port in the same apply, or the service already in the
+/// kernel) and `weights` (from a VirtualService, or the kernel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Where the service listens, when the document says.
+    pub listen: Option<Listen>,
+    /// The subsets in YAML order (1 to [`MAX_SUBSETS`]). Their weights are those of the
+    /// document when [`ServiceSpec::weights_given`], else 0.
+    pub subsets: Vec<SubsetConfig>,
+    /// Whether the document has a `weights` key for this service.
+    pub weights_given: bool,
+}
+
+impl ServiceSpec {
+    /// The path of the service in its document, for messages: `services.NAME`.
+    pub fn path(&self) -> String {
+        format!("services.{}", seg(&self.name))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with a `services` key at the top level"
+)]
+struct RawSpecs {
+    services: Entries<RawSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+)]
+struct RawSpec {
+    #[serde(default)]
+    listen: Option<Listen>,
+    subsets: Entries<SubsetAddr>,
+    #[serde(default)]
+    weights: Option<Entries<Weight>>,
+}
+
+impl EntryKind for RawSpec {
+    const MAPPING: &'static str = RawService::MAPPING;
+}
+
+/// Parses and validates a `services:` document given to `tcpshiftctl apply` (one YAML
+/// document; `source` names it in messages). The rules are those of [`Config::from_yaml_str`]
+/// except that `listen` and `weights` may be left out (see [`ServiceSpec`]); weights that are
+/// given must still be valid (integers in `0..=1000000`, not all 0, known subsets). Services
+/// are returned sorted by name.
+pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>, ConfigError> {
+    let raw = match serde_yaml::from_str::<RawSpecs>(text) {
+        Ok(raw) => raw,
+        Err(_) if is_blank(text) => {
+            return Err(ConfigError::Empty {
+                file: source.to_owned(),
+            });
+        }
+        Err(err) => return Err(ConfigError::from_yaml(source, &err)),
+    };
+    let raw_services = raw.services.0;
+    if raw_services.is_empty() {
+        return Err(ConfigError::invalid(
+            source,
+            "services",
+            "no services defined; add at least one, e.g. \
+             `tcp-echo: {subsets: {v1: 127.0.0.2:9000}}`",
+        ));
+    }
+    if raw_services.len() > MAX_SERVICES as usize {
+        return Err(ConfigError::invalid(
+            source,
+            "services",
+            format!(
+                "{} services defined; at most {MAX_SERVICES} are supported",
+                raw_services.len()
+            ),
+        ));
+    }
+    let mut specs = Vec::with_capacity(raw_services.len());
+    let mut listens: HashMap<(Option<IpAddr>, u16), String> = HashMap::new();
+    for (name, raw) in raw_services {
+        let path = format!("services.{}", seg(&name));
+        validate_service_name(&name).map_err(|m| ConfigError::invalid(source, &path, m))?;
+        if let Some(listen) = raw.listen {
+            if let Some(other) = listens.get(&listen.key()) {
+                return Err(ConfigError::invalid(
+                    source,
+                    format!("{path}.listen"),
+                    format!(
+                        "{listen} is already the listen address of service {other}; each \
+                         service needs its own port or address"
+                    ),
+                ));
+            }
+            listens.insert(listen.key(), name.clone());
+        }
+        let weights_given = raw.weights.is_some();
+        let subsets = validate_subsets(source, &path, raw.subsets.0, raw.weights, false)?;
+        specs.push(ServiceSpec {
+            name,
+            listen: raw.listen,
+            subsets,
+            weights_given,
+        });
+    }
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(specs)
+}
+
+impl Listen {
+    /// True when `self` and `other` are the same kernel map entry (IPv4-mapped IPv6 addresses
+    /// equal their IPv4 address; IPv6 scope and flow information are ignored).
+    pub fn same_key(&self, other: &Listen) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl ConfigError {
+    /// Moves the line of a parser error by `lines` (for a document that starts on line
+    /// `lines + 1` of a multi-document file).
+    pub fn shift_lines(self, lines: usize) -> ConfigError {
+        match self {
+            ConfigError::Yaml {
+                file,
+                line,
+                column,
+                message,
+            } => ConfigError::Yaml {
+                file,
+                line: line.map(|l| l + lines),
+                column,
+                message: shift_line_mentions(&message, lines),
+            },
+            other => other,
+        }
+    }
+}
+
+/// Adds `lines` to every "at line N" in a YAML parser message (which counts lines from the
+/// start of one document of a multi-document file).
+pub(crate) fn shift_line_mentions(message: &str, lines: usize) -> String {
+    const NEEDLE: &str = "at line ";
+    if lines == 0 {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(NEEDLE) {
+        let (before, after) = rest.split_at(i + NEEDLE.len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + lines).to_string()),
+            Err(_) => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
