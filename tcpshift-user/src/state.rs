@@ -45,7 +45,7 @@ use tcpshift_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{Config, Listen, ServiceConfig},
+    config::{Config, Listen, ServiceConfig, SubsetConfig},
     netns::{self, Netns, NetnsError},
     sockdiag,
     weights::{self, WeightError},
@@ -67,7 +67,7 @@ const _: () = assert!(OBSERVED_WINDOW_SECS as usize <= RECENT_SECONDS);
 pub enum StateError {
     /// No tcpshift state for this namespace.
     #[error(
-        "tcpshift is not installed in this network namespace (no state at {dir}); start the loader first: tcpshiftd --config FILE"
+        "tcpshift is not installed in this network namespace (no state at {dir}); start the loader first: tcpshiftd [--config FILE] (it loads the program; tcpshiftctl only changes what is loaded)"
     )]
     NotInstalled {
         /// Where the state would be.
@@ -128,6 +128,14 @@ pub enum StateError {
         /// The service that has it.
         other: String,
     },
+    /// A service definition that breaks a rule.
+    #[error("service {name:?}: {reason}")]
+    InvalidService {
+        /// The service.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Too many services.
     #[error("{wanted} services would exceed the limit of {MAX_SERVICES} per network namespace")]
     TooManyServices {
@@ -135,7 +143,7 @@ pub enum StateError {
         wanted: usize,
     },
     /// A BPF map operation failed.
-    #[error("{what}: {error}")]
+    #[error("{what}: {error}{}", map_error_cause(error))]
     Map {
         /// What was being done.
         what: String,
@@ -163,6 +171,14 @@ pub enum StateError {
 }
 
 type Result<T, E = StateError> = std::result::Result<T, E>;
+
+/// The OS error under a failed map syscall (aya's message names only the syscall).
+fn map_error_cause(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) => format!(": {}", s.io_error),
+        _ => String::new(),
+    }
+}
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> StateError {
     let what = what.into();
@@ -405,6 +421,50 @@ pub struct Missing {
     pub subset: String,
     /// Backend address.
     pub backend: SocketAddr,
+}
+
+/// A service as the kernel maps hold it (see [`State::services`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    /// Internal id (slot base in the maps).
+    pub id: u32,
+    /// Name, listen address, subsets and their current weights.
+    pub config: ServiceConfig,
+    /// Per subset, in order: whether a live listening socket is registered.
+    pub live: Vec<bool>,
+    /// Text stored with the service by [`State::apply_with`] (`tcpshiftctl apply` keeps
+    /// the Istio VirtualService the service was routed by there); never read by the data path.
+    pub annotation: Option<String>,
+}
+
+/// What [`State::apply_with`] does with a service's annotation (at most [`MAX_ANNOTATION`]
+/// bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Annotation {
+    /// Leave it as it is (a new service gets none).
+    Keep,
+    /// Replace it.
+    Set(String),
+    /// Remove it.
+    Clear,
+}
+
+/// One service as a change wants it (see [`State::apply_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    /// The complete definition, weights included.
+    pub config: ServiceConfig,
+    /// What to do with its annotation.
+    pub annotation: Annotation,
+}
+
+/// What a change wants (see [`State::apply_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Services to create or change; services not named are left alone.
+    pub services: Vec<DesiredService>,
+    /// Other services whose annotation is removed.
+    pub clear_annotations: Vec<String>,
 }
 
 /// The pinned state of one network namespace.
@@ -853,127 +913,568 @@ impl State {
     /// with [`Weights::FromConfig`], sets the weights of the others. Services absent from
     /// `config` are left alone. Everything is validated before the first map is written.
     pub fn apply(&mut self, config: &Config, policy: Weights) -> Result<Vec<(String, Change)>> {
+        self.apply_with(|current: &[ServiceView]| -> Result<Desired> {
+            let by_name: StdHashMap<&str, &ServiceView> = current
+                .iter()
+                .map(|v| (v.config.name.as_str(), v))
+                .collect();
+            let services = config
+                .services
+                .iter()
+                .map(|svc| {
+                    let mut svc = svc.clone();
+                    if policy == Weights::KeepExisting
+                        && let Some(view) = by_name.get(svc.name.as_str())
+                        && service_meta(&view.config) == service_meta(&svc)
+                    {
+                        svc.subsets = view.config.subsets.clone();
+                    }
+                    DesiredService {
+                        config: svc,
+                        annotation: Annotation::Keep,
+                    }
+                })
+                .collect();
+            Ok(Desired {
+                services,
+                clear_annotations: Vec::new(),
+            })
+        })
+    }
+
+    /// Every service as the kernel maps hold it, sorted by name: definition, current weights,
+    /// which subsets have a live socket, and the annotation stored with it.
+    pub fn services(&self) -> Result<Vec<ServiceView>> {
+        self.views(&self.all_meta()?)
+    }
+
+    fn views(&self, all: &[(u32, ServiceMeta)]) -> Result<Vec<ServiceView>> {
+        let live = self.live_slots()?;
+        let routes = self.open_routes()?;
+        let mut out = Vec::with_capacity(all.len());
+        for (id, meta) in all {
+            let entry = self.entry(meta)?.unwrap_or_default();
+            let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
+            let subsets = meta.subsets[..n]
+                .iter()
+                .zip(entry.weights)
+                .map(|(s, weight)| SubsetConfig {
+                    name: name_str(&s.name),
+                    addr: subset_addr(s),
+                    weight,
+                })
+                .collect();
+            out.push(ServiceView {
+                id: *id,
+                config: ServiceConfig {
+                    name: name_str(&meta.name),
+                    listen: listen_of(meta),
+                    subsets,
+                },
+                live: (0..n as u32)
+                    .map(|i| live.contains(&slot(*id, i)))
+                    .collect(),
+                annotation: match &routes {
+                    Some(r) => read_annotation(r, *id)?,
+                    None => None,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Changes services in one step, holding the namespace's lock throughout: `resolve` is
+    /// given every service as the kernel holds it ([`State::services`]) and returns what the
+    /// services it names must become; services it does not name are left alone.
+    ///
+    /// Nothing is written unless everything is valid: names unique and well-formed, 1 to 16
+    /// subsets, valid weights, no two services on one listen address (also counting the
+    /// services left alone), room for the new ones. The changes are then written service by
+    /// service, each committed by one `TS_SERVICES` update as in
+    /// [`State::set_weights`]; if the kernel refuses a write half-way (out of memory), the
+    /// services already changed are put back as they were (their old bucket tables are still
+    /// in place) and the error is returned. Sockets of subsets whose address changed are
+    /// unregistered; the loader registers the new ones.
+    ///
+    /// Returns what happened to each service named by `resolve`, in its order.
+    pub fn apply_with<E, F>(&mut self, resolve: F) -> std::result::Result<Vec<(String, Change)>, E>
+    where
+        E: From<StateError>,
+        F: FnOnce(&[ServiceView]) -> std::result::Result<Desired, E>,
+    {
         let _lock = self.lock()?;
         let existing = self.all_meta()?;
-        // Validate: listen conflicts with services not being redefined, and capacity.
-        let mut new_count = 0;
-        for svc in &config.services {
-            let key = service_key(&svc.listen);
-            if let Some((_, other)) = existing
-                .iter()
-                .find(|(_, m)| m.key == key && name_str(&m.name) != svc.name)
-                && !config
-                    .services
-                    .iter()
-                    .any(|s| s.name == name_str(&other.name))
+        let views = self.views(&existing)?;
+        let desired = resolve(&views)?;
+        Ok(self.write_desired(&existing, &views, &desired)?)
+    }
+
+    fn write_desired(
+        &mut self,
+        existing: &[(u32, ServiceMeta)],
+        views: &[ServiceView],
+        desired: &Desired,
+    ) -> Result<Vec<(String, Change)>> {
+        // ---- Validate everything; nothing is written before this block ends. ----
+        let by_name: StdHashMap<String, usize> = existing
+            .iter()
+            .enumerate()
+            .map(|(i, (_, m))| (name_str(&m.name), i))
+            .collect();
+        let invalid = |name: &str, reason: String| StateError::InvalidService {
+            name: name.to_owned(),
+            reason,
+        };
+        let mut names = HashSet::new();
+        let mut keys: StdHashMap<ServiceKey, &str> = StdHashMap::new();
+        for d in &desired.services {
+            let svc = &d.config;
+            if !names.insert(svc.name.as_str()) {
+                return Err(invalid(&svc.name, "named twice in one change".into()));
+            }
+            crate::config::validate_service_name(&svc.name).map_err(|r| invalid(&svc.name, r))?;
+            if svc.subsets.is_empty() || svc.subsets.len() > MAX_SUBSETS {
+                return Err(invalid(
+                    &svc.name,
+                    format!(
+                        "{} subsets; a service has 1 to {MAX_SUBSETS}",
+                        svc.subsets.len()
+                    ),
+                ));
+            }
+            let mut subset_names = HashSet::new();
+            for s in &svc.subsets {
+                crate::config::validate_subset_name(&s.name).map_err(|r| invalid(&svc.name, r))?;
+                if !subset_names.insert(s.name.as_str()) {
+                    return Err(invalid(&svc.name, format!("subset {:?} twice", s.name)));
+                }
+                if s.weight > weights::MAX_WEIGHT {
+                    return Err(WeightError::TooLarge {
+                        subset: s.name.clone(),
+                        weight: u64::from(s.weight),
+                    }
+                    .into());
+                }
+            }
+            weights::bucket_counts(&svc.weights())?;
+            if let Some(a) = annotation_text(&d.annotation)
+                && a.len() > MAX_ANNOTATION
             {
+                return Err(invalid(
+                    &svc.name,
+                    format!(
+                        "annotation of {} bytes; at most {MAX_ANNOTATION} are stored",
+                        a.len()
+                    ),
+                ));
+            }
+            if let Some(other) = keys.insert(service_key(&svc.listen), &svc.name) {
                 return Err(StateError::ListenConflict {
                     name: svc.name.clone(),
                     listen: svc.listen.to_string(),
-                    other: name_str(&other.name),
+                    other: other.to_owned(),
                 });
             }
-            if !existing.iter().any(|(_, m)| name_str(&m.name) == svc.name) {
-                new_count += 1;
+        }
+        for (_, m) in existing {
+            let name = name_str(&m.name);
+            if names.contains(name.as_str()) {
+                continue;
+            }
+            if let Some(other) = keys.get(&m.key) {
+                return Err(StateError::ListenConflict {
+                    name: (*other).to_owned(),
+                    listen: listen_of(m).to_string(),
+                    other: name,
+                });
             }
         }
+        let new_count = desired
+            .services
+            .iter()
+            .filter(|d| !by_name.contains_key(&d.config.name))
+            .count();
         if existing.len() + new_count > MAX_SERVICES as usize {
             return Err(StateError::TooManyServices {
                 wanted: existing.len() + new_count,
             });
         }
-        for svc in &config.services {
-            weights::bucket_counts(&svc.subsets.iter().map(|s| s.weight).collect::<Vec<_>>())?;
-        }
 
-        let mut used: HashSet<u32> = existing.iter().map(|(id, _)| *id).collect();
-        let mut changes = Vec::new();
-        for svc in &config.services {
-            let meta = service_meta(svc);
-            let config_weights: Vec<u32> = svc.subsets.iter().map(|s| s.weight).collect();
-            let change = match existing.iter().find(|(_, m)| name_str(&m.name) == svc.name) {
+        // ---- Plan. ----
+        let used: HashSet<u32> = existing.iter().map(|(id, _)| *id).collect();
+        let mut free = (0..MAX_SERVICES).filter(|id| !used.contains(id));
+        let mut steps = Vec::with_capacity(desired.services.len());
+        for d in &desired.services {
+            let meta = service_meta(&d.config);
+            let ws = d.config.weights();
+            let step = match by_name.get(&d.config.name) {
                 None => {
-                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(
-                        StateError::TooManyServices {
-                            wanted: used.len() + 1,
-                        },
-                    )?;
-                    used.insert(id);
-                    self.write_service(id, &meta, &config_weights, None)?;
-                    Change::Created
+                    let id = free.next().ok_or(StateError::TooManyServices {
+                        wanted: existing.len() + new_count,
+                    })?;
+                    Step {
+                        id,
+                        meta,
+                        weights: ws,
+                        old: None,
+                        old_annotation: None,
+                        change: Change::Created,
+                    }
                 }
-                Some((id, old)) => {
-                    let entry = self.entry(old)?;
-                    if *old == meta && entry.is_some() {
-                        let current = entry.map(|e| e.weights).unwrap_or_default();
-                        if policy == Weights::KeepExisting
-                            || current[..config_weights.len()] == config_weights[..]
-                        {
-                            Change::Unchanged
-                        } else {
-                            self.write_service(*id, &meta, &config_weights, Some((old, entry)))?;
-                            Change::Reweighted
+                Some(&i) => {
+                    let (id, old_meta) = existing[i];
+                    let entry = self.entry(&old_meta)?;
+                    let change = match entry {
+                        Some(e) if old_meta == meta => {
+                            if e.weights.get(..ws.len()) == Some(&ws[..]) {
+                                Change::Unchanged
+                            } else {
+                                Change::Reweighted
+                            }
                         }
-                    } else {
-                        self.write_service(*id, &meta, &config_weights, Some((old, entry)))?;
-                        Change::Redefined
+                        _ => Change::Redefined,
+                    };
+                    Step {
+                        id,
+                        meta,
+                        weights: ws,
+                        old: Some((old_meta, entry)),
+                        old_annotation: views.get(i).and_then(|v| v.annotation.clone()),
+                        change,
                     }
                 }
             };
-            info!(service = %svc.name, listen = %svc.listen, change = ?change, "applied");
-            changes.push((svc.name.clone(), change));
+            steps.push((step, &d.annotation));
         }
+        let mut clear: Vec<(u32, Option<String>)> = Vec::new();
+        for name in &desired.clear_annotations {
+            if names.contains(name.as_str()) {
+                continue;
+            }
+            if let Some(&i) = by_name.get(name) {
+                let view = views.get(i);
+                if let Some(annotation) = view.and_then(|v| v.annotation.clone()) {
+                    clear.push((existing[i].0, Some(annotation)));
+                }
+            }
+        }
+        let needs_routes = steps.iter().any(|(_, a)| matches!(a, Annotation::Set(_)));
+        let mut routes = match self.open_routes()? {
+            Some(r) => Some(r),
+            None if needs_routes => Some(self.create_routes()?),
+            None => None,
+        };
+        // Every listen key in use once the change is done.
+        let final_keys: HashSet<ServiceKey> = existing
+            .iter()
+            .filter(|(_, m)| !names.contains(name_str(&m.name).as_str()))
+            .map(|(_, m)| m.key)
+            .chain(steps.iter().map(|(s, _)| s.meta.key))
+            .collect();
+
+        // ---- Write. ----
+        let written = self.write_steps(&steps, &clear, routes.as_mut(), &final_keys);
+        if let Err(e) = written {
+            warn!(error = %e, "a change failed half-way; putting the services back as they were");
+            self.roll_back(&steps, &clear, routes.as_mut());
+            return Err(e);
+        }
+        let changes = steps
+            .iter()
+            .map(|(s, _)| {
+                if s.change != Change::Unchanged {
+                    info!(service = %name_str(&s.meta.name), listen = %listen_of(&s.meta), change = ?s.change, "applied");
+                }
+                (name_str(&s.meta.name), s.change.clone())
+            })
+            .collect();
         Ok(changes)
     }
 
-    /// Writes one service: bucket table into the inactive generation, definition, counters,
-    /// and finally the entry that the data path reads (the commit point).
-    fn write_service(
+    fn write_steps(
         &mut self,
-        id: u32,
-        meta: &ServiceMeta,
-        ws: &[u32],
-        old: Option<(&ServiceMeta, Option<ServiceEntry>)>,
+        steps: &[(Step, &Annotation)],
+        clear: &[(u32, Option<String>)],
+        mut routes: Option<&mut RoutesMap>,
+        final_keys: &HashSet<ServiceKey>,
     ) -> Result<()> {
-        let old_entry = old.and_then(|(_, e)| e);
-        let generation = old_entry.map_or(0, |e| e.generation ^ 1);
-        let table = weights::build_table(ws)?;
-        let m = &mut self.maps;
-        m.buckets
-            .insert(table_key(id, generation), *table, 0)
+        let mut tables: StdHashMap<Vec<u32>, Box<BucketTable>> = StdHashMap::new();
+        // 1. Everything the data path reaches only through the new entries: bucket tables in
+        //    the inactive generation, definitions, counters, annotations. Sockets of subsets
+        //    whose backend changed go first, so that no connection reaches an old backend
+        //    under a new subset (it falls back to the other subsets until the new socket is
+        //    registered).
+        for (step, annotation) in steps {
+            let id = step.id;
+            if step.change == Change::Created {
+                // Leftovers of a service that had this id before.
+                self.clear_slots(id, 0, MAX_SUBSETS as u32)?;
+            }
+            if let Some(routes) = routes.as_deref_mut() {
+                match annotation {
+                    Annotation::Set(text) if step.old_annotation.as_ref() == Some(text) => {}
+                    Annotation::Set(text) => write_annotation(routes, id, text)?,
+                    Annotation::Clear => remove_annotation(routes, id)?,
+                    Annotation::Keep if step.change == Change::Created => {
+                        remove_annotation(routes, id)?
+                    }
+                    Annotation::Keep => {}
+                }
+            }
+            if step.change == Change::Unchanged {
+                continue;
+            }
+            if !tables.contains_key(&step.weights) {
+                tables.insert(step.weights.clone(), weights::build_table(&step.weights)?);
+            }
+            let table = tables
+                .get(&step.weights)
+                .ok_or_else(|| map_err("bucket table")(MapError::KeyNotFound))?;
+            let m = &mut self.maps;
+            retry_enomem(|| {
+                m.buckets
+                    .insert(table_key(id, step.generation()), **table, 0)
+            })
             .map_err(map_err("cannot write a bucket table"))?;
-        m.meta
-            .insert(id, meta, 0)
-            .map_err(map_err("cannot write a service definition"))?;
-        for i in 0..u32::from(meta.n_subsets) {
-            ensure_counters(&mut m.counters, slot(id, i))?;
+            if step.change == Change::Reweighted {
+                continue;
+            }
+            retry_enomem(|| m.meta.insert(id, step.meta, 0))
+                .map_err(map_err("cannot write a service definition"))?;
+            for i in 0..u32::from(step.meta.n_subsets) {
+                ensure_counters(&mut m.counters, slot(id, i))?;
+            }
+            if let Some((old_meta, _)) = &step.old {
+                for i in 0..usize::from(old_meta.n_subsets).min(MAX_SUBSETS) {
+                    let same = i < usize::from(step.meta.n_subsets)
+                        && old_meta.subsets[i].addr == step.meta.subsets[i].addr
+                        && old_meta.subsets[i].port == step.meta.subsets[i].port;
+                    if !same {
+                        ignore_missing(
+                            m.sockets.remove(&slot(id, i as u32)),
+                            "cannot unregister a socket",
+                        )?;
+                    }
+                }
+            }
         }
-        let entry = new_entry(id, generation, meta.n_subsets, ws);
-        m.services
-            .insert(meta.key, entry, 0)
-            .map_err(map_err("cannot write a service entry"))?;
-        if let Some((old_meta, _)) = old {
-            if old_meta.key != meta.key {
+        if let Some(routes) = routes {
+            for (id, _) in clear {
+                remove_annotation(routes, *id)?;
+            }
+        }
+        // 2. The commit points: one TS_SERVICES update per service.
+        for (step, _) in steps {
+            if step.change == Change::Unchanged {
+                continue;
+            }
+            let entry = new_entry(
+                step.id,
+                step.generation(),
+                step.meta.n_subsets,
+                &step.weights,
+            );
+            let services = &mut self.maps.services;
+            retry_enomem(|| services.insert(step.meta.key, entry, 0))
+                .map_err(map_err("cannot write a service entry"))?;
+        }
+        // 3. Listen addresses given up, and subsets gone.
+        for (step, _) in steps {
+            let Some((old_meta, _)) = &step.old else {
+                continue;
+            };
+            if step.change != Change::Redefined {
+                continue;
+            }
+            if !final_keys.contains(&old_meta.key) {
                 ignore_missing(
-                    m.services.remove(&old_meta.key),
+                    self.maps.services.remove(&old_meta.key),
                     "cannot remove a service entry",
                 )?;
             }
-            // Sockets registered for a subset whose backend changed or that is gone.
-            for i in 0..usize::from(old_meta.n_subsets).min(MAX_SUBSETS) {
-                let s = slot(id, i as u32);
-                let same = i < usize::from(meta.n_subsets)
-                    && old_meta.subsets[i].addr == meta.subsets[i].addr
-                    && old_meta.subsets[i].port == meta.subsets[i].port;
-                if !same {
-                    ignore_missing(m.sockets.remove(&s), "cannot unregister a socket")?;
+            self.clear_slots(
+                step.id,
+                u32::from(step.meta.n_subsets),
+                u32::from(old_meta.n_subsets),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Best effort: puts the services of `steps` back as they were before
+    /// [`State::write_steps`] (errors are logged, the first error is what the caller reports).
+    fn roll_back(
+        &mut self,
+        steps: &[(Step, &Annotation)],
+        clear: &[(u32, Option<String>)],
+        mut routes: Option<&mut RoutesMap>,
+    ) {
+        let old_keys: HashSet<ServiceKey> = steps
+            .iter()
+            .filter_map(|(s, _)| s.old.as_ref().map(|(m, _)| m.key))
+            .collect();
+        let report = |what: &str, r: Result<()>| {
+            if let Err(e) = r {
+                warn!(error = %e, "rolling back: {what}");
+            }
+        };
+        for (step, _) in steps {
+            if step.change == Change::Unchanged {
+                continue;
+            }
+            match &step.old {
+                Some((old_meta, old_entry)) => {
+                    report(
+                        "cannot restore a service definition",
+                        self.maps
+                            .meta
+                            .insert(step.id, old_meta, 0)
+                            .map_err(map_err("meta")),
+                    );
+                    if let Some(e) = old_entry {
+                        report(
+                            "cannot restore a service entry",
+                            self.maps
+                                .services
+                                .insert(old_meta.key, e, 0)
+                                .map_err(map_err("entry")),
+                        );
+                    }
+                    if step.meta.key != old_meta.key && !old_keys.contains(&step.meta.key) {
+                        report(
+                            "cannot remove a new listen address",
+                            ignore_missing(self.maps.services.remove(&step.meta.key), "entry"),
+                        );
+                    }
                 }
-                if i >= usize::from(meta.n_subsets) {
-                    ignore_missing(m.counters.remove(&s), "cannot remove counters")?;
+                None => {
+                    if !old_keys.contains(&step.meta.key) {
+                        report(
+                            "cannot remove a new service entry",
+                            ignore_missing(self.maps.services.remove(&step.meta.key), "entry"),
+                        );
+                    }
+                    let r = self.remove_id(step.id, step.meta.n_subsets, routes.as_deref_mut());
+                    report("cannot remove a new service", r);
                 }
             }
         }
+        if let Some(routes) = routes {
+            let restore = steps
+                .iter()
+                .map(|(s, _)| (s.id, s.old_annotation.clone()))
+                .chain(clear.iter().cloned());
+            for (id, old) in restore {
+                let r = match old {
+                    Some(text) => write_annotation(routes, id, &text),
+                    None => remove_annotation(routes, id),
+                };
+                report("cannot restore an annotation", r);
+            }
+        }
+    }
+
+    /// Removes the sockets and counters of slots `from..to` of service `id`.
+    fn clear_slots(&mut self, id: u32, from: u32, to: u32) -> Result<()> {
+        for i in from..to.min(MAX_SUBSETS as u32) {
+            let s = slot(id, i);
+            ignore_missing(self.maps.sockets.remove(&s), "cannot unregister a socket")?;
+            ignore_missing(self.maps.counters.remove(&s), "cannot remove counters")?;
+        }
         Ok(())
+    }
+
+    /// Removes everything of service `id` but its `TS_SERVICES` entry: both bucket tables,
+    /// sockets, counters, annotation and definition (last: it is how the id is found).
+    /// Slots from `n_subsets` on are empty already (a redefinition clears them).
+    fn remove_id(&mut self, id: u32, n_subsets: u8, routes: Option<&mut RoutesMap>) -> Result<()> {
+        for generation in 0..2 {
+            ignore_missing(
+                self.maps.buckets.remove(&table_key(id, generation)),
+                "cannot remove a bucket table",
+            )?;
+        }
+        self.clear_slots(id, 0, u32::from(n_subsets))?;
+        if let Some(routes) = routes {
+            remove_annotation(routes, id)?;
+        }
+        ignore_missing(
+            self.maps.meta.remove(&id),
+            "cannot remove a service definition",
+        )
+    }
+
+    /// Deletes services in one step, holding the namespace's lock throughout: `select` is
+    /// given every service ([`State::services`]) and returns the names to delete (names that
+    /// do not exist are skipped). Each service stops being steered at once (its
+    /// `TS_SERVICES` entry goes first: new connections to its listen address see the normal
+    /// socket lookup); then its tables, sockets, counters, annotation and definition are
+    /// removed. Returns the names deleted.
+    pub fn delete_with<E, F>(&mut self, select: F) -> std::result::Result<Vec<String>, E>
+    where
+        E: From<StateError>,
+        F: FnOnce(&[ServiceView]) -> std::result::Result<Vec<String>, E>,
+    {
+        let _lock = self.lock()?;
+        let existing = self.all_meta()?;
+        let views = self.views(&existing)?;
+        let names = select(&views)?;
+        let by_name: StdHashMap<String, (u32, ServiceMeta)> = existing
+            .iter()
+            .map(|(id, m)| (name_str(&m.name), (*id, *m)))
+            .collect();
+        let mut routes = self.open_routes()?;
+        let mut deleted = Vec::new();
+        let mut seen = HashSet::new();
+        for name in names {
+            let Some((id, meta)) = by_name.get(&name) else {
+                continue;
+            };
+            if !seen.insert(*id) {
+                continue;
+            }
+            // Only this service's entry: another service may have taken the address since.
+            if let Ok(e) = self.maps.services.get(&meta.key, 0)
+                && e.id == *id
+            {
+                ignore_missing(
+                    self.maps.services.remove(&meta.key),
+                    "cannot remove a service entry",
+                )?;
+            }
+            self.remove_id(*id, meta.n_subsets, routes.as_mut())?;
+            info!(service = %name, "deleted");
+            deleted.push(name);
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the service called `name`. Returns whether it existed.
+    pub fn delete_service(&mut self, name: &str) -> Result<bool> {
+        let deleted = self.delete_with(|_| Ok::<_, StateError>(vec![name.to_owned()]))?;
+        Ok(!deleted.is_empty())
+    }
+
+    /// `TS_ROUTES`, if it was created.
+    fn open_routes(&self) -> Result<Option<RoutesMap>> {
+        let path = self.dir.join(ROUTES);
+        if !path.exists() {
+            return Ok(None);
+        }
+        open_map(&self.dir, ROUTES).map(Some)
+    }
+
+    /// Creates and pins `TS_ROUTES` (a userspace-only map, created on first use: states
+    /// created before it existed get it then).
+    fn create_routes(&mut self) -> Result<RoutesMap> {
+        let map: RoutesMap = HashMap::create(MAX_SERVICES, BPF_F_NO_PREALLOC)
+            .map_err(map_err("cannot create the annotation map"))?;
+        let path = self.dir.join(ROUTES);
+        map.pin(&path).map_err(|e| StateError::Program {
+            what: format!("cannot pin {}", path.display()),
+            error: Box::new(e),
+        })?;
+        open_map(&self.dir, ROUTES)
     }
 
     /// Sets weights with `tcpshiftctl set-weight` semantics (see
@@ -1068,6 +1569,71 @@ fn ignore_missing(r: std::result::Result<(), MapError>, what: &str) -> Result<()
     }
 }
 
+/// Name of the userspace-only map of per-service annotations (see [`Annotation`]).
+const ROUTES: &str = "TS_ROUTES";
+/// Size of a `TS_ROUTES` value: a little-endian `u16` length, then the annotation's bytes.
+const ROUTE_VALUE_SIZE: usize = 1024;
+/// Longest annotation stored with a service, in bytes.
+pub const MAX_ANNOTATION: usize = ROUTE_VALUE_SIZE - 2;
+/// `BPF_F_NO_PREALLOC`: entries are allocated as they are written.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+type RouteValue = [u8; ROUTE_VALUE_SIZE];
+type RoutesMap = HashMap<MapData, u32, RouteValue>;
+
+/// One service's part of a change (see [`State::write_desired`]).
+struct Step {
+    id: u32,
+    meta: ServiceMeta,
+    weights: Vec<u32>,
+    /// Definition and entry before the change, for existing services.
+    old: Option<(ServiceMeta, Option<ServiceEntry>)>,
+    old_annotation: Option<String>,
+    change: Change,
+}
+
+impl Step {
+    /// The bucket-table generation the change writes: the one the data path does not use.
+    fn generation(&self) -> u32 {
+        self.old
+            .as_ref()
+            .and_then(|(_, e)| *e)
+            .map_or(0, |e| e.generation ^ 1)
+    }
+}
+
+fn annotation_text(a: &Annotation) -> Option<&str> {
+    match a {
+        Annotation::Set(text) => Some(text),
+        _ => None,
+    }
+}
+
+fn read_annotation(routes: &RoutesMap, id: u32) -> Result<Option<String>> {
+    match routes.get(&id, 0) {
+        Ok(v) => {
+            let len = usize::from(u16::from_le_bytes([v[0], v[1]])).min(MAX_ANNOTATION);
+            let body = v.get(2..2 + len).unwrap_or_default();
+            Ok(Some(String::from_utf8_lossy(body).into_owned()))
+        }
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err("cannot read an annotation")(e)),
+    }
+}
+
+fn write_annotation(routes: &mut RoutesMap, id: u32, text: &str) -> Result<()> {
+    let mut v: RouteValue = [0; ROUTE_VALUE_SIZE];
+    let b = text.as_bytes();
+    let n = b.len().min(MAX_ANNOTATION);
+    v[..2].copy_from_slice(&(n as u16).to_le_bytes());
+    v[2..2 + n].copy_from_slice(&b[..n]);
+    retry_enomem(|| routes.insert(id, v, 0)).map_err(map_err("cannot write an annotation"))
+}
+
+fn remove_annotation(routes: &mut RoutesMap, id: u32) -> Result<()> {
+    ignore_missing(routes.remove(&id), "cannot remove an annotation")
+}
+
 /// Creates zeroed counters for `slot` unless they exist.
 fn ensure_counters(counters: &mut PerCpuHashMap<MapData, u32, Counters>, slot: u32) -> Result<()> {
     if counters.get(&slot, 0).is_ok() {
@@ -1078,11 +1644,37 @@ fn ensure_counters(counters: &mut PerCpuHashMap<MapData, u32, Counters>, slot: u
         path: PathBuf::from(what),
         error: e,
     })?;
-    let zeros = PerCpuValues::try_from(vec![Counters::default(); n])
-        .map_err(|e| map_err("cannot size per-CPU counters")(MapError::IoError(e)))?;
-    counters
-        .insert(slot, zeros, 0)
-        .map_err(map_err("cannot create counters"))
+    retry_enomem(|| {
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); n])?;
+        counters.insert(slot, zeros, 0)
+    })
+    .map_err(map_err("cannot create counters"))
+}
+
+/// Runs a map update again while the kernel answers ENOMEM, for up to about a second.
+///
+/// Maps without preallocation take their elements from the BPF memory allocator's per-CPU
+/// caches, which are refilled asynchronously (and per-CPU values from the percpu allocator,
+/// which grows asynchronously too): thousands of updates in a row from userspace — an apply
+/// of 10 000 services — can find them empty for a moment although memory is plentiful.
+fn retry_enomem<T>(
+    mut update: impl FnMut() -> std::result::Result<T, MapError>,
+) -> std::result::Result<T, MapError> {
+    let mut delay = std::time::Duration::from_micros(100);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match update() {
+            Err(MapError::SyscallError(s))
+                if s.io_error.raw_os_error() == Some(libc::ENOMEM)
+                    && waited < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::sleep(delay);
+                waited += delay;
+                delay = (delay * 2).min(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Loads the object, pins its maps and the attached program's link into `tmp`.
