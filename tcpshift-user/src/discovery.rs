@@ -16,6 +16,7 @@
 //! with `setns(2)` sees that namespace's sockets.
 
 use std::{
+    collections::HashSet,
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
@@ -449,10 +450,19 @@ pub fn take_socket(inode: u64) -> Result<(OwnedFd, Owner), DiscoveryError> {
 /// skipped, and if no other candidate is left the result is [`DiscoveryError::V6Only`].
 /// A listener that disappears between listing and taking is skipped as well.
 pub fn acquire(addr: SocketAddr) -> Result<Option<(OwnedFd, Listener, Owner)>, DiscoveryError> {
+    acquire_from(addr, candidates(addr, &listeners()?), take_socket)
+}
+
+/// [`acquire`] over `candidates` (in order), taking each socket with `take`.
+fn acquire_from(
+    addr: SocketAddr,
+    candidates: Vec<Listener>,
+    mut take: impl FnMut(u64) -> Result<(OwnedFd, Owner), DiscoveryError>,
+) -> Result<Option<(OwnedFd, Listener, Owner)>, DiscoveryError> {
     let mut v6only = None;
     let mut last_not_found = None;
-    for listener in candidates(addr, &listeners()?) {
-        let (fd, owner) = match take_socket(listener.inode) {
+    for listener in candidates {
+        let (fd, owner) = match take(listener.inode) {
             Ok(found) => found,
             // Closed since we listed it; another candidate may still serve.
             Err(e @ DiscoveryError::NotFound { .. }) => {
@@ -493,6 +503,230 @@ pub fn acquire(addr: SocketAddr) -> Result<Option<(OwnedFd, Listener, Owner)>, D
             _ => Ok(None),
         },
     }
+}
+
+/// A snapshot of the current thread's network namespace for taking many sockets at once:
+/// its listening sockets, listed once, and — built on first need, with one pass over
+/// `/proc/*/fd` — which process holds each of them. [`Snapshot::acquire`] is [`acquire`]
+/// without re-reading `/proc` for every address, so registering thousands of subsets costs one
+/// scan instead of thousands. A process that exited or closed its socket since the snapshot
+/// is handled as [`acquire`] does (the next candidate is tried).
+pub struct Snapshot {
+    listeners: Vec<Listener>,
+    /// The listeners by port (a candidate always has the address's port).
+    by_port: std::collections::HashMap<u16, Vec<Listener>>,
+    /// Socket inode → (pid, fd) of its first holder (this process counts as any other).
+    holders: Option<std::collections::HashMap<u64, (i32, i32)>>,
+    /// Processes whose fd tables could not be read for lack of permission.
+    denied: usize,
+}
+
+impl Snapshot {
+    /// Lists the listening sockets of the current thread's network namespace.
+    pub fn take() -> Result<Self, DiscoveryError> {
+        let listeners = listeners()?;
+        let mut by_port: std::collections::HashMap<u16, Vec<Listener>> =
+            std::collections::HashMap::new();
+        for l in &listeners {
+            by_port.entry(l.local.port()).or_default().push(*l);
+        }
+        Ok(Self {
+            listeners,
+            by_port,
+            holders: None,
+            denied: 0,
+        })
+    }
+
+    /// The listening sockets.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// Like [`acquire`], from the snapshot.
+    pub fn acquire(
+        &mut self,
+        addr: SocketAddr,
+    ) -> Result<Option<(OwnedFd, Listener, Owner)>, DiscoveryError> {
+        let same_port = self
+            .by_port
+            .get(&addr.port())
+            .map_or(&[][..], Vec::as_slice);
+        let candidates = candidates(addr, same_port);
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        if self.holders.is_none() {
+            self.index()?;
+        }
+        let holders = self.holders.as_ref();
+        let denied = self.denied;
+        acquire_from(addr, candidates, |inode| {
+            match holders.and_then(|h| h.get(&inode)) {
+                Some(&(pid, fd)) => {
+                    let owner = Owner {
+                        pid,
+                        fd,
+                        comm: read_comm(pid),
+                    };
+                    let dup = if pid == std::process::id() as i32 {
+                        // SAFETY: fcntl on a raw fd number; the inode check below catches reuse.
+                        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                        // SAFETY: `dup` is a fresh fd we own.
+                        (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
+                    } else {
+                        getfd(&owner)?
+                    };
+                    match dup {
+                        Some(dup) => match verify(dup, inode, owner)? {
+                            Some(found) => Ok(found),
+                            // The fd number was reused: look the socket up afresh.
+                            None => take_socket(inode),
+                        },
+                        // The process exited or closed the fd: maybe another holds it.
+                        None => take_socket(inode),
+                    }
+                }
+                None => Err(DiscoveryError::NotFound { inode, denied }),
+            }
+        })
+    }
+
+    /// One pass over every process's fds, remembering who holds the listening sockets.
+    fn index(&mut self) -> Result<(), DiscoveryError> {
+        let wanted: HashSet<u64> = self.listeners.iter().map(|l| l.inode).collect();
+        let mut holders = std::collections::HashMap::new();
+        let mut pids: Vec<i32> = fs::read_dir("/proc")
+            .map_err(|source| DiscoveryError::ReadProc {
+                path: PathBuf::from("/proc"),
+                source,
+            })?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        let my_pid = std::process::id() as i32;
+        // Ourselves first (and through thread-self: this thread may have its own fd table).
+        pids.retain(|&p| p != my_pid);
+        pids.insert(0, my_pid);
+        let mut denied = 0;
+        for pid in pids {
+            let dir = if pid == my_pid {
+                PathBuf::from(PROC_THREAD_SELF_FD)
+            } else {
+                PathBuf::from(format!("/proc/{pid}/fd"))
+            };
+            let entries = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    denied += 1;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let mut fds: Vec<i32> = entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            fds.sort_unstable();
+            for fd in fds {
+                let Ok(link) = fs::read_link(dir.join(fd.to_string())) else {
+                    continue;
+                };
+                let Some(inode) = link
+                    .to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+                    .and_then(|l| l.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if wanted.contains(&inode) {
+                    holders.entry(inode).or_insert((pid, fd));
+                }
+            }
+        }
+        self.holders = Some(holders);
+        self.denied = denied;
+        Ok(())
+    }
+}
+
+/// What [`register_missing`] did for one subset without a live socket.
+#[derive(Debug)]
+pub enum Registration {
+    /// Its server's listening socket is now registered.
+    Registered {
+        /// The subset.
+        missing: crate::state::Missing,
+        /// The socket.
+        listener: Listener,
+        /// Who holds it.
+        owner: Owner,
+    },
+    /// Nothing listens on its address (yet).
+    NotListening(crate::state::Missing),
+    /// A listening socket was found but could not be taken.
+    Failed {
+        /// The subset.
+        missing: crate::state::Missing,
+        /// Why.
+        error: DiscoveryError,
+    },
+}
+
+/// Registers the listening socket of every subset that has none, of every service or only
+/// of `services` (names), with one [`Snapshot`] of the namespace. Used by the loader's scan
+/// loop and by `tcpshiftctl apply` (so that new subsets are served at once). A failure to
+/// take one socket is reported in the result; only a failure to write the maps is an error.
+pub fn register_missing(
+    state: &mut crate::state::State,
+    services: Option<&HashSet<String>>,
+) -> Result<Vec<Registration>, crate::state::StateError> {
+    let missing: Vec<crate::state::Missing> = state
+        .missing_sockets()?
+        .into_iter()
+        .filter(|m| services.is_none_or(|s| s.contains(&m.service)))
+        .collect();
+    let mut out = Vec::with_capacity(missing.len());
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    let mut snapshot = match Snapshot::take() {
+        Ok(s) => s,
+        Err(e) => {
+            let message = e.to_string();
+            for m in missing {
+                out.push(Registration::Failed {
+                    missing: m,
+                    error: DiscoveryError::ReadProc {
+                        path: PathBuf::from(PROC_NET_TCP),
+                        source: io::Error::other(message.clone()),
+                    },
+                });
+            }
+            return Ok(out);
+        }
+    };
+    for m in missing {
+        match snapshot.acquire(m.backend) {
+            Ok(Some((fd, listener, owner))) => {
+                use std::os::fd::AsFd;
+                let done = state.register_socket(&m, fd.as_fd())?;
+                // Our duplicate of the backend's socket is closed here: the map holds it.
+                drop(fd);
+                if done {
+                    out.push(Registration::Registered {
+                        missing: m,
+                        listener,
+                        owner,
+                    });
+                }
+                // Not done: the subset changed meanwhile; the next scan sees the new one.
+            }
+            Ok(None) => out.push(Registration::NotListening(m)),
+            Err(error) => out.push(Registration::Failed { missing: m, error }),
+        }
+    }
+    Ok(out)
 }
 
 /// The inode of the current thread's network namespace (`/proc/thread-self/ns/net`), for

@@ -6,7 +6,6 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    os::fd::AsFd,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -17,9 +16,10 @@ use clap::Parser;
 use tcpshift::{
     EBPF_OBJECT,
     config::Config,
-    discovery, metrics,
+    discovery::{self, Registration},
+    metrics,
     netns::Netns,
-    state::{Installed, Missing, State, Weights},
+    state::{Installed, State, Weights},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -32,12 +32,13 @@ use tracing::{debug, error, info, warn};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Example:\n  tcpshiftd --config tcpshift.yaml\n  tcpshiftctl set-weight v2=20"
+    after_help = "Examples:\n  tcpshiftd --config tcpshift.yaml\n  tcpshiftctl set-weight v2=20\n\n  tcpshiftd &\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml"
 )]
 struct Args {
-    /// YAML configuration: services, their listen port, subsets and weights.
+    /// YAML configuration: services, their listen port, subsets and weights. Without it,
+    /// services are added with `tcpshiftctl apply`.
     #[arg(long, short, value_name = "FILE")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
@@ -79,7 +80,12 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let config = Config::from_file(&args.config)?;
+    let config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config {
+            services: Vec::new(),
+        },
+    };
     // Enter the namespace before any other thread exists: threads inherit it.
     if let Some(path) = &args.netns {
         Netns::open(path)?.enter()?;
@@ -263,16 +269,32 @@ async fn supervise(state: &mut State, every: Duration) -> Result<()> {
             info!("the pinned state was removed (tcpshiftctl uninstall); exiting");
             return Ok(());
         }
-        let missing = state.missing_sockets()?;
         let mut still: HashSet<(String, String)> = HashSet::new();
-        for m in &missing {
-            let id = (m.service.clone(), m.subset.clone());
-            if !register(state, m)? {
-                if !waiting.contains(&id) {
-                    warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
-                        "no live socket: nothing listens on the backend address (yet); its connections fall back to the other subsets");
+        for outcome in discovery::register_missing(state, None)? {
+            match outcome {
+                Registration::Registered {
+                    missing: m,
+                    listener,
+                    owner,
+                } => {
+                    info!(service = %m.service, subset = %m.subset, backend = %m.backend,
+                        socket = %listener.local, pid = owner.pid, process = %owner.comm, "registered listening socket");
                 }
-                still.insert(id);
+                Registration::NotListening(m) => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    if !waiting.contains(&id) {
+                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
+                            "no live socket: nothing listens on the backend address (yet); its connections fall back to the other subsets");
+                    }
+                    still.insert(id);
+                }
+                Registration::Failed { missing: m, error } => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    if !waiting.contains(&id) {
+                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend, "cannot take the backend's socket: {error}");
+                    }
+                    still.insert(id);
+                }
             }
         }
         waiting = still;
@@ -283,26 +305,4 @@ async fn supervise(state: &mut State, every: Duration) -> Result<()> {
     }
     info!("exiting; steering continues in the kernel (remove it with `tcpshiftctl uninstall`)");
     Ok(())
-}
-
-/// Finds the backend's listening socket and registers it. Returns whether it did.
-fn register(state: &mut State, m: &Missing) -> Result<bool> {
-    let found = match discovery::acquire(m.backend) {
-        Ok(found) => found,
-        Err(e) => {
-            warn!(service = %m.service, subset = %m.subset, backend = %m.backend, "cannot take the backend's socket: {e}");
-            return Ok(false);
-        }
-    };
-    let Some((fd, listener, owner)) = found else {
-        return Ok(false);
-    };
-    let done = state.register_socket(m, fd.as_fd())?;
-    // `fd` (our duplicate of the backend's socket) is closed here: the map holds the socket.
-    drop(fd);
-    if done {
-        info!(service = %m.service, subset = %m.subset, backend = %m.backend,
-            socket = %listener.local, pid = owner.pid, process = %owner.comm, "registered listening socket");
-    }
-    Ok(done)
 }
