@@ -4,6 +4,8 @@
 //! - [`config`]: the YAML configuration, parsed and validated;
 //! - [`weights`]: weight arithmetic and bucket tables;
 //! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
+//! - [`istio`]: `tcpshiftctl apply`: Istio VirtualService / DestinationRule / Gateway objects
+//!   and `services:` documents, mapped onto services;
 //! - [`netns`]: network namespaces and bpffs;
 //! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps);
 //! - [`sockdiag`]: byte counts of open connections, from the kernel's socket diagnostics;
@@ -12,6 +14,7 @@
 
 pub mod config;
 pub mod discovery;
+pub mod istio;
 pub mod metrics;
 pub mod netns;
 pub mod report;
