@@ -337,6 +337,7 @@ pub fn paced(
     workers: usize,
     warmup: Duration,
     measure: Duration,
+    window: &mut dyn FnMut(Edge),
 ) -> Result<PacedResult> {
     if addrs.is_empty() || workers == 0 || rate.is_nan() || rate <= 0.0 {
         bail!("need at least one address, one worker and a positive rate");
@@ -411,6 +412,10 @@ pub fn paced(
                 })
                 .context("cannot start a client thread")?;
         }
+        sleep_until(measure_start);
+        window(Edge::Start);
+        sleep_until(end);
+        window(Edge::End);
         Ok(())
     })?;
     let mut res = PacedResult {
@@ -458,6 +463,7 @@ pub fn bulk(
     line_bytes: usize,
     warmup: Duration,
     measure: Duration,
+    window: &mut dyn FnMut(Edge),
 ) -> Result<BulkResult> {
     if addrs.is_empty() || connections == 0 || line_bytes < 2 {
         bail!("need at least one address, one connection and lines of 2 bytes or more");
@@ -530,8 +536,10 @@ pub fn bulk(
         }
         thread::sleep(warmup);
         let before = received.load(Ordering::Relaxed);
+        window(Edge::Start);
         thread::sleep(measure);
         let after = received.load(Ordering::Relaxed);
+        window(Edge::End);
         stop.store(true, Ordering::Relaxed);
         Ok((before, after))
     })?;
@@ -544,6 +552,69 @@ pub fn bulk(
         errors: errors.load(Ordering::Relaxed),
         first_error: first_error.into_inner().unwrap_or_default(),
     })
+}
+
+/// CPU time used by a cgroup (all benchmark processes: clients, servers, proxies, loader)
+/// over the measured window, from its `cpu.stat`.
+pub struct CpuMeter {
+    stat: std::path::PathBuf,
+    start: Option<(u64, Instant)>,
+    result: Option<(f64, f64)>,
+}
+
+/// CPU use over a measured window.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct CpuUse {
+    /// CPU time of the cgroup in the window, microseconds.
+    pub busy_us: f64,
+    /// Busy CPUs on average (busy time / window): what the benchmark got of the machine.
+    pub cores: f64,
+    /// CPU microseconds per unit of work: per connection, or per MiB for bulk.
+    pub per_unit_us: f64,
+}
+
+impl CpuMeter {
+    /// Reads `<cgroup>/cpu.stat` (cgroup v2).
+    pub fn new(cgroup: &std::path::Path) -> Result<Self> {
+        let m = CpuMeter {
+            stat: cgroup.join("cpu.stat"),
+            start: None,
+            result: None,
+        };
+        m.read()?;
+        Ok(m)
+    }
+
+    fn read(&self) -> Result<u64> {
+        let text = std::fs::read_to_string(&self.stat)
+            .with_context(|| format!("cannot read {}", self.stat.display()))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no usage_usec in {}", self.stat.display()))
+    }
+
+    /// Handles one edge of the measured window.
+    pub fn edge(&mut self, edge: Edge) {
+        match edge {
+            Edge::Start => self.start = self.read().ok().map(|u| (u, Instant::now())),
+            Edge::End => {
+                if let (Some((u0, t0)), Ok(u1)) = (self.start, self.read()) {
+                    let busy = u1.saturating_sub(u0) as f64;
+                    self.result = Some((busy, busy / (t0.elapsed().as_secs_f64() * 1e6)));
+                }
+            }
+        }
+    }
+
+    /// The CPU use of the window, divided by `units` of work.
+    pub fn result(&self, units: f64) -> Option<CpuUse> {
+        self.result.map(|(busy_us, cores)| CpuUse {
+            busy_us,
+            cores,
+            per_unit_us: busy_us / units.max(1e-9),
+        })
+    }
 }
 
 /// Sleeps until `t` (returns at once if it has passed).
@@ -634,6 +705,7 @@ mod tests {
             1024,
             Duration::from_millis(20),
             Duration::from_millis(100),
+            &mut |_| {},
         )
         .unwrap();
         assert!(r.bytes > 0, "{r:?}");

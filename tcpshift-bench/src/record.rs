@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    load::{BulkResult, PacedResult, RateResult},
+    load::{BulkResult, CpuUse, PacedResult, RateResult},
     steer::{BpfStats, FlipSample, PopulateResult},
 };
 
@@ -38,6 +38,9 @@ pub enum Record {
         /// The sk_lookup program's own cost (tcpshift runs with `--bpf-stats`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bpf: Option<BpfStats>,
+        /// CPU time of all benchmark processes per connection (with `--cpu-cgroup`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<CpuUse>,
     },
     /// (b) latency at a fixed connection rate.
     Latency {
@@ -47,6 +50,9 @@ pub enum Record {
         workers: usize,
         /// What the clients saw.
         result: PacedResult,
+        /// CPU time of all benchmark processes per connection (with `--cpu-cgroup`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<CpuUse>,
     },
     /// (c) bulk throughput on long connections.
     Bulk {
@@ -58,6 +64,9 @@ pub enum Record {
         line_bytes: usize,
         /// What the clients saw.
         result: BulkResult,
+        /// CPU time of all benchmark processes per echoed MiB (with `--cpu-cgroup`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<CpuUse>,
     },
     /// (d) split accuracy: a fixed number of connections and where they went.
     Split {
@@ -120,6 +129,7 @@ mod tests {
                 ..RateResult::default()
             },
             bpf: None,
+            cpu: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"workload":"rate","labels":{"target":"direct","round":2}"#));

@@ -120,6 +120,10 @@ pub struct RateRow {
     pub by_concurrency: BTreeMap<usize, Figure>,
     /// The best concurrency's rate in each round.
     pub peak: Option<Figure>,
+    /// CPU microseconds of all benchmark processes per connection, by concurrency.
+    pub cpu_us: BTreeMap<usize, Figure>,
+    /// CPUs the benchmark's processes kept busy on average, by concurrency.
+    pub cores: BTreeMap<usize, Spread>,
     /// Failed connections over all rounds.
     pub errors: u64,
 }
@@ -137,6 +141,8 @@ pub struct LatencyRow {
     pub p99_us: Figure,
     /// 99.9th percentile, µs.
     pub p999_us: Figure,
+    /// CPU microseconds of all benchmark processes per connection.
+    pub cpu_us: Option<Figure>,
     /// Connections that started more than 1 ms late, over all rounds.
     pub late: u64,
     /// Failed connections over all rounds.
@@ -150,6 +156,8 @@ pub struct BulkRow {
     pub target: String,
     /// Echoed MiB/s.
     pub mib_per_s: Figure,
+    /// CPU microseconds of all benchmark processes per echoed MiB.
+    pub cpu_us_per_mib: Option<Figure>,
     /// Failed connections over all rounds.
     pub errors: u64,
 }
@@ -180,8 +188,11 @@ pub struct ScaleRow {
     pub subsets: u32,
     /// Connections per second (closed loop).
     pub rate: Spread,
-    /// Microseconds of the whole machine per connection (1 / rate).
+    /// Cost per connection, µs: CPU time of all benchmark processes when measured
+    /// (`cost_from_cpu`), else the wall time per connection (1 / rate).
     pub us_per_connection: Spread,
+    /// Whether `us_per_connection` is CPU time.
+    pub cost_from_cpu: bool,
     /// Cost relative to one service with the same number of subsets, same round.
     pub cost_vs_one_service: Option<Spread>,
     /// The sk_lookup program's mean run time, ns.
@@ -207,6 +218,8 @@ pub struct FlipRow {
     pub stale_after: u64,
     /// Connections started after the changes returned (all changes).
     pub after: u64,
+    /// When stale connections started, µs after their change returned.
+    pub stale_at_us: Vec<f64>,
 }
 
 /// One goal of the benchmark and whether this run met it.
@@ -286,6 +299,10 @@ pub fn summarise(records: &[Record]) -> Summary {
     // (a) rate: target -> concurrency -> round -> rate.
     let mut rates: BTreeMap<&str, BTreeMap<usize, PerRound>> = BTreeMap::new();
     let mut rate_errors: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut rate_cpu: BTreeMap<&str, BTreeMap<usize, PerRound>> = BTreeMap::new();
+    let mut rate_cores: BTreeMap<&str, BTreeMap<usize, PerRound>> = BTreeMap::new();
+    let mut lat_cpu: BTreeMap<&str, PerRound> = BTreeMap::new();
+    let mut bulk_cpu: BTreeMap<&str, PerRound> = BTreeMap::new();
     // (b) latency: target -> (p50, p99, p999) per round.
     let mut lat: BTreeMap<&str, [PerRound; 3]> = BTreeMap::new();
     let mut lat_extra: BTreeMap<&str, (f64, u64, u64)> = BTreeMap::new();
@@ -296,7 +313,7 @@ pub fn summarise(records: &[Record]) -> Summary {
     type SplitAcc = (Vec<(u64, f64)>, BTreeMap<String, u64>, f64);
     let mut split: BTreeMap<&str, SplitAcc> = BTreeMap::new();
     // (e) scale: (services, subsets) -> per-round rate, bpf, apply, register.
-    type ScaleAcc = (PerRound, PerRound, PerRound, PerRound);
+    type ScaleAcc = (PerRound, PerRound, PerRound, PerRound, PerRound);
     let mut scale: BTreeMap<(u32, u32), ScaleAcc> = BTreeMap::new();
     // (f) flips by kind.
     let mut flips: BTreeMap<String, Vec<crate::steer::FlipSample>> = BTreeMap::new();
@@ -308,12 +325,16 @@ pub fn summarise(records: &[Record]) -> Summary {
                 concurrency,
                 result,
                 bpf,
+                cpu,
             } => {
                 if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
                     let acc = scale.entry((n, s)).or_default();
                     acc.0.insert(labels.round, result.rate);
                     if let Some(b) = bpf {
                         acc.1.insert(labels.round, b.ns_per_run);
+                    }
+                    if let Some(c) = cpu {
+                        acc.4.insert(labels.round, c.per_unit_us);
                     }
                 } else {
                     rates
@@ -323,9 +344,34 @@ pub fn summarise(records: &[Record]) -> Summary {
                         .or_default()
                         .insert(labels.round, result.rate);
                     *rate_errors.entry(&labels.target).or_default() += result.errors;
+                    if let Some(c) = cpu {
+                        rate_cpu
+                            .entry(&labels.target)
+                            .or_default()
+                            .entry(*concurrency)
+                            .or_default()
+                            .insert(labels.round, c.per_unit_us);
+                        rate_cores
+                            .entry(&labels.target)
+                            .or_default()
+                            .entry(*concurrency)
+                            .or_default()
+                            .insert(labels.round, c.cores);
+                    }
                 }
             }
-            Record::Latency { labels, result, .. } => {
+            Record::Latency {
+                labels,
+                result,
+                cpu,
+                ..
+            } => {
+                if let Some(c) = cpu {
+                    lat_cpu
+                        .entry(&labels.target)
+                        .or_default()
+                        .insert(labels.round, c.per_unit_us);
+                }
                 let e = lat.entry(&labels.target).or_default();
                 e[0].insert(labels.round, result.response.p50_us);
                 e[1].insert(labels.round, result.response.p99_us);
@@ -335,7 +381,18 @@ pub fn summarise(records: &[Record]) -> Summary {
                 x.1 += result.late;
                 x.2 += result.errors;
             }
-            Record::Bulk { labels, result, .. } => {
+            Record::Bulk {
+                labels,
+                result,
+                cpu,
+                ..
+            } => {
+                if let Some(c) = cpu {
+                    bulk_cpu
+                        .entry(&labels.target)
+                        .or_default()
+                        .insert(labels.round, c.per_unit_us);
+                }
                 bulk.entry(&labels.target)
                     .or_default()
                     .insert(labels.round, result.mib_per_s);
@@ -403,6 +460,25 @@ pub fn summarise(records: &[Record]) -> Summary {
                     .filter_map(|(c, v)| Some((*c, figure(v, base.and_then(|b| b.get(c)))?)))
                     .collect(),
                 peak: figure(&peaks[t.as_str()], peaks.get(BASELINE)),
+                cpu_us: rate_cpu
+                    .get(t.as_str())
+                    .map(|by_c| {
+                        by_c.iter()
+                            .filter_map(|(c, v)| {
+                                let base = rate_cpu.get(BASELINE).and_then(|b| b.get(c));
+                                Some((*c, figure(v, base)?))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                cores: rate_cores
+                    .get(t.as_str())
+                    .map(|by_c| {
+                        by_c.iter()
+                            .filter_map(|(c, v)| Some((*c, Spread::of(v.values().copied())?)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 errors: rate_errors.get(t.as_str()).copied().unwrap_or(0),
                 target: t,
             }
@@ -421,6 +497,9 @@ pub fn summarise(records: &[Record]) -> Summary {
                 p50_us: figure(&v[0], b.map(|b| &b[0]))?,
                 p99_us: figure(&v[1], b.map(|b| &b[1]))?,
                 p999_us: figure(&v[2], b.map(|b| &b[2]))?,
+                cpu_us: lat_cpu
+                    .get(t.as_str())
+                    .and_then(|v| figure(v, lat_cpu.get(BASELINE))),
                 late,
                 errors,
                 target: t,
@@ -434,6 +513,9 @@ pub fn summarise(records: &[Record]) -> Summary {
         .filter_map(|t| {
             Some(BulkRow {
                 mib_per_s: figure(&bulk[t.as_str()], bulk.get(BASELINE))?,
+                cpu_us_per_mib: bulk_cpu
+                    .get(t.as_str())
+                    .and_then(|v| figure(v, bulk_cpu.get(BASELINE))),
                 errors: bulk_errors.get(t.as_str()).copied().unwrap_or(0),
                 target: t,
             })
@@ -459,42 +541,50 @@ pub fn summarise(records: &[Record]) -> Summary {
     // (e)
     let scale_rows: Vec<ScaleRow> = scale
         .iter()
-        .map(|(&(services, subsets), (rate, bpf, apply, register))| {
-            let cost: PerRound = rate
-                .iter()
-                .filter(|(_, r)| **r > 0.0)
-                .map(|(k, r)| (*k, 1e6 / r))
-                .collect();
-            let one: Option<PerRound> = scale.get(&(1, subsets)).map(|(r, ..)| {
-                r.iter()
-                    .filter(|(_, r)| **r > 0.0)
-                    .map(|(k, r)| (*k, 1e6 / r))
-                    .collect()
-            });
-            ScaleRow {
-                services,
-                subsets,
-                rate: Spread::of(rate.values().copied()).unwrap_or(Spread {
-                    min: 0.0,
-                    median: 0.0,
-                    max: 0.0,
-                    n: 0,
-                }),
-                us_per_connection: Spread::of(cost.values().copied()).unwrap_or(Spread {
-                    min: f64::NAN,
-                    median: f64::NAN,
-                    max: f64::NAN,
-                    n: 0,
-                }),
-                cost_vs_one_service: one
-                    .as_ref()
-                    .and_then(|one| figure(&cost, Some(one)))
-                    .and_then(|f| f.ratio),
-                bpf_ns_per_run: Spread::of(bpf.values().copied()),
-                apply_ms: Spread::of(apply.values().copied()),
-                register_ms: Spread::of(register.values().copied()),
-            }
-        })
+        .map(
+            |(&(services, subsets), (rate, bpf, apply, register, cpu))| {
+                // The CPU time per connection when it was measured (robust against other load
+                // on the machine), else the wall time per connection at saturation.
+                let per_conn = |rate: &PerRound, cpu: &PerRound| -> PerRound {
+                    if !cpu.is_empty() {
+                        return cpu.clone();
+                    }
+                    rate.iter()
+                        .filter(|(_, r)| **r > 0.0)
+                        .map(|(k, r)| (*k, 1e6 / r))
+                        .collect()
+                };
+                let cost = per_conn(rate, cpu);
+                let one: Option<PerRound> = scale
+                    .get(&(1, subsets))
+                    .map(|(r, _, _, _, c)| per_conn(r, c));
+                let cost_from_cpu = !cpu.is_empty();
+                ScaleRow {
+                    services,
+                    subsets,
+                    rate: Spread::of(rate.values().copied()).unwrap_or(Spread {
+                        min: 0.0,
+                        median: 0.0,
+                        max: 0.0,
+                        n: 0,
+                    }),
+                    us_per_connection: Spread::of(cost.values().copied()).unwrap_or(Spread {
+                        min: f64::NAN,
+                        median: f64::NAN,
+                        max: f64::NAN,
+                        n: 0,
+                    }),
+                    cost_vs_one_service: one
+                        .as_ref()
+                        .and_then(|one| figure(&cost, Some(one)))
+                        .and_then(|f| f.ratio),
+                    bpf_ns_per_run: Spread::of(bpf.values().copied()),
+                    cost_from_cpu,
+                    apply_ms: Spread::of(apply.values().copied()),
+                    register_ms: Spread::of(register.values().copied()),
+                }
+            },
+        )
         .collect();
 
     // (f)
@@ -507,6 +597,10 @@ pub fn summarise(records: &[Record]) -> Summary {
                 first_follow_us: Spread::of(s.iter().filter_map(|x| x.first_follow_us)),
                 stale_after: s.iter().map(|x| x.stale_after).sum(),
                 after: s.iter().map(|x| x.after).sum(),
+                stale_at_us: s
+                    .iter()
+                    .flat_map(|x| x.stale_at_us.iter().copied())
+                    .collect(),
                 how,
             })
         })
@@ -579,9 +673,13 @@ fn problems(s: &Summary) -> Vec<String> {
     }
     for f in &s.weight_change {
         if f.stale_after > 0 {
+            let at: Vec<String> = f.stale_at_us.iter().map(|t| format!("{t:.0}")).collect();
             out.push(format!(
-                "weight change ({}): {} connections started after the change returned went to the old subset",
-                f.how, f.stale_after
+                "weight change ({}): {} connections started after the change returned went to \
+                 the old subset (at +{} µs)",
+                f.how,
+                f.stale_after,
+                at.join(", +")
             ));
         }
         if f.first_follow_us.is_none() {
@@ -774,9 +872,12 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
     // Headline.
     let _ = writeln!(
         o,
-        "| target | peak conn/s | × direct | p50 µs | p99 µs | p99.9 µs | p99 × direct | bulk MiB/s | × direct | split (v2 %) |"
+        "| target | peak conn/s | × direct | CPU µs/conn | × direct | p50 µs | p99 µs | p99.9 µs | p99 × direct | bulk MiB/s | × direct | split (v2 %) |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        o,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for t in &s.targets {
         let rate = s.rate.iter().find(|r| &r.target == t);
         let lat = s.latency.iter().find(|r| &r.target == t);
@@ -784,9 +885,11 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
         let split = s.split.iter().find(|r| &r.target == t);
         let _ = writeln!(
             o,
-            "| {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             median(rate.and_then(|r| r.peak.as_ref()), 0),
             ratio_median(rate.and_then(|r| r.peak.as_ref())),
+            median(lat.and_then(|l| l.cpu_us.as_ref()), 1),
+            ratio_median(lat.and_then(|l| l.cpu_us.as_ref())),
             median(lat.map(|l| &l.p50_us), 0),
             median(lat.map(|l| &l.p99_us), 0),
             median(lat.map(|l| &l.p999_us), 0),
@@ -849,6 +952,33 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 .collect();
             let _ = writeln!(o, "| {} | {} | {} |", r.target, cells.join(" | "), r.errors);
         }
+        if s.rate.iter().any(|r| !r.cpu_us.is_empty()) {
+            let _ = writeln!(
+                o,
+                "\nCPU time of all benchmark processes (clients, servers, proxies, tcpshiftd; \
+                 kernel work in their context included) per connection, µs, and in brackets \
+                 after `@` the CPUs they kept busy (of {} here; the rest went to other work on \
+                 the machine):\n",
+                machine.get("cores").and_then(Value::as_u64).unwrap_or(0)
+            );
+            let _ = writeln!(o, "| target | {} |", head.join(" | "));
+            let _ = writeln!(o, "|---|{}", "---:|".repeat(concs.len()));
+            for r in &s.rate {
+                let cells: Vec<String> = concs
+                    .iter()
+                    .map(|c| match (r.cpu_us.get(c), r.cores.get(c)) {
+                        (Some(f), cores) => format!(
+                            "{} {}{}",
+                            spread(&f.value, 1),
+                            ratio(Some(f)),
+                            cores.map_or(String::new(), |k| format!(" @{:.2}", k.median))
+                        ),
+                        _ => "–".into(),
+                    })
+                    .collect();
+                let _ = writeln!(o, "| {} | {} |", r.target, cells.join(" | "));
+            }
+        }
     }
 
     // (b)
@@ -859,12 +989,15 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
             "\n### (b) Latency at a fixed {} connections/s (µs, from the scheduled start to the close)\n",
             num(offered, 0)
         );
-        let _ = writeln!(o, "| target | p50 | p99 | p99.9 | late starts | errors |");
-        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            o,
+            "| target | p50 | p99 | p99.9 | CPU µs/conn | late starts | errors |"
+        );
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
         for l in &s.latency {
             let _ = writeln!(
                 o,
-                "| {} | {} {} | {} {} | {} {} | {} | {} |",
+                "| {} | {} {} | {} {} | {} {} | {} | {} | {} |",
                 l.target,
                 spread(&l.p50_us.value, 0),
                 ratio(Some(&l.p50_us)),
@@ -872,6 +1005,11 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 ratio(Some(&l.p99_us)),
                 spread(&l.p999_us.value, 0),
                 ratio(Some(&l.p999_us)),
+                l.cpu_us.as_ref().map_or("–".into(), |f| format!(
+                    "{} {}",
+                    spread(&f.value, 1),
+                    ratio(Some(f))
+                )),
                 l.late,
                 l.errors
             );
@@ -884,15 +1022,20 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
             o,
             "\n### (c) Bulk throughput on long connections (echoed MiB/s)\n"
         );
-        let _ = writeln!(o, "| target | MiB/s | errors |");
-        let _ = writeln!(o, "|---|---:|---:|");
+        let _ = writeln!(o, "| target | MiB/s | CPU µs/MiB | errors |");
+        let _ = writeln!(o, "|---|---:|---:|---:|");
         for b in &s.bulk {
             let _ = writeln!(
                 o,
-                "| {} | {} {} | {} |",
+                "| {} | {} {} | {} | {} |",
                 b.target,
                 spread(&b.mib_per_s.value, 0),
                 ratio(Some(&b.mib_per_s)),
+                b.cpu_us_per_mib.as_ref().map_or("–".into(), |f| format!(
+                    "{} {}",
+                    spread(&f.value, 0),
+                    ratio(Some(f))
+                )),
                 b.errors
             );
         }
@@ -928,7 +1071,7 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
         );
         let _ = writeln!(
             o,
-            "| services | subsets | conn/s | µs per connection | × 1 service | sk_lookup ns/run | apply ms | register ms |"
+            "| services | subsets | conn/s | cost µs/conn (CPU) | × 1 service | sk_lookup ns/run | apply ms | register ms |"
         );
         let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|");
         for x in &s.scale {
@@ -1005,6 +1148,7 @@ mod tests {
                 ..RateResult::default()
             },
             bpf: None,
+            cpu: None,
         }
     }
 
@@ -1053,6 +1197,7 @@ mod tests {
                 service: p(p99),
                 ..PacedResult::default()
             },
+            cpu: None,
         };
         let bulk = |t: &str, v: f64| Record::Bulk {
             labels: labels(t, 1),
@@ -1062,6 +1207,7 @@ mod tests {
                 mib_per_s: v,
                 ..BulkResult::default()
             },
+            cpu: None,
         };
         let split = Record::Split {
             labels: labels("tcpshift", 1),
@@ -1085,6 +1231,7 @@ mod tests {
                 ..RateResult::default()
             },
             bpf: None,
+            cpu: None,
         };
         let recs = vec![
             lat("direct", 100.0),

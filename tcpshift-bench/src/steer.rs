@@ -249,6 +249,9 @@ pub struct FlipSample {
     pub stale_after: u64,
     /// Connections started after the change returned (until the next change).
     pub after: u64,
+    /// When the first stale connections started, µs after the change returned (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_at_us: Vec<f64>,
 }
 
 /// Flips a two-subset service between 100/0 and 0/100 `iterations` times each way, once with
@@ -348,13 +351,16 @@ fn analyse_flips(
         let window = events
             .iter()
             .filter(|(t, _)| *t >= *after && until.is_none_or(|u| *t < u));
-        let (mut n, mut stale, mut first) = (0, 0, None);
+        let (mut n, mut stale, mut first, mut stale_at_us) = (0, 0, None, Vec::new());
         for (t, b) in window {
             n += 1;
             if b == to_b {
                 first.get_or_insert(*t);
             } else {
                 stale += 1;
+                if stale_at_us.len() < 5 {
+                    stale_at_us.push((*t - *after).as_secs_f64() * 1e6);
+                }
             }
         }
         out.push(FlipSample {
@@ -363,6 +369,7 @@ fn analyse_flips(
             first_follow_us: first.map(|t: Instant| (t - *after).as_secs_f64() * 1e6),
             stale_after: stale,
             after: n,
+            stale_at_us,
         });
     }
     out

@@ -260,7 +260,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         machine["loadavg"].as_str().unwrap_or("?")
     ));
 
+    // Before anything is started in it: children inherit the cgroup.
+    let cgroup = env::Cgroup::enter(&format!("tcpshift-bench-{}", std::process::id()));
     let mut bench = Bench {
+        cpu: cgroup
+            .as_ref()
+            .map(|c| ["--cpu-cgroup".to_string(), c.path().display().to_string()]),
         env: Env::create(&bins, &logs)?,
         plan,
         load,
@@ -270,6 +275,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let measured = bench.measure();
     bench.env.clean_up();
+    drop(cgroup);
     let failures = std::mem::take(&mut bench.failures);
     measured?;
 
@@ -315,6 +321,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// A running benchmark.
 struct Bench {
     env: Env,
+    /// `--cpu-cgroup DIR` for the measurements that report CPU time.
+    cpu: Option<[String; 2]>,
     plan: Plan,
     load: PathBuf,
     out: PathBuf,
@@ -441,12 +449,15 @@ impl Bench {
     /// One workload against one target.
     fn workload(&mut self, w: Workload, target: Target, round: u32) -> Result<()> {
         let p = self.plan.clone();
-        let labels = [
+        let mut labels = vec![
             "--target".to_string(),
             target.name().to_string(),
             "--round".to_string(),
             round.to_string(),
         ];
+        if w != Workload::Split {
+            labels.extend(self.cpu.iter().flatten().cloned());
+        }
         let addr = target.addr();
         let (warmup, secs) = (p.warmup.to_string(), |s: f64| s.to_string());
         step(format_args!(
@@ -549,6 +560,7 @@ impl Bench {
                     ]
                     .map(str::to_string)
                 };
+                let cpu: Vec<String> = self.cpu.iter().flatten().cloned().collect();
                 step(format_args!("scale: {n} services × {s} subsets: set up"));
                 self.env.load(
                     &self.load,
@@ -568,8 +580,10 @@ impl Bench {
                             "scale: {n} services × {s} subsets: round {round}/{}",
                             p.scale_rounds
                         ));
+                        let mut l = labels(round).to_vec();
+                        l.extend(cpu.iter().cloned());
                         self.measure_one(
-                            &labels(round),
+                            &l,
                             &[
                                 "rate",
                                 "--addr",

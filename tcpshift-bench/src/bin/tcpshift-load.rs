@@ -27,6 +27,10 @@ use tcpshift_bench::{
 struct Cli {
     #[command(flatten)]
     labels: LabelArgs,
+    /// cgroup v2 directory holding every process of the benchmark: its CPU time over the
+    /// measured window is reported per connection (rate, latency) or per MiB (bulk).
+    #[arg(long, global = true, value_name = "DIR")]
+    cpu_cgroup: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -232,6 +236,11 @@ fn run(cli: Cli) -> Result<()> {
         services: cli.labels.services,
         subsets: cli.labels.subsets,
     };
+    let mut meter = cli
+        .cpu_cgroup
+        .as_deref()
+        .map(load::CpuMeter::new)
+        .transpose()?;
     let record = match cli.command {
         Cmd::Rate {
             addrs: a,
@@ -254,11 +263,15 @@ fn run(cli: Cli) -> Result<()> {
                     if let Some(s) = stats.as_mut() {
                         s.edge(edge);
                     }
+                    if let Some(m) = meter.as_mut() {
+                        m.edge(edge);
+                    }
                 },
             )?;
             Record::Rate {
                 labels,
                 concurrency,
+                cpu: meter.and_then(|m| m.result(result.connections as f64)),
                 result,
                 bpf: stats.and_then(|s| s.result()),
             }
@@ -270,10 +283,15 @@ fn run(cli: Cli) -> Result<()> {
             window,
         } => {
             let (warmup, measure) = window.durations()?;
-            let result = load::paced(&addrs(a)?, rate, workers, warmup, measure)?;
+            let result = load::paced(&addrs(a)?, rate, workers, warmup, measure, &mut |e| {
+                if let Some(m) = meter.as_mut() {
+                    m.edge(e);
+                }
+            })?;
             Record::Latency {
                 labels,
                 workers,
+                cpu: meter.and_then(|m| m.result(result.connections as f64)),
                 result,
             }
         }
@@ -284,11 +302,23 @@ fn run(cli: Cli) -> Result<()> {
             window,
         } => {
             let (warmup, measure) = window.durations()?;
-            let result = load::bulk(&addrs(a)?, connections, line_bytes, warmup, measure)?;
+            let result = load::bulk(
+                &addrs(a)?,
+                connections,
+                line_bytes,
+                warmup,
+                measure,
+                &mut |e| {
+                    if let Some(m) = meter.as_mut() {
+                        m.edge(e);
+                    }
+                },
+            )?;
             Record::Bulk {
                 labels,
                 connections,
                 line_bytes,
+                cpu: meter.and_then(|m| m.result(result.bytes as f64 / (1024.0 * 1024.0))),
                 result,
             }
         }

@@ -381,3 +381,87 @@ fn remove_stale(bins: &Path) {
         }
     }
 }
+
+/// A cgroup (v2) that holds `cargo xtask bench` and so every process it starts: its CPU time
+/// is what the benchmark used, whatever else runs on the machine.
+pub struct Cgroup {
+    path: PathBuf,
+    home: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 mount>/<name>` and moves this process into it. `None` (with a note)
+    /// where there is no cgroup v2 hierarchy to use.
+    pub fn enter(name: &str) -> Option<Cgroup> {
+        let result = (|| -> Result<Cgroup> {
+            let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+            let mount = mounts
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+                    (kind == "cgroup2").then(|| PathBuf::from(dir))
+                })
+                .next()
+                .context("no cgroup2 file system is mounted")?;
+            let own = std::fs::read_to_string("/proc/self/cgroup")?;
+            let rel = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .context("this process has no cgroup v2 membership")?;
+            let home = mount.join(rel.trim_start_matches('/'));
+            let path = mount.join(name);
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let cg = Cgroup { path, home };
+            cg.move_self(&cg.path)?;
+            Ok(cg)
+        })();
+        match result {
+            Ok(cg) => {
+                say(format_args!(
+                    "CPU time is measured in cgroup {}",
+                    cg.path.display()
+                ));
+                Some(cg)
+            }
+            Err(e) => {
+                say(format_args!(
+                    "note: no CPU-time figures ({e:#}); throughput and latency are measured as usual"
+                ));
+                None
+            }
+        }
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn move_self(&self, to: &Path) -> Result<()> {
+        let procs = to.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("cannot move this process into {}", to.display()))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.move_self(&self.home.clone()) {
+            say(format_args!("warning: {e:#}"));
+            return;
+        }
+        // The children are gone by now; their exit may take a moment to be accounted.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        say(format_args!(
+            "warning: cannot remove cgroup {}",
+            self.path.display()
+        ));
+    }
+}
