@@ -1,6 +1,8 @@
 //! `tcpshiftctl`: inspect and change tcpshift's steering. Stateless: it reads and writes the
 //! pinned kernel maps directly, whether or not `tcpshiftd` runs.
 
+#[path = "tcpshiftctl/apply.rs"]
+mod apply;
 #[path = "tcpshiftctl/top.rs"]
 mod top;
 
@@ -14,7 +16,7 @@ use tcpshift::{metrics, netns::Netns, report, state::State, weights};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl uninstall"
+    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml\n  tcpshiftctl apply -f tcp-echo-20-v2.yaml\n  tcpshiftctl get virtualservice tcp-echo -o yaml\n  tcpshiftctl uninstall"
 )]
 struct Args {
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
@@ -61,6 +63,20 @@ enum Command {
         )]
         weights: Vec<String>,
     },
+    /// Apply Istio VirtualService, DestinationRule and Gateway objects and tcpshift
+    /// `services:` documents (multi-document YAML), all or nothing.
+    ///
+    /// A VirtualService route's destination host is a tcpshift service, its subsets are the
+    /// service's subsets (addresses from a `services:` document of the same apply or from the
+    /// kernel), the matched port (or the Gateway's server port) is the listen port, and its
+    /// weights are the new weights. Everything is checked before anything changes.
+    Apply(apply::ApplyArgs),
+    /// Show the services (`get services`) or the routing as Istio VirtualServices
+    /// (`get virtualservice tcp-echo -o yaml`), read from the kernel.
+    Get(apply::GetArgs),
+    /// Delete services: those a file applies (`delete -f FILE`), or by name
+    /// (`delete service NAME`, `delete virtualservice NAME`). All or nothing.
+    Delete(apply::DeleteArgs),
     /// Detach tcpshift from this namespace and remove everything it pinned.
     Uninstall,
 }
@@ -110,6 +126,9 @@ fn run(args: Args) -> Result<()> {
             let shown: Vec<String> = new.iter().map(|(s, w)| format!("{s}={w}")).collect();
             println!("{name}: {}", shown.join(" "));
         }
+        Command::Apply(a) => apply::apply(&netns, a)?,
+        Command::Get(a) => apply::get(&netns, a)?,
+        Command::Delete(a) => apply::delete(&netns, a)?,
         Command::Uninstall => match State::uninstall(&netns)? {
             Some(dir) => println!("removed {} (program detached, maps deleted)", dir.display()),
             None => {
