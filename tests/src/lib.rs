@@ -157,6 +157,52 @@ impl TestNs {
         Ok(self.children.len() - 1)
     }
 
+    /// Starts `tcp-echo ARGS` (e.g. `["--port-in-prefix", "9000,9001", "one"]`) and waits
+    /// until it listens on every port.
+    pub fn echo_args(&mut self, args: &[&str]) -> Result<usize> {
+        let mut child = Command::new(bin("tcp-echo"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start tcp-echo")?;
+        let stdout = child.stdout.take().context("tcp-echo stdout")?;
+        self.children.push(child);
+        wait_for_line(stdout, "listening on", scaled(Duration::from_secs(10)))
+            .with_context(|| format!("tcp-echo {args:?} did not start"))?;
+        Ok(self.children.len() - 1)
+    }
+
+    /// Starts `tcpshiftd` without a configuration (services come from `tcpshiftctl apply`),
+    /// its stderr going to the file [`TestNs::loader_log`] reads, and waits until tcpshift is
+    /// installed.
+    pub fn bare_loader(&mut self) -> Result<usize> {
+        let log = std::fs::File::create(self.dir.path().join("tcpshiftd.log"))?;
+        let child = Command::new(bin("tcpshiftd"))
+            .args(["--log-level", "info"])
+            .stderr(log)
+            .spawn()
+            .context("cannot start tcpshiftd")?;
+        self.children.push(child);
+        let idx = self.children.len() - 1;
+        let timeout = scaled(Duration::from_secs(15));
+        let start = Instant::now();
+        while self.ctl(&["status", "--json"])?.status.code() != Some(0) {
+            if start.elapsed() > timeout {
+                bail!(
+                    "tcpshiftd did not install tcpshift within {timeout:?}; its log:\n{}",
+                    self.loader_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(idx)
+    }
+
+    /// Path of a file named `name` in this test's temporary directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// Writes `yaml` as the loader's config, starts `tcpshiftd` and waits until every subset
     /// with a running backend has a registered socket.
     pub fn loader(&mut self, yaml: &str) -> Result<usize> {

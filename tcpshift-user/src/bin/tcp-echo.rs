@@ -35,7 +35,7 @@ const MAX_LINE: u64 = 1 << 20;
 #[derive(Debug, Parser)]
 #[command(
     name = "tcp-echo",
-    override_usage = "tcp-echo [--bind ADDR] PORTS PREFIX",
+    override_usage = "tcp-echo [--bind ADDR] [--port-in-prefix] PORTS PREFIX",
     after_help = "Example:\n  \
         tcp-echo 9000,9001 one\n  \
         printf 'hello\\nworld\\n' | nc -q1 127.0.0.1 9000    # prints \"one hello\" and \"one world\""
@@ -55,6 +55,11 @@ struct Cli {
     /// Text put before each echoed line (followed by a space).
     #[arg(value_name = "PREFIX", allow_hyphen_values = true)]
     prefix: String,
+
+    /// Put the port that accepted the connection after the prefix ("PREFIX:PORT line"), to
+    /// tell apart the ports of one process.
+    #[arg(long)]
+    port_in_prefix: bool,
 }
 
 /// The parsed PORTS argument.
@@ -180,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
 
+    raise_fd_limit(cli.ports.0.len());
     let ip = cli.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     let mut listeners = Vec::with_capacity(cli.ports.0.len());
     for &port in &cli.ports.0 {
@@ -214,9 +220,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     drop(out);
 
-    let prefix: Arc<[u8]> = Arc::from(cli.prefix.into_bytes());
-    for (listener, _) in listeners {
-        tokio::spawn(accept_loop(listener, Arc::clone(&prefix)));
+    let prefix: Arc<[u8]> = Arc::from(cli.prefix.as_bytes());
+    for (listener, local) in listeners {
+        let prefix = if cli.port_in_prefix {
+            Arc::from(format!("{}:{}", cli.prefix, local.port()).into_bytes())
+        } else {
+            Arc::clone(&prefix)
+        };
+        tokio::spawn(accept_loop(listener, prefix));
     }
 
     tokio::select! {
@@ -224,6 +235,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = sigterm.recv() => tracing::info!("SIGTERM, exiting"),
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files towards the hard limit when `ports` listening sockets
+/// (plus their connections) would not fit: one process may listen on thousands of ports.
+fn raise_fd_limit(ports: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let wanted = (ports as libc::rlim_t)
+        .saturating_mul(2)
+        .saturating_add(1024);
+    if lim.rlim_cur < wanted && lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = wanted.min(lim.rlim_max);
+        // SAFETY: valid pointer; failure leaves the limit as it was (binding then reports it).
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 }
 
 /// Prints a clap error on one line (help and version are printed as usual).
