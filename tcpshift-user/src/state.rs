@@ -8,13 +8,16 @@
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     link                         the sk_lookup link: keeps the program attached
 //!     sockops-link                 the sock_ops link (cgroup v2 root): connection accounting
 //! ```
 //!
 //! A new directory is built under a temporary name and renamed into place, so a reader sees
-//! either no state or a complete one. Changes take an exclusive `flock` on the base directory,
-//! so concurrent `tcpshiftctl` invocations never lose an update.
+//! either no state or a complete one. Changes take an exclusive `flock` on the namespace's
+//! state directory for their whole read-check-write ([`State::apply_with`],
+//! [`State::delete_with`], [`State::set_weights`]), so concurrent `tcpshiftctl` invocations
+//! never lose an update.
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
