@@ -184,7 +184,8 @@ impl TestNs {
             .context("cannot start tcpshiftd")?;
         self.children.push(child);
         let idx = self.children.len() - 1;
-        let timeout = scaled(Duration::from_secs(15));
+        // Loading verifies two programs: allow for a busy machine.
+        let timeout = scaled(Duration::from_secs(30));
         let start = Instant::now();
         while self.ctl(&["status", "--json"])?.status.code() != Some(0) {
             if start.elapsed() > timeout {

@@ -591,3 +591,63 @@ fn eight_processes_applying_concurrently_lose_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn apply_needs_tcpshift_installed_but_not_a_running_loader() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    ns.echo("127.0.0.2", 9000, "one")?;
+    // Not installed: refused, and it says what to do.
+    let out = ns.ctl(&["apply", "-f", &fixture("tcp-echo-services.yaml")])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tcpshift is not installed in this network namespace")
+            && stderr.contains("start the loader first: tcpshiftd"),
+        "{stderr}"
+    );
+    // Installed, loader gone: apply writes the maps and registers what listens, and says
+    // that nothing will register a backend that starts later.
+    let loader = ns.bare_loader()?;
+    ns.kill(loader)?;
+    let out = ns.ctl(&[
+        "apply",
+        "-f",
+        &fixture("tcp-echo-services.yaml"),
+        "-f",
+        &fixture("tcp-echo-all-v1.yaml"),
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: service/tcp-echo subset v2 (127.0.0.3:9000): nothing listens there, so \
+             it has no registered socket and tcpshiftd is not running: start its server and \
+             tcpshiftd, or it will receive no connections"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("note: tcpshiftd is not running in this network namespace"),
+        "{stderr}"
+    );
+    let counts = count_prefixes(ingress(), 100)?;
+    assert_eq!(counts.get("one"), Some(&100), "{counts:?}");
+    // v2's server starts later: without a loader nothing registers it by itself, but the
+    // next apply does (it registers whatever listens now for the services it touches).
+    ns.echo("127.0.0.3", 9000, "two")?;
+    apply(&ns, &[&fixture("tcp-echo-50-50.yaml")])?;
+    let status = ns.status()?;
+    assert_eq!(
+        tcpshift_tests::subset(&status, "v2").map(|s| s["live"].clone()),
+        Some(Value::Bool(true)),
+        "apply registered v2, whose server listens now: {status}"
+    );
+    let counts = count_prefixes(ingress(), 400)?;
+    let v2 = share(&counts, "two");
+    assert!((40.0..=60.0).contains(&v2), "v2 {v2:.2}%: {counts:?}");
+    Ok(())
+}
