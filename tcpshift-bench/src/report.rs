@@ -261,8 +261,10 @@ pub struct Summary {
     /// The goals.
     pub goals: Vec<Goal>,
     /// What went wrong, whatever the speed: connection errors, a backend that never
-    /// answered, connections that did not follow a weight change.
+    /// answered, a weight change no connection followed.
     pub problems: Vec<String>,
+    /// Findings that do not fail the run (see [`warnings`]).
+    pub warnings: Vec<String>,
 }
 
 /// Values of one figure per round, for one target.
@@ -621,10 +623,31 @@ pub fn summarise(records: &[Record]) -> Summary {
             .and_then(|f| f.ratio),
         goals: Vec::new(),
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     summary.goals = goals(&summary);
     summary.problems = problems(&summary);
+    summary.warnings = warnings(&summary);
     summary
+}
+
+/// Findings worth a look that do not fail the run: connections that started after a weight
+/// change returned but followed the old weights.
+fn warnings(s: &Summary) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in &s.weight_change {
+        if f.stale_after > 0 {
+            let at: Vec<String> = f.stale_at_us.iter().map(|t| format!("{t:.0}")).collect();
+            out.push(format!(
+                "weight change ({}): {} connections started after the change returned went to \
+                 the old subset (at +{} µs)",
+                f.how,
+                f.stale_after,
+                at.join(", +")
+            ));
+        }
+    }
+    out
 }
 
 /// Problems that make the run wrong rather than slow.
@@ -672,16 +695,6 @@ fn problems(s: &Summary) -> Vec<String> {
         }
     }
     for f in &s.weight_change {
-        if f.stale_after > 0 {
-            let at: Vec<String> = f.stale_at_us.iter().map(|t| format!("{t:.0}")).collect();
-            out.push(format!(
-                "weight change ({}): {} connections started after the change returned went to \
-                 the old subset (at +{} µs)",
-                f.how,
-                f.stale_after,
-                at.join(", +")
-            ));
-        }
         if f.first_follow_us.is_none() {
             out.push(format!(
                 "weight change ({}): no connection followed the new weights",
@@ -915,10 +928,13 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
         );
     }
 
-    if !s.problems.is_empty() {
+    if !s.problems.is_empty() || !s.warnings.is_empty() {
         let _ = writeln!(o, "\n### Problems\n");
         for p in &s.problems {
             let _ = writeln!(o, "- {p}");
+        }
+        for w in &s.warnings {
+            let _ = writeln!(o, "- (warning) {w}");
         }
     }
 

@@ -202,7 +202,7 @@ enum Cmd {
         #[arg(long, default_value = "cargo xtask bench")]
         command_line: String,
         /// Exit with an error when the run had problems (failed connections, a backend
-        /// never reached, connections that did not follow a weight change).
+        /// never reached, a weight change no connection followed).
         #[arg(long)]
         check: bool,
     },
