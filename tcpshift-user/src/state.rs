@@ -76,6 +76,14 @@ pub enum StateError {
         /// Where the state would be.
         dir: PathBuf,
     },
+    /// The state directory of this namespace's inode belongs to a namespace that is gone.
+    #[error(
+        "the state at {dir} belongs to a network namespace that no longer exists (this one reuses its inode), so tcpshift is not installed here; start the loader: tcpshiftd [--config FILE] (it replaces the old state)"
+    )]
+    Stale {
+        /// The state directory.
+        dir: PathBuf,
+    },
     /// Not allowed to reach the state.
     #[error(
         "permission denied on {path}: tcpshift's state is root-only; run this command as root (it needs CAP_BPF and CAP_SYS_ADMIN)"
@@ -487,6 +495,13 @@ impl State {
                 return Err(StateError::NotInstalled { dir });
             }
             Err(e) => return Err(io_err("cannot read", &dir)(e)),
+        }
+        // A namespace's inode can be reused once it is gone: the state there then belongs to
+        // the dead namespace (its link is detached) and changing it would steer nothing.
+        if let Ok(ino) = link_netns(&dir.join(LINK))
+            && u64::from(ino) != netns.inode()
+        {
+            return Err(StateError::Stale { dir });
         }
         Self::open_dir(dir, netns)
     }
