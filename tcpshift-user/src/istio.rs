@@ -77,13 +77,12 @@ pub const MAX_OBJECT_NAME: usize = 253;
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A file could not be read.
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read: {error}")]
     Read {
         /// The file as named on the command line.
         file: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file is not UTF-8 text.
     #[error("{file}:{line}: not valid UTF-8; expected YAML text")]
@@ -894,17 +893,17 @@ impl Manifest {
     pub fn from_file(file: &str) -> Result<Manifest, ApplyError> {
         let (bytes, name) = if file == "-" {
             let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|source| {
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|error| {
                 ApplyError::Read {
                     file: "<stdin>".into(),
-                    source,
+                    error,
                 }
             })?;
             (buf, "<stdin>".to_owned())
         } else {
-            let bytes = std::fs::read(Path::new(file)).map_err(|source| ApplyError::Read {
+            let bytes = std::fs::read(Path::new(file)).map_err(|error| ApplyError::Read {
                 file: file.to_owned(),
-                source,
+                error,
             })?;
             (bytes, file.to_owned())
         };

@@ -498,6 +498,11 @@ fn subsets_added_and_removed_by_reapplying() -> Result<()> {
     // v3 moved from index 2 to 0: its socket is registered again by apply.
     let counts = count_prefixes(ingress(), 200)?;
     assert_eq!(counts.get("three"), Some(&200), "{counts:?}");
+    // Deleting the VirtualService deletes the service it routes.
+    let out = ns.ctl_ok(&["delete", "virtualservice", "tcp-echo"])?;
+    assert_eq!(out.trim(), "service/tcp-echo deleted");
+    let out = ns.ctl_ok(&["get", "services"])?;
+    assert!(out.contains("(no services)"), "{out}");
     Ok(())
 }
 
