@@ -21,6 +21,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod chaos;
+
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
 pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";
 
@@ -238,6 +240,28 @@ impl TestNs {
         let idx = self.children.len() - 1;
         self.wait_live(scaled(Duration::from_secs(15)))
             .with_context(|| format!("tcpshiftd's log:\n{}", self.loader_log()))?;
+        // Pinned state may be live already (a restart): wait for this loader's own word that
+        // it has adopted or installed it and registered every socket.
+        let timeout = scaled(Duration::from_secs(15));
+        let start = Instant::now();
+        while !self
+            .loader_log()
+            .contains("ready: every subset has a registered socket")
+        {
+            if let Some(status) = self.children[idx].try_wait()? {
+                bail!(
+                    "tcpshiftd exited ({status}) before it was ready; its log:\n{}",
+                    self.loader_log()
+                );
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "tcpshiftd not ready after {timeout:?}; its log:\n{}",
+                    self.loader_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Ok(idx)
     }
 
@@ -261,6 +285,13 @@ impl TestNs {
     pub fn restart_loader(&mut self) -> Result<usize> {
         let yaml = std::fs::read_to_string(self.dir.path().join("tcpshift.yaml"))?;
         self.loader(&yaml)
+    }
+
+    /// Like [`TestNs::restart_loader`], with more arguments, logging like
+    /// [`TestNs::loader_with`].
+    pub fn restart_loader_with(&mut self, args: &[&str]) -> Result<usize> {
+        let yaml = std::fs::read_to_string(self.dir.path().join("tcpshift.yaml"))?;
+        self.loader_with(&yaml, args)
     }
 
     /// Process id of child `idx`.

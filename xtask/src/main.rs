@@ -12,6 +12,7 @@ mod tools;
 mod bench;
 mod bootstrap;
 mod build;
+mod chaos;
 mod cmd;
 mod demo;
 mod lint;
@@ -28,7 +29,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    after_help = "Examples:\n  cargo xtask build\n  cargo xtask test\n  cargo xtask test --unprivileged\n  \
+    after_help = "Examples:\n  cargo xtask build\n  cargo xtask test\n  cargo xtask test --unprivileged\n  cargo xtask chaos        (as root)\n  \
                   cargo xtask test -- -p tcpshift-tests -- --nocapture\n  cargo xtask run          (as root)\n\n\
                   Tools are kept in $TCPSHIFT_TOOLS_DIR (default ~/.cache/tcpshift)."
 )]
@@ -70,6 +71,10 @@ enum Task {
         /// Skip the privileged tests explicitly (sets TCPSHIFT_SKIP_PRIVILEGED=1).
         #[arg(long)]
         unprivileged: bool,
+        /// After the tests, run the full fault suite (`cargo xtask chaos`; the tests already
+        /// include its short variant).
+        #[arg(long, conflicts_with = "unprivileged")]
+        chaos: bool,
         /// Extra arguments for `cargo test`, after `--` (e.g. `-- seed -- --nocapture`).
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         cargo_args: Vec<String>,
@@ -95,6 +100,15 @@ enum Task {
     /// services and its weight-change latency. Installs the peers from Debian's packages
     /// when missing; writes target/bench/results.json, results.md and chart.png.
     Bench(bench::BenchArgs),
+    /// Run the fault suite (as root): no connection lost while tcpshift is disturbed.
+    ///
+    /// In a fresh network namespace, under a sustained load of new connections plus
+    /// long-lived ones (every reply checked byte for byte): 1 000 weight changes, the loader
+    /// SIGKILLed and stopped and restarted, the programs replaced in place, each backend
+    /// killed and restarted, malformed input. Prints a table per fault (attempted,
+    /// succeeded, refused, broken, mismatched, re-registration time) and fails when a goal
+    /// is missed; writes target/chaos/results.json.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,10 +135,18 @@ fn run(task: Task) -> Result<()> {
         Task::Lint => lint::lint(),
         Task::Test {
             unprivileged,
+            chaos,
             cargo_args,
-        } => test::test(unprivileged, &cargo_args),
+        } => {
+            test::test(unprivileged, &cargo_args)?;
+            if chaos {
+                chaos::run(&chaos::ChaosArgs::default())?;
+            }
+            Ok(())
+        }
         Task::Run(args) => demo::run(&args),
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Chaos(args) => chaos::run(&args),
     }
 }

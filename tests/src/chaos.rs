@@ -1,0 +1,880 @@
+//! The fault suite (`cargo xtask chaos`, and its short variant in `cargo test`).
+//!
+//! In a network namespace of its own it runs the seed (tcp-echo v1 "one" and v2 "two" behind
+//! tcpshift on 127.0.0.1:31400 at 80/20), keeps a paced load of new connections plus some
+//! long-lived connections exchanging lines, and meanwhile injects one fault after another:
+//! weight changes, the loader killed or stopped and restarted, the programs replaced in place,
+//! each backend killed and restarted, malformed input. Every reply is checked byte for byte.
+//!
+//! A new connection belongs to the phase in which it started, a long-lived connection's
+//! exchange or failure to the phase in which it happened. The goal for every phase is no
+//! connection refused, none broken and no byte mismatched; for a deliberate backend kill,
+//! only connections that backend held may break: ones open while it died (a long-lived one
+//! must have been talking to it).
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{TestNs, scaled, seed_addr, seed_config, subset};
+
+/// What to run and how hard.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Weight changes (`tcpshiftctl set-weight`) in the weights phase.
+    pub weight_changes: usize,
+    /// Times the loader is SIGKILLed and restarted.
+    pub loader_kills: usize,
+    /// Times the loader is stopped (SIGTERM) and restarted.
+    pub loader_stops: usize,
+    /// Times the programs are replaced in place (`tcpshiftd --reload-program`).
+    pub upgrades: usize,
+    /// Kill and restart each backend this many times.
+    pub backend_kills: usize,
+    /// New connections per second, in total (paced).
+    pub rate: u32,
+    /// Threads making new connections.
+    pub workers: usize,
+    /// Long-lived connections, each exchanging a line every 20 ms.
+    pub long_lived: usize,
+    /// Load without a fault before the first fault and after each one.
+    pub settle: Duration,
+    /// How long a killed backend stays down before it is restarted.
+    pub backend_down: Duration,
+}
+
+impl Options {
+    /// The full suite (`cargo xtask chaos`): about a minute.
+    pub fn full() -> Self {
+        Self {
+            weight_changes: 1000,
+            loader_kills: 3,
+            loader_stops: 2,
+            upgrades: 3,
+            backend_kills: 2,
+            rate: 600,
+            workers: 3,
+            long_lived: 8,
+            settle: Duration::from_millis(1000),
+            backend_down: Duration::from_millis(500),
+        }
+    }
+
+    /// The short variant that runs with the test suite (in CI).
+    pub fn short() -> Self {
+        Self {
+            weight_changes: 100,
+            loader_kills: 1,
+            loader_stops: 1,
+            upgrades: 1,
+            backend_kills: 1,
+            rate: 300,
+            workers: 2,
+            long_lived: 4,
+            settle: Duration::from_millis(300),
+            backend_down: Duration::from_millis(300),
+        }
+    }
+}
+
+/// The outcome of one connection or one long-lived exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Replied with "one LINE" or "two LINE".
+    Ok,
+    /// The connection was refused (RST to the SYN).
+    Refused,
+    /// Connected, then reset, timed out or closed before the whole reply.
+    Broken,
+    /// A reply whose bytes are not the echo of what was sent.
+    Mismatched,
+}
+
+/// One short connection, one exchange of a long-lived connection, or its failure.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    /// When the connection started (a short one counts in the phase it started in).
+    start: Instant,
+    /// When it ended (a long-lived exchange or failure counts in the phase it ended in).
+    end: Instant,
+    outcome: Outcome,
+    /// The backend that answered: 1 ("one"), 2 ("two"), 0 unknown.
+    backend: u8,
+    /// A long-lived connection's record.
+    long_lived: bool,
+    /// What failed, for a failure.
+    what: &'static str,
+}
+
+/// One row of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The fault.
+    pub fault: String,
+    /// How long the phase lasted.
+    pub duration: Duration,
+    /// New connections started during the phase.
+    pub attempted: u64,
+    /// ... answered with the exact echo.
+    pub succeeded: u64,
+    /// ... refused.
+    pub refused: u64,
+    /// ... broken after connecting (reset, timeout, short reply), long-lived ones included.
+    pub broken: u64,
+    /// ... of which the killed backend held (allowed for a deliberate backend kill).
+    pub held: u64,
+    /// Replies whose bytes differ from what was sent.
+    pub mismatched: u64,
+    /// Exchanges on long-lived connections that succeeded during the phase.
+    pub long_lived_ok: u64,
+    /// The phase's own figure: a backend's re-registration time, the loader's time to be
+    /// ready, the program change, …
+    pub detail: String,
+    /// What the phase itself checked and found wrong (e.g. weights not kept).
+    pub problems: Vec<String>,
+}
+
+impl Row {
+    /// Whether the row meets the goal: nothing refused, mismatched, or broken except what a
+    /// killed backend held, and no problem found.
+    pub fn goal_met(&self) -> bool {
+        self.refused == 0
+            && self.mismatched == 0
+            && self.broken == self.held
+            && self.problems.is_empty()
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// One row per fault, in order.
+    pub rows: Vec<Row>,
+    /// Options used.
+    pub options: Options,
+}
+
+impl Report {
+    /// Whether every row meets its goal.
+    pub fn goals_met(&self) -> bool {
+        self.rows.iter().all(Row::goal_met)
+    }
+
+    /// The table, as Markdown.
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| fault | time | attempted | succeeded | refused | broken (held by killed backend) | mismatched | long-lived exchanges | detail | goal |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        );
+        for r in &self.rows {
+            let broken = if r.held > 0 {
+                format!("{} ({})", r.broken, r.held)
+            } else {
+                r.broken.to_string()
+            };
+            let _ = writeln!(
+                t,
+                "| {} | {:.1} s | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.fault,
+                r.duration.as_secs_f64(),
+                r.attempted,
+                r.succeeded,
+                r.refused,
+                broken,
+                r.mismatched,
+                r.long_lived_ok,
+                r.detail,
+                if r.goal_met() {
+                    "met".to_string()
+                } else {
+                    format!("MISSED: {}", r.problems.join("; "))
+                }
+            );
+        }
+        t
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "goals_met": self.goals_met(),
+            "options": format!("{:?}", self.options),
+            "rows": self.rows.iter().map(|r| json!({
+                "fault": r.fault,
+                "seconds": r.duration.as_secs_f64(),
+                "attempted": r.attempted,
+                "succeeded": r.succeeded,
+                "refused": r.refused,
+                "broken": r.broken,
+                "held_by_killed_backend": r.held,
+                "mismatched": r.mismatched,
+                "long_lived_exchanges": r.long_lived_ok,
+                "detail": r.detail,
+                "problems": r.problems,
+                "goal_met": r.goal_met(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A phase as the driver ran it.
+struct Phase {
+    fault: String,
+    start: Instant,
+    end: Instant,
+    /// The killed backend: from just before the signal to just after it was reaped, and
+    /// which (1 or 2). Connections to it that were open then may break.
+    /// before, and long-lived ones it served, may break.
+    kill: Option<Kill>,
+    detail: String,
+    problems: Vec<String>,
+}
+
+/// The load: paced new connections and long-lived connections, each thread keeping its
+/// own records.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Vec<Record>>>,
+}
+
+impl Load {
+    /// Starts the load against `addr` (threads inherit the caller's network namespace).
+    fn start(addr: SocketAddr, opts: &Options) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let workers = opts.workers.max(1);
+        let interval = Duration::from_secs_f64(workers as f64 / f64::from(opts.rate.max(1)));
+        for w in 0..workers {
+            let stop = Arc::clone(&stop);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chaos-worker-{w}"))
+                    .spawn(move || short_connections(addr, w, interval, &stop))
+                    .context("cannot start a load thread")?,
+            );
+        }
+        for l in 0..opts.long_lived {
+            let stop = Arc::clone(&stop);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chaos-long-{l}"))
+                    .spawn(move || long_lived(addr, l, &stop))
+                    .context("cannot start a long-lived connection thread")?,
+            );
+        }
+        Ok(Self { stop, threads })
+    }
+
+    /// Stops the load; returns every thread's records.
+    fn finish(self) -> Result<Vec<Record>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.threads {
+            let records = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
+            all.extend(records);
+        }
+        Ok(all)
+    }
+}
+
+/// A line of `len` bytes that identifies the connection (checked in the echo).
+fn payload(worker: usize, n: u64, len: usize) -> String {
+    let mut line = format!("w{worker}-c{n}-");
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ worker as u64;
+    while line.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        line.push(alphabet[(x % alphabet.len() as u64) as usize] as char);
+    }
+    line
+}
+
+/// Which backend a reply prefix names.
+fn backend_of(prefix: &str) -> Option<u8> {
+    match prefix {
+        "one" => Some(1),
+        "two" => Some(2),
+        _ => None,
+    }
+}
+
+/// Checks `reply` against `line`: the backend that answered, or the outcome.
+fn check_reply(reply: &[u8], line: &str) -> std::result::Result<u8, Outcome> {
+    if reply.is_empty() || !reply.ends_with(b"\n") {
+        // Closed before the whole reply: the connection broke under us.
+        return Err(Outcome::Broken);
+    }
+    let text = std::str::from_utf8(&reply[..reply.len() - 1]).map_err(|_| Outcome::Mismatched)?;
+    match text.split_once(' ') {
+        Some((prefix, echoed)) if echoed == line => backend_of(prefix).ok_or(Outcome::Mismatched),
+        _ => Err(Outcome::Mismatched),
+    }
+}
+
+/// One worker: connect, send a line, read the echo until the server closes, at a fixed pace.
+fn short_connections(
+    addr: SocketAddr,
+    worker: usize,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut next = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            // Pacing the load generator (not synchronisation): the next connection's slot.
+            std::thread::sleep(next - now);
+        }
+        next += interval;
+        n += 1;
+        let start = Instant::now();
+        let line = payload(worker, n, 24 + (n % 64) as usize);
+        let (outcome, backend, what) = match one_connection(addr, &line) {
+            Ok(b) => (Outcome::Ok, b, ""),
+            Err((o, what)) => (o, 0, what),
+        };
+        records.push(Record {
+            start,
+            end: Instant::now(),
+            outcome,
+            backend,
+            long_lived: false,
+            what,
+        });
+    }
+    records
+}
+
+/// One connection: the backend that answered, or the outcome and what failed.
+fn one_connection(
+    addr: SocketAddr,
+    line: &str,
+) -> std::result::Result<u8, (Outcome, &'static str)> {
+    let mut s = match TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5))) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            return Err((Outcome::Refused, "connect: refused"));
+        }
+        Err(e) => return Err((Outcome::Broken, io_what("connect", &e))),
+    };
+    let io = (|| -> std::io::Result<Vec<u8>> {
+        s.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = Vec::with_capacity(line.len() + 8);
+        s.read_to_end(&mut reply)?;
+        Ok(reply)
+    })();
+    match io {
+        Ok(reply) => check_reply(&reply, line).map_err(|o| (o, reply_what(o))),
+        Err(e) => Err((Outcome::Broken, io_what("exchange", &e))),
+    }
+}
+
+/// A short description of an I/O failure at `stage`.
+fn io_what(stage: &'static str, e: &std::io::Error) -> &'static str {
+    match (stage, e.kind()) {
+        ("connect", ErrorKind::TimedOut | ErrorKind::WouldBlock) => "connect: timeout",
+        ("connect", _) => "connect: error",
+        (_, ErrorKind::ConnectionReset) => "reset",
+        (_, ErrorKind::BrokenPipe) => "broken pipe",
+        (_, ErrorKind::TimedOut | ErrorKind::WouldBlock) => "read timeout",
+        _ => "I/O error",
+    }
+}
+
+fn reply_what(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Broken => "closed before the whole reply",
+        Outcome::Mismatched => "reply differs",
+        _ => "",
+    }
+}
+
+/// One long-lived connection: a line every 20 ms, each echo checked. On a failure it records
+/// it (with the backend the connection had) and connects again.
+fn long_lived(addr: SocketAddr, id: usize, stop: &AtomicBool) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut n = 0u64;
+    'connect: while !stop.load(Ordering::Relaxed) {
+        let opened = Instant::now();
+        let stream = match TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5))) {
+            Ok(s) => s,
+            Err(e) => {
+                let outcome = if e.kind() == ErrorKind::ConnectionRefused {
+                    Outcome::Refused
+                } else {
+                    Outcome::Broken
+                };
+                records.push(Record {
+                    start: opened,
+                    end: Instant::now(),
+                    outcome,
+                    backend: 0,
+                    long_lived: true,
+                    what: io_what("connect", &e),
+                });
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let _ = stream.set_read_timeout(Some(scaled(Duration::from_secs(5))));
+        let Ok(mut writer) = stream.try_clone() else {
+            continue;
+        };
+        let mut reader = BufReader::new(stream);
+        let mut backend = 0u8;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let line = payload(1000 + id, n, 16 + (n % 200) as usize);
+            let mut reply = Vec::new();
+            let io = writer
+                .write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| reader.read_until(b'\n', &mut reply));
+            let result = match io {
+                Ok(_) => check_reply(&reply, &line).map_err(|o| (o, reply_what(o))),
+                Err(e) => Err((Outcome::Broken, io_what("exchange", &e))),
+            };
+            match result {
+                Ok(b) if backend == 0 || b == backend => {
+                    backend = b;
+                    records.push(Record {
+                        start: opened,
+                        end: Instant::now(),
+                        outcome: Outcome::Ok,
+                        backend,
+                        long_lived: true,
+                        what: "",
+                    });
+                }
+                Ok(_) => {
+                    // Another backend answered on the same connection: impossible unless
+                    // bytes got mixed up.
+                    records.push(Record {
+                        start: opened,
+                        end: Instant::now(),
+                        outcome: Outcome::Mismatched,
+                        backend,
+                        long_lived: true,
+                        what: "another backend answered",
+                    });
+                    continue 'connect;
+                }
+                Err((outcome, what)) => {
+                    records.push(Record {
+                        start: opened,
+                        end: Instant::now(),
+                        outcome,
+                        backend,
+                        long_lived: true,
+                        what,
+                    });
+                    continue 'connect;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    records
+}
+
+/// Runs the suite in a new network namespace of the calling thread. `progress` gets one line
+/// per step.
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    let mut ns = TestNs::new()?;
+    let mut v1 = ns.echo("127.0.0.1", 9001, "one")?;
+    let mut v2 = ns.echo("127.0.0.1", 9002, "two")?;
+    // The loader logs into a file: on a failure the error includes it.
+    let mut loader = ns.loader_with(&seed_config(80, 20), &[])?;
+    progress(
+        "seed running: tcp-echo v1 (one) and v2 (two) behind tcpshift on 127.0.0.1:31400 at 80/20",
+    );
+    let load = Load::start(seed_addr(), opts)?;
+    let mut phases: Vec<Phase> = Vec::new();
+    let result = drive(
+        opts,
+        &mut ns,
+        &mut v1,
+        &mut v2,
+        &mut loader,
+        &mut phases,
+        progress,
+    );
+    let records = load.finish()?;
+    result?;
+    let kills: Vec<Kill> = phases.iter().filter_map(|p| p.kill).collect();
+    Ok(Report {
+        rows: phases.iter().map(|p| row(p, &records, &kills)).collect(),
+        options: opts.clone(),
+    })
+}
+
+/// The faults, one phase each.
+fn drive(
+    opts: &Options,
+    ns: &mut TestNs,
+    v1: &mut usize,
+    v2: &mut usize,
+    loader: &mut usize,
+    phases: &mut Vec<Phase>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let mut phase = |fault: String,
+                     progress: &mut dyn FnMut(&str),
+                     f: &mut dyn FnMut(&mut Phase) -> Result<()>|
+     -> Result<()> {
+        progress(&format!("fault: {fault}"));
+        let mut p = Phase {
+            fault,
+            start: Instant::now(),
+            end: Instant::now(),
+            kill: None,
+            detail: String::new(),
+            problems: Vec::new(),
+        };
+        // A fault that could not be carried out is a problem of its row; the suite goes on.
+        if let Err(e) = f(&mut p) {
+            p.problems.push(format!("{e:#}"));
+        }
+        // Load keeps running after the fault: connections it disturbed show up here.
+        std::thread::sleep(opts.settle);
+        p.end = Instant::now();
+        phases.push(p);
+        Ok(())
+    };
+
+    phase("none (baseline)".into(), progress, &mut |_| Ok(()))?;
+
+    phase(
+        format!("{} weight changes", opts.weight_changes),
+        progress,
+        &mut |p| {
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            let start = Instant::now();
+            let mut last = 20;
+            for i in 0..opts.weight_changes {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Extremes included: every fifth change is 0 or 100.
+                let w = match i % 5 {
+                    0 => 0,
+                    1 => 100,
+                    _ => (x % 101) as u32,
+                };
+                let w = if i + 1 == opts.weight_changes { 20 } else { w };
+                ns.ctl_ok(&["set-weight", &format!("v1={}", 100 - w), &format!("v2={w}")])?;
+                last = w;
+            }
+            let took = start.elapsed();
+            p.detail = format!(
+                "{:.1} ms per change (tcpshiftctl)",
+                took.as_secs_f64() * 1000.0 / opts.weight_changes.max(1) as f64
+            );
+            check_weights(ns, u64::from(100 - last), u64::from(last), p)
+        },
+    )?;
+
+    for i in 0..opts.loader_kills {
+        phase(
+            format!("loader SIGKILL + restart ({}/{})", i + 1, opts.loader_kills),
+            progress,
+            &mut |p| {
+                ns.kill(*loader)?;
+                let start = Instant::now();
+                *loader = ns.restart_loader_with(&[])?;
+                p.detail = format!("loader ready again in {:.0} ms", ms(start.elapsed()));
+                check_weights(ns, 80, 20, p)
+            },
+        )?;
+    }
+    for i in 0..opts.loader_stops {
+        phase(
+            format!("loader SIGTERM + restart ({}/{})", i + 1, opts.loader_stops),
+            progress,
+            &mut |p| {
+                ns.signal(*loader, libc::SIGTERM)?;
+                let start = Instant::now();
+                *loader = ns.restart_loader_with(&[])?;
+                p.detail = format!("loader ready again in {:.0} ms", ms(start.elapsed()));
+                check_weights(ns, 80, 20, p)
+            },
+        )?;
+    }
+    for i in 0..opts.upgrades {
+        phase(
+            format!("program upgrade in place ({}/{})", i + 1, opts.upgrades),
+            progress,
+            &mut |p| {
+                let before = program_id(ns)?;
+                ns.signal(*loader, libc::SIGTERM)?;
+                let start = Instant::now();
+                *loader = ns.restart_loader_with(&["--reload-program"])?;
+                let after = program_id(ns)?;
+                p.detail = format!(
+                    "sk_lookup program {before} -> {after}, new loader ready in {:.0} ms",
+                    ms(start.elapsed())
+                );
+                if after == before {
+                    p.problems
+                        .push(format!("the program was not replaced (still id {before})"));
+                }
+                check_weights(ns, 80, 20, p)
+            },
+        )?;
+    }
+    for i in 0..opts.backend_kills {
+        for (name, prefix, port, backend) in [("v1", "one", 9001u16, 1u8), ("v2", "two", 9002, 2)] {
+            let idx = if backend == 1 { &mut *v1 } else { &mut *v2 };
+            phase(
+                format!(
+                    "backend {name} killed, restarted after {} ms ({}/{})",
+                    opts.backend_down.as_millis(),
+                    i + 1,
+                    opts.backend_kills
+                ),
+                progress,
+                &mut |p| {
+                    let signalled = Instant::now();
+                    ns.kill(*idx)?;
+                    p.kill = Some(Kill {
+                        signalled,
+                        reaped: Instant::now(),
+                        backend,
+                    });
+                    // Down for a while: new connections must all go to the other backend.
+                    std::thread::sleep(opts.backend_down);
+                    *idx = ns.echo("127.0.0.1", port, prefix)?;
+                    let listening = Instant::now();
+                    let took = crate::poll_until(
+                        Duration::from_secs(5),
+                        "the restarted backend registered",
+                        || {
+                            let status = ns.status()?;
+                            Ok(subset(&status, name)
+                                .is_some_and(|s| s["live"] == true)
+                                .then(|| listening.elapsed()))
+                        },
+                    )?;
+                    p.detail = format!("re-registered {:.0} ms after it listened", ms(took));
+                    if took > Duration::from_secs(1) {
+                        p.problems
+                            .push(format!("re-registration took {:.0} ms (> 1 s)", ms(took)));
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+    }
+    phase(
+        format!("{} malformed inputs", BAD_INPUTS.len()),
+        progress,
+        &mut |p| {
+            let before = ns.ctl_ok(&["get", "virtualservice", "-o", "yaml"]).ok();
+            let weights_before = weights(ns)?;
+            let mut refused = 0;
+            for (what, args, file) in BAD_INPUTS {
+                let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                if let Some(content) = file {
+                    let path = ns.file("bad.yaml");
+                    std::fs::write(&path, content)?;
+                    args.push(path.display().to_string());
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = ns.ctl(&args)?;
+                if out.status.success() {
+                    p.problems.push(format!("{what}: accepted"));
+                } else {
+                    refused += 1;
+                }
+            }
+            if weights(ns)? != weights_before {
+                p.problems.push("the weights changed".into());
+            }
+            if ns.ctl_ok(&["get", "virtualservice", "-o", "yaml"]).ok() != before {
+                p.problems.push("the routes changed".into());
+            }
+            p.detail = format!("{refused} of {} refused", BAD_INPUTS.len());
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// Malformed inputs: (what, tcpshiftctl arguments, content of a file appended as the last
+/// argument).
+const BAD_INPUTS: &[(&str, &[&str], Option<&[u8]>)] = &[
+    ("weight not a number", &["set-weight", "v2=abc"], None),
+    ("negative weight", &["set-weight", "v2=-5"], None),
+    ("percent over 100", &["set-weight", "v2=101"], None),
+    ("unknown subset", &["set-weight", "v3=10"], None),
+    ("unknown service", &["set-weight", "--service", "nope", "v2=10"], None),
+    ("all weights zero", &["set-weight", "v1=0", "v2=0"], None),
+    (
+        "truncated YAML",
+        &["apply", "-f"],
+        Some(b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: \"tcp-ec"),
+    ),
+    (
+        "unknown subset in a VirtualService",
+        &["apply", "-f"],
+        Some(
+            b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: tcp-echo\nspec:\n  hosts: [tcp-echo]\n  tcp:\n  - route:\n    - destination: {host: tcp-echo, subset: v9}\n      weight: 100\n",
+        ),
+    ),
+    (
+        "negative weight in a VirtualService",
+        &["apply", "-f"],
+        Some(
+            b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: tcp-echo\nspec:\n  hosts: [tcp-echo]\n  tcp:\n  - route:\n    - destination: {host: tcp-echo, subset: v1}\n      weight: -20\n    - destination: {host: tcp-echo, subset: v2}\n      weight: 120\n",
+        ),
+    ),
+    ("binary garbage", &["apply", "-f"], Some(b"\x01\x02\xff\xfe\x00kind: [[[")),
+];
+
+/// The weights of tcp-echo's subsets, from `status --json`.
+fn weights(ns: &TestNs) -> Result<Vec<(String, u64)>> {
+    let status = ns.status()?;
+    Ok(crate::subsets(&status)
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default().to_string(),
+                s["weight"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect())
+}
+
+/// Records a problem unless the kernel holds weights v1/v2.
+fn check_weights(ns: &TestNs, v1: u64, v2: u64, p: &mut Phase) -> Result<()> {
+    let w = weights(ns)?;
+    let want = vec![("v1".to_string(), v1), ("v2".to_string(), v2)];
+    if w != want {
+        p.problems
+            .push(format!("weights are {w:?}, expected v1={v1} v2={v2}"));
+    }
+    Ok(())
+}
+
+fn program_id(ns: &TestNs) -> Result<u64> {
+    ns.status()?["program_id"]
+        .as_u64()
+        .context("no program_id in status --json")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A backend killed on purpose.
+#[derive(Debug, Clone, Copy)]
+struct Kill {
+    /// Just before SIGKILL was sent.
+    signalled: Instant,
+    /// Just after the process was reaped (its sockets are closed by then).
+    reaped: Instant,
+    /// 1 (v1) or 2 (v2).
+    backend: u8,
+}
+
+impl Kill {
+    /// Whether a connection that was open from `start` to `end` and talked to `backend`
+    /// (0: unknown, e.g. a new connection that got no reply) was open while this backend
+    /// died, so that it may have held it.
+    fn may_hold(&self, start: Instant, end: Instant, backend: u8) -> bool {
+        (backend == 0 || backend == self.backend) && start < self.reaped && end >= self.signalled
+    }
+}
+
+/// Sums the records of phase `p` into its row. `kills` are every backend kill of the run (a
+/// connection that started in one phase can be held by a backend killed in the next).
+fn row(p: &Phase, records: &[Record], kills: &[Kill]) -> Row {
+    let mut r = Row {
+        fault: p.fault.clone(),
+        duration: p.end - p.start,
+        attempted: 0,
+        succeeded: 0,
+        refused: 0,
+        broken: 0,
+        held: 0,
+        mismatched: 0,
+        long_lived_ok: 0,
+        detail: p.detail.clone(),
+        problems: p.problems.clone(),
+    };
+    let mut unexpected = Vec::new();
+    let in_phase = |at: Instant| at >= p.start && at < p.end;
+    for rec in records
+        .iter()
+        .filter(|r| in_phase(if r.long_lived { r.end } else { r.start }))
+    {
+        let held = rec.outcome == Outcome::Broken
+            && kills
+                .iter()
+                .any(|k| k.may_hold(rec.start, rec.end, rec.backend));
+        if rec.outcome != Outcome::Ok && !held && unexpected.len() < 5 {
+            unexpected.push(format!(
+                "{} connection{} at +{:.0} ms: {}",
+                if rec.long_lived { "long-lived" } else { "new" },
+                match rec.backend {
+                    1 => " to v1",
+                    2 => " to v2",
+                    _ => "",
+                },
+                ms(rec.end.saturating_duration_since(p.start)),
+                rec.what
+            ));
+        }
+        if rec.long_lived {
+            match rec.outcome {
+                Outcome::Ok => r.long_lived_ok += 1,
+                Outcome::Refused => r.refused += 1,
+                Outcome::Mismatched => r.mismatched += 1,
+                Outcome::Broken => {
+                    r.broken += 1;
+                    r.held += u64::from(held);
+                }
+            }
+            continue;
+        }
+        r.attempted += 1;
+        match rec.outcome {
+            Outcome::Ok => r.succeeded += 1,
+            Outcome::Refused => r.refused += 1,
+            Outcome::Mismatched => r.mismatched += 1,
+            Outcome::Broken => {
+                r.broken += 1;
+                r.held += u64::from(held);
+            }
+        }
+    }
+    if !unexpected.is_empty() {
+        r.problems.push(unexpected.join(", "));
+    }
+    r
+}
+
+/// Fails with the table when a goal is missed.
+pub fn check(report: &Report) -> Result<()> {
+    if !report.goals_met() {
+        bail!("fault suite: a goal was missed\n{}", report.table());
+    }
+    Ok(())
+}
