@@ -94,7 +94,8 @@ pub enum StateError {
     },
     /// The pinned state was made by a tcpshift with another layout.
     #[error(
-        "the state at {dir} has layout version {found}, this tcpshift understands version {expected}; remove it with `tcpshiftctl uninstall` (with the tcpshift that created it) and start again"
+        "the state at {dir} was made by a tcpshift with {}; this tcpshift understands layout version {expected} and will not adopt it (its maps differ). Either keep running the tcpshiftd of that version, or remove the state with `tcpshiftctl uninstall` (any version's tcpshiftctl can; note the weights first with that version's `tcpshiftctl status`, and expect steering to stop until this tcpshiftd has installed itself, about a second) and start this tcpshiftd with your configuration",
+        layout_name(*found)
     )]
     Layout {
         /// The state directory.
@@ -103,6 +104,27 @@ pub enum StateError {
         found: u32,
         /// Version this build understands.
         expected: u32,
+    },
+    /// A pinned object of the state is missing.
+    #[error(
+        "the state at {dir} is incomplete (no {missing}); remove it with `tcpshiftctl uninstall` and start tcpshiftd again"
+    )]
+    Incomplete {
+        /// The state directory.
+        dir: PathBuf,
+        /// The pinned object that is missing.
+        missing: &'static str,
+    },
+    /// Replacing the program of a pinned link failed.
+    #[error(
+        "cannot replace the program of the link {link}: {error}{}",
+        link_update_cause(error)
+    )]
+    LinkUpdate {
+        /// The pinned link.
+        link: PathBuf,
+        /// The error.
+        error: io::Error,
     },
     /// A namespace or bpffs problem.
     #[error(transparent)]
@@ -191,6 +213,29 @@ fn map_error_cause(e: &MapError) -> String {
     }
 }
 
+/// How the layout error names the version found (0: `TS_GLOBAL` unreadable or a map of
+/// another type).
+fn layout_name(found: u32) -> String {
+    if found == 0 {
+        "an unknown map layout".to_string()
+    } else {
+        format!("layout version {found}")
+    }
+}
+
+/// What an errno of `BPF_LINK_UPDATE` means here.
+fn link_update_cause(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            " (the link's program changed while this one was loading: another tcpshiftd upgraded it; start again)"
+        }
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+            " (the kernel cannot update this link in place; Linux >= 5.8 is needed)"
+        }
+        _ => "",
+    }
+}
+
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> StateError {
     let what = what.into();
     move |error| StateError::Map { what, error }
@@ -219,6 +264,49 @@ pub enum Installed {
     Adopted,
     /// The program was loaded, attached and pinned now.
     Created,
+}
+
+/// A loaded program, as the kernel identifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramRef {
+    /// Program id (changes with every load).
+    pub id: u32,
+    /// The kernel's tag: a hash of the instructions (map references left out), the same for
+    /// the same program.
+    pub tag: [u8; 8],
+}
+
+impl std::fmt::Display for ProgramRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "id {} (tag ", self.id)?;
+        for b in self.tag {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// What [`State::upgrade_programs`] did to one pinned link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramChange {
+    /// The link runs this version's program already (same tag): left alone.
+    Unchanged(ProgramRef),
+    /// The link's program was replaced in place.
+    Replaced {
+        /// The program that ran before.
+        old: ProgramRef,
+        /// The program that runs now.
+        new: ProgramRef,
+    },
+}
+
+/// What [`State::upgrade_programs`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The sk_lookup link (steering).
+    pub sk_lookup: ProgramChange,
+    /// The sock_ops link (connection accounting); `None` when none is pinned.
+    pub sock_ops: Option<ProgramChange>,
 }
 
 /// How [`State::apply`] treats the weights of a service that already exists unchanged.
@@ -569,6 +657,106 @@ impl State {
         }
         fs::remove_dir_all(dir).map_err(io_err("cannot remove stale state", dir))?;
         Ok(None)
+    }
+
+    /// Replaces the programs of the pinned links with `object`'s, in place, when they differ
+    /// from the running ones (by the kernel's tag) or when `force` is set.
+    ///
+    /// The new programs are loaded against the pinned maps (weights, sockets, services,
+    /// counters and the global settings stay as they are), then each link is switched to its
+    /// new program with `BPF_LINK_UPDATE`: the kernel swaps one pointer in the hook's run
+    /// array, so every connection is handled by either the old or the new program and none is
+    /// refused. sk_lookup first, then sock_ops. The caller must have checked the layout
+    /// version (every [`State`] has, in [`State::open_dir`]).
+    pub fn upgrade_programs(&mut self, object: &[u8], force: bool) -> Result<Upgrade> {
+        let _lock = self.lock()?;
+        // aya creates (and pins) a map it does not find at its pin path: every map must be
+        // there, or the new programs would work on empty maps of their own.
+        for name in map_names::ALL {
+            if fs::symlink_metadata(self.dir.join(name)).is_err() {
+                return Err(StateError::Incomplete {
+                    dir: self.dir.clone(),
+                    missing: name,
+                });
+            }
+        }
+        let link_path = self.dir.join(LINK);
+        let link = obj_get(&link_path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StateError::Incomplete {
+                dir: self.dir.clone(),
+                missing: LINK,
+            },
+            _ => io_err("cannot open the link", &link_path)(e),
+        })?;
+        let sockops_path = self.dir.join(SOCKOPS_LINK);
+        let sockops_link = match obj_get(&sockops_path) {
+            Ok(fd) => Some(fd),
+            // Connection accounting is off (no cgroup2 at install time): nothing to replace.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("cannot open the link", &sockops_path)(e)),
+        };
+        let prog_err = |what: &str| {
+            let what = what.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| StateError::Program {
+                what,
+                error: e,
+            }
+        };
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, self.dir.join(name));
+        }
+        let mut ebpf = loader
+            .load(object)
+            .map_err(|e| prog_err("cannot load the eBPF object")(Box::new(e)))?;
+        // Load (verify) both programs before replacing either, so a refusal changes nothing.
+        {
+            let program: &mut SkLookup = ebpf
+                .program_mut(PROGRAM_SK_LOOKUP)
+                .ok_or_else(|| missing_map(PROGRAM_SK_LOOKUP))?
+                .try_into()
+                .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
+            program
+                .load()
+                .map_err(|e| prog_err("the kernel refused the sk_lookup program")(Box::new(e)))?;
+        }
+        if sockops_link.is_some() {
+            let program: &mut SockOps = ebpf
+                .program_mut(PROGRAM_SOCK_OPS)
+                .ok_or_else(|| missing_map(PROGRAM_SOCK_OPS))?
+                .try_into()
+                .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
+            program
+                .load()
+                .map_err(|e| prog_err("the kernel refused the sock_ops program")(Box::new(e)))?;
+        }
+        let program_fd = |name: &str| -> Result<std::os::fd::OwnedFd> {
+            let program = ebpf.program(name).ok_or_else(|| missing_map(name))?;
+            let fd = program
+                .fd()
+                .map_err(|e| prog_err("the loaded program has no fd")(Box::new(e)))?;
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| prog_err("cannot duplicate the program's fd")(Box::new(e)))
+        };
+        let new_sk_lookup = program_fd(PROGRAM_SK_LOOKUP)?;
+        let new_sock_ops = match sockops_link {
+            Some(_) => Some(program_fd(PROGRAM_SOCK_OPS)?),
+            None => None,
+        };
+        let sk_lookup = replace_program(&link_path, link.as_fd(), new_sk_lookup.as_fd(), force)?;
+        let sock_ops = match (&sockops_link, &new_sock_ops) {
+            (Some(l), Some(p)) => {
+                Some(replace_program(&sockops_path, l.as_fd(), p.as_fd(), force)?)
+            }
+            _ => None,
+        };
+        // The links hold the new programs now; the object (its fds) can go.
+        drop(ebpf);
+        Ok(Upgrade {
+            sk_lookup,
+            sock_ops,
+        })
     }
 
     /// Locks this namespace's state against concurrent changes.
@@ -1988,24 +2176,30 @@ fn listen_of(meta: &ServiceMeta) -> Listen {
     }
 }
 
-/// Reads `bpf_link_info` of the pinned link at `path`: (program id, netns inode).
-fn link_info(path: &Path) -> io::Result<(u32, u32)> {
+/// Opens the pinned BPF object at `path` (`BPF_OBJ_GET`).
+fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = [0u64; 16];
     attr[0] = c.as_ptr() as u64;
-    // SAFETY: BPF_OBJ_GET reads the path pointer only; attr is 128 zeroed bytes.
+    // SAFETY: BPF_OBJ_GET reads the path pointer only (valid, NUL-terminated, alive for the
+    // call); attr is 128 zeroed bytes.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fd was just returned to us.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: fd was just returned to us and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The first 128 bytes of the kernel's info about the BPF object `fd` (`BPF_OBJ_GET_INFO_BY_FD`;
+/// the kernel copies no more than the length given, pointers in the info stay zero).
+fn obj_info(fd: BorrowedFd<'_>) -> io::Result<[u32; 32]> {
     let mut info = [0u32; 32];
     let mut attr = [0u64; 16];
     attr[0] = u64::from(fd.as_raw_fd() as u32) | (128u64 << 32);
     attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: info is 128 bytes, as declared in info_len.
+    // SAFETY: info is 128 bytes, as declared in info_len, and outlives the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -2017,12 +2211,86 @@ fn link_info(path: &Path) -> io::Result<(u32, u32)> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Reads `bpf_link_info` of the pinned link at `path`: (program id, netns inode).
+fn link_info(path: &Path) -> io::Result<(u32, u32)> {
+    let fd = obj_get(path)?;
+    let info = obj_info(fd.as_fd())?;
     // struct bpf_link_info { u32 type, id, prog_id; union (8-aligned, offset 16) { netns: { u32 netns_ino, attach_type } } }
     Ok((info[2], info[4]))
 }
 
+/// Id and tag of the program `fd` (`struct bpf_prog_info { u32 type, id; u8 tag[8]; .. }`).
+fn prog_ref(fd: BorrowedFd<'_>) -> io::Result<ProgramRef> {
+    let info = obj_info(fd)?;
+    let mut tag = [0u8; 8];
+    tag[..4].copy_from_slice(&info[2].to_ne_bytes());
+    tag[4..].copy_from_slice(&info[3].to_ne_bytes());
+    Ok(ProgramRef { id: info[1], tag })
+}
+
+/// An fd of the loaded program `id` (`BPF_PROG_GET_FD_BY_ID`).
+fn prog_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    // union bpf_attr { u32 prog_id, next_id, open_flags; .. }
+    let mut attr = [0u32; 32];
+    attr[0] = id;
+    // SAFETY: attr is 128 zeroed bytes holding `prog_id`; the kernel only reads it.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_mut_ptr(), 128) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Switches the link `link` (pinned at `path`) to the program `new` unless it runs an
+/// identical one already (same tag) and `force` is not set.
+///
+/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE` names the program expected in the link: if another
+/// loader replaced it in between, the kernel refuses (EPERM) instead of undoing that change.
+fn replace_program(
+    path: &Path,
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    force: bool,
+) -> Result<ProgramChange> {
+    let read_err = |what: &'static str| {
+        let path = path.to_path_buf();
+        move |error| StateError::Io { what, path, error }
+    };
+    let old_id = obj_info(link).map_err(read_err("cannot read the link"))?[2];
+    let old_fd = prog_fd_by_id(old_id).map_err(read_err("cannot open the program of the link"))?;
+    let old = prog_ref(old_fd.as_fd()).map_err(read_err("cannot read the program of the link"))?;
+    let new_ref = prog_ref(new).map_err(read_err("cannot read the new program for the link"))?;
+    if old.tag == new_ref.tag && !force {
+        return Ok(ProgramChange::Unchanged(old));
+    }
+    // union bpf_attr.link_update { u32 link_fd, new_prog_fd, flags, old_prog_fd; }
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = new.as_raw_fd() as u32;
+    attr[2] = BPF_F_REPLACE;
+    attr[3] = old_fd.as_raw_fd() as u32;
+    // SAFETY: attr is 128 bytes holding the link_update fields, all three fds open for the
+    // whole call; the kernel only reads it.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, attr.as_mut_ptr(), 128) };
+    if rc < 0 {
+        return Err(StateError::LinkUpdate {
+            link: path.to_path_buf(),
+            error: io::Error::last_os_error(),
+        });
+    }
+    Ok(ProgramChange::Replaced { old, new: new_ref })
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 4;
 
 fn link_netns(path: &Path) -> io::Result<u32> {
     link_info(path).map(|(_, ino)| ino)
