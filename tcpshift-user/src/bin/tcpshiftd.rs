@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -19,7 +19,7 @@ use tcpshift::{
     discovery::{self, Registration},
     metrics,
     netns::Netns,
-    state::{Installed, State, Weights},
+    state::{Installed, ProgramChange, State, Weights},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -51,6 +51,11 @@ struct Args {
     /// kernel at every scrape. ADDR is in the network namespace tcpshiftd works in.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Replace the running eBPF programs even when they are identical to this version's (an
+    /// adopted state's programs are otherwise replaced in place only when they differ; weights,
+    /// sockets and connections are kept either way). For operators and the fault tests.
+    #[arg(long)]
+    reload_program: bool,
 
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
@@ -96,6 +101,8 @@ fn run(args: Args) -> Result<()> {
         Installed::Created => Weights::FromConfig,
         Installed::Adopted => {
             info!(dir = %state.dir().display(), "adopted pinned state; keeping the weights in the kernel");
+            // Before the kernel events' logger starts: it follows the sk_lookup program's id.
+            upgrade(&mut state, args.reload_program)?;
             Weights::KeepExisting
         }
     };
@@ -140,6 +147,45 @@ fn run(args: Args) -> Result<()> {
         }
         result
     })
+}
+
+/// Replaces the adopted state's programs with this version's, in place (maps kept), when they
+/// differ or `force` is set, and says what happened.
+fn upgrade(state: &mut State, force: bool) -> Result<()> {
+    let started = Instant::now();
+    let upgrade = state
+        .upgrade_programs(EBPF_OBJECT, force)
+        .context("cannot upgrade the running programs in place")?;
+    let took = started.elapsed();
+    let links = [
+        ("sk_lookup", Some(upgrade.sk_lookup)),
+        ("sock_ops", upgrade.sock_ops),
+    ];
+    let mut unchanged = Vec::new();
+    for (name, change) in links {
+        match change {
+            Some(ProgramChange::Replaced { old, new }) => {
+                info!(took = ?took, "replaced the {name} program in place: {old} -> {new}")
+            }
+            Some(ProgramChange::Unchanged(p)) => unchanged.push(format!("{name} {p}")),
+            None => {}
+        }
+    }
+    if unchanged.len() == links.iter().filter(|(_, c)| c.is_some()).count() {
+        info!(
+            "running programs are this version's: {}",
+            unchanged.join(", ")
+        );
+    } else if !unchanged.is_empty() {
+        info!(
+            "kept the running program, identical to this version's: {}",
+            unchanged.join(", ")
+        );
+    }
+    if upgrade.sock_ops.is_none() {
+        debug!("no sock_ops link is pinned (connection accounting off): nothing to replace there");
+    }
+    Ok(())
 }
 
 /// Forwards the programs' aya-log events (a ring buffer) into tracing, as they arrive.
