@@ -258,6 +258,9 @@ pub struct Summary {
     pub weight_change: Vec<FlipRow>,
     /// tcpshift's peak connection rate divided by HAProxy's, same round.
     pub tcpshift_vs_haproxy: Option<Spread>,
+    /// direct's peak connection rate divided by HAProxy's, same round: the bound of the
+    /// previous ratio for a target that adds no work at all.
+    pub direct_vs_haproxy: Option<Spread>,
     /// The goals.
     pub goals: Vec<Goal>,
     /// What went wrong, whatever the speed: connection errors, a backend that never
@@ -621,6 +624,10 @@ pub fn summarise(records: &[Record]) -> Summary {
             .get("tcpshift")
             .and_then(|t| figure(t, peaks.get("haproxy")))
             .and_then(|f| f.ratio),
+        direct_vs_haproxy: peaks
+            .get("direct")
+            .and_then(|d| figure(d, peaks.get("haproxy")))
+            .and_then(|f| f.ratio),
         goals: Vec::new(),
         problems: Vec::new(),
         warnings: Vec::new(),
@@ -732,11 +739,21 @@ fn goals(s: &Summary) -> Vec<Goal> {
             ));
         }
         if s.rate.iter().any(|r| r.target == "haproxy") {
-            out.push(at_least(
+            let mut goal = at_least(
                 "peak connection rate × HAProxy's peak".into(),
                 2.0,
                 s.tcpshift_vs_haproxy,
-            ));
+            );
+            // Clients and servers share the machine's CPUs: nothing can beat HAProxy by more
+            // than direct connections do.
+            if let Some(d) = s.direct_vs_haproxy {
+                goal.shown = format!(
+                    "{}; bound: direct ÷ HAProxy = {}",
+                    goal.shown,
+                    d.show(3)
+                );
+            }
+            out.push(goal);
         }
     }
     let bulk = s
