@@ -718,9 +718,12 @@ fn drive(
     Ok(())
 }
 
-/// Malformed inputs: (what, tcpshiftctl arguments, content of a file appended as the last
-/// argument).
-const BAD_INPUTS: &[(&str, &[&str], Option<&[u8]>)] = &[
+/// A malformed input: what it is, tcpshiftctl's arguments, and the content of a file
+/// appended as the last argument.
+type BadInput = (&'static str, &'static [&'static str], Option<&'static [u8]>);
+
+/// Malformed inputs given to tcpshiftctl (the bad-input tests have many more).
+const BAD_INPUTS: &[BadInput] = &[
     ("weight not a number", &["set-weight", "v2=abc"], None),
     ("negative weight", &["set-weight", "v2=-5"], None),
     ("percent over 100", &["set-weight", "v2=101"], None),
