@@ -41,6 +41,46 @@ fn prog_exists(id: u64) -> bool {
     false
 }
 
+fn map_exists(id: u64) -> bool {
+    // BPF_MAP_GET_FD_BY_ID: attr { map_id: u32, ... }
+    let mut attr = [0u64; 16];
+    attr[0] = id;
+    // SAFETY: 128-byte zeroed attr with the id in the first word.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 14, attr.as_mut_ptr(), 128) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned to us.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    false
+}
+
+/// The ids of the programs (behind the pinned links) and maps pinned in a state directory,
+/// read with bpftool.
+fn pinned_objects(dir: &std::path::Path) -> Result<(Vec<u64>, Vec<u64>)> {
+    let (mut progs, mut maps) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_link = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with("link"));
+        let kind = if is_link { "link" } else { "map" };
+        let out = Command::new("bpftool")
+            .args(["-j", kind, "show", "pinned"])
+            .arg(&path)
+            .output()
+            .context("cannot run bpftool (install the bpftool package)")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bpftool {kind} show pinned {}", path.display()))?;
+        if is_link {
+            progs.push(v["prog_id"].as_u64().context("no prog_id")?);
+        } else {
+            maps.push(v["id"].as_u64().context("no map id")?);
+        }
+    }
+    Ok((progs, maps))
+}
+
 #[test]
 fn uninstall_leaves_nothing_and_the_port_behaves_as_without_tcpshift() -> Result<()> {
     if !privileged() {
@@ -55,14 +95,34 @@ fn uninstall_leaves_nothing_and_the_port_behaves_as_without_tcpshift() -> Result
     assert!(prog_exists(prog));
     assert_eq!(count_prefixes(seed_addr(), 10)?.get("one"), Some(&10));
 
+    // Every kernel object tcpshift pinned: both programs (through their links) and the maps.
+    let (progs, maps) = pinned_objects(std::path::Path::new(&dir))?;
+    assert!(
+        progs.contains(&prog),
+        "{progs:?} lacks the sk_lookup program {prog}"
+    );
+    assert!(
+        progs.len() >= 2,
+        "sk_lookup and sock_ops links expected: {progs:?}"
+    );
+    assert!(maps.len() >= 7, "maps expected: {maps:?}");
+
     let out = ns.ctl_ok(&["uninstall"])?;
     assert!(out.contains("removed"), "{out}");
     assert!(
         !std::path::Path::new(&dir).exists(),
         "state dir {dir} still there"
     );
-    // The program is freed once the link is gone (asynchronously, after an RCU grace period).
-    wait_until(Duration::from_secs(10), || Ok(!prog_exists(prog)))?;
+    // Programs and maps are freed once the pins and links are gone (asynchronously, after an
+    // RCU grace period).
+    wait_until(scaled(Duration::from_secs(10)), || {
+        Ok(progs.iter().all(|&p| !prog_exists(p)) && maps.iter().all(|&m| !map_exists(m)))
+    })
+    .with_context(|| {
+        let left: Vec<_> = progs.iter().filter(|&&p| prog_exists(p)).collect();
+        let maps_left: Vec<_> = maps.iter().filter(|&&m| map_exists(m)).collect();
+        format!("still there: programs {left:?}, maps {maps_left:?}")
+    })?;
     // Nothing listens on 31400: refused, as without tcpshift.
     let err = std::net::TcpStream::connect_timeout(&seed_addr(), Duration::from_secs(2))
         .expect_err("31400 must be refused after uninstall");
