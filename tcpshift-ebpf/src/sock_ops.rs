@@ -197,6 +197,13 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
 /// A tracked connection changes state; at close, account it.
 #[inline(always)]
 fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
+    let old = field!(ops, __bindgen_anon_1.args[0]);
+    let new = field!(ops, __bindgen_anon_1.args[1]);
+    // Only two transitions matter: leave the others (about half of a connection's state
+    // callbacks) before any lookup.
+    if new != BPF_TCP_FIN_WAIT1 && new != BPF_TCP_CLOSE {
+        return;
+    }
     let Some(global) = our_namespace(ops) else {
         return;
     };
@@ -207,14 +214,9 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     if unsafe { read_volatile(addr_of!((*t).kind)) } != tag::OPEN {
         return;
     }
-    let old = field!(ops, __bindgen_anon_1.args[0]);
-    let new = field!(ops, __bindgen_anon_1.args[1]);
     if new == BPF_TCP_FIN_WAIT1 {
         // The server closed first: watch the few remaining packets for the client's FIN.
         add_cb_flags(ctx, ops, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
-        return;
-    }
-    if new != BPF_TCP_CLOSE {
         return;
     }
     let received = field!(ops, bytes_received);
