@@ -592,31 +592,23 @@ fn drive(
         },
     )?;
 
-    for i in 0..opts.loader_kills {
-        phase(
-            format!("loader SIGKILL + restart ({}/{})", i + 1, opts.loader_kills),
-            progress,
-            &mut |p| {
-                ns.kill(*loader)?;
-                let start = Instant::now();
-                *loader = ns.restart_loader_with(&[])?;
-                p.detail = format!("loader ready again in {:.0} ms", ms(start.elapsed()));
-                check_weights(ns, 80, 20, p)
-            },
-        )?;
-    }
-    for i in 0..opts.loader_stops {
-        phase(
-            format!("loader SIGTERM + restart ({}/{})", i + 1, opts.loader_stops),
-            progress,
-            &mut |p| {
-                ns.signal(*loader, libc::SIGTERM)?;
-                let start = Instant::now();
-                *loader = ns.restart_loader_with(&[])?;
-                p.detail = format!("loader ready again in {:.0} ms", ms(start.elapsed()));
-                check_weights(ns, 80, 20, p)
-            },
-        )?;
+    for (signal, name, times) in [
+        (libc::SIGKILL, "SIGKILL", opts.loader_kills),
+        (libc::SIGTERM, "SIGTERM", opts.loader_stops),
+    ] {
+        for i in 0..times {
+            phase(
+                format!("loader {name} + restart ({}/{times})", i + 1),
+                progress,
+                &mut |p| {
+                    ns.signal(*loader, signal)?;
+                    let start = Instant::now();
+                    *loader = ns.restart_loader_with(&[])?;
+                    p.detail = format!("loader ready again in {:.0} ms", ms(start.elapsed()));
+                    check_weights(ns, 80, 20, p)
+                },
+            )?;
+        }
     }
     for i in 0..opts.upgrades {
         phase(

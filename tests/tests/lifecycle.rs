@@ -27,12 +27,13 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<
     bail!("condition not met within {timeout:?}")
 }
 
-fn prog_exists(id: u64) -> bool {
-    // BPF_PROG_GET_FD_BY_ID: attr { prog_id: u32, ... }
+/// Whether the kernel still has the BPF object `id`, asked with `BPF_PROG_GET_FD_BY_ID` (13) or
+/// `BPF_MAP_GET_FD_BY_ID` (14): attr { id: u32, ... }.
+fn bpf_object_exists(cmd: libc::c_long, id: u64) -> bool {
     let mut attr = [0u64; 16];
     attr[0] = id;
     // SAFETY: 128-byte zeroed attr with the id in the first word.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 13, attr.as_mut_ptr(), 128) };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128) };
     if fd >= 0 {
         // SAFETY: fd was just returned to us.
         unsafe { libc::close(fd as i32) };
@@ -41,18 +42,12 @@ fn prog_exists(id: u64) -> bool {
     false
 }
 
+fn prog_exists(id: u64) -> bool {
+    bpf_object_exists(13, id)
+}
+
 fn map_exists(id: u64) -> bool {
-    // BPF_MAP_GET_FD_BY_ID: attr { map_id: u32, ... }
-    let mut attr = [0u64; 16];
-    attr[0] = id;
-    // SAFETY: 128-byte zeroed attr with the id in the first word.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 14, attr.as_mut_ptr(), 128) };
-    if fd >= 0 {
-        // SAFETY: fd was just returned to us.
-        unsafe { libc::close(fd as i32) };
-        return true;
-    }
-    false
+    bpf_object_exists(14, id)
 }
 
 /// The ids of the programs (behind the pinned links) and maps pinned in a state directory,
