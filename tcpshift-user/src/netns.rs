@@ -7,7 +7,10 @@ use std::{
     ffi::CString,
     fs::File,
     io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -77,7 +80,12 @@ impl Netns {
             path: path.to_path_buf(),
             error,
         };
-        let file = File::open(path).map_err(open_err)?;
+        // O_NONBLOCK: a FIFO given by mistake must not block the open waiting for a writer.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(open_err)?;
         let inode = file.metadata().map_err(open_err)?.ino();
         // SAFETY: ioctl on an fd we own; NS_GET_NSTYPE takes no argument.
         let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
