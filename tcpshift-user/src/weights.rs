@@ -241,10 +241,10 @@ pub fn parse_assignment(s: &str) -> Result<(String, u32), WeightError> {
             subset: name.to_owned(),
             weight: w,
         }),
-        Err(_) => Err(WeightError::TooLarge {
-            subset: name.to_owned(),
-            weight: u64::MAX,
-        }),
+        // Beyond u64: name the number as given, not a saturated one.
+        Err(_) => Err(invalid(&format!(
+            "weight {value} is too large; weights are at most {MAX_WEIGHT}"
+        ))),
     }
 }
 
