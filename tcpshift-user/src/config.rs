@@ -91,13 +91,13 @@ pub enum Listen {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The configuration file could not be read.
-    #[error("{}: cannot read the configuration file: {source}", path.display())]
+    // The I/O error is in the message and not a `#[source]`: `{:#}` would repeat it.
+    #[error("{}: cannot read the configuration file: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not UTF-8 text.
     #[error(
@@ -167,8 +167,36 @@ impl ConfigError {
     fn invalid(file: &str, path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             file: file.to_owned(),
-            path: path.into(),
-            message: message.into(),
+            path: clip(&path.into()),
+            message: clip(&message.into()),
+        }
+    }
+
+    /// Like [`ConfigError::from_yaml`], for an error parsing `text`: errors serde_yaml reports
+    /// without a location get one (see [`yaml_error_with_location`]).
+    fn from_yaml_text(file: &str, text: &str, err: serde_yaml::Error) -> Self {
+        let err = yaml_error_with_location(text, err);
+        if err.location().is_none()
+            && let Some(line) = second_document_line(text)
+        {
+            return ConfigError::Yaml {
+                file: file.to_owned(),
+                line: Some(line),
+                column: None,
+                message: "a second YAML document starts here; the configuration is one \
+                          document (remove this `---` line and what follows, or merge them)"
+                    .to_owned(),
+            };
+        }
+        ConfigError::from_yaml(file, &err)
+    }
+
+    fn nesting(file: &str, (line, column, message): (usize, usize, String)) -> Self {
+        ConfigError::Yaml {
+            file: file.to_owned(),
+            line: Some(line),
+            column: Some(column),
+            message,
         }
     }
 
@@ -187,7 +215,7 @@ impl ConfigError {
             file: file.to_owned(),
             line,
             column,
-            message,
+            message: clip(&message),
         }
     }
 }
@@ -196,20 +224,21 @@ impl Config {
     /// Parses and validates a configuration. `source` names the text in error messages
     /// (usually the file name).
     pub fn from_yaml_str(text: &str, source: &str) -> Result<Config, ConfigError> {
+        check_flow_nesting(text).map_err(|e| ConfigError::nesting(source, e))?;
         match serde_yaml::from_str::<RawConfig>(text) {
             Ok(raw) => raw.validate(source),
             Err(_) if is_blank(text) => Err(ConfigError::Empty {
                 file: source.to_owned(),
             }),
-            Err(err) => Err(ConfigError::from_yaml(source, &err)),
+            Err(err) => Err(ConfigError::from_yaml_text(source, text, err)),
         }
     }
 
     /// Reads, parses and validates a configuration file. Messages name the file as given.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        let bytes = read_file_limited(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let text = String::from_utf8(bytes).map_err(|err| {
             let valid = err.utf8_error().valid_up_to();
@@ -234,6 +263,207 @@ impl Config {
             .ok()
             .and_then(|i| self.services.get(i))
     }
+}
+
+/// Largest configuration or manifest file tcpshift reads: far above any real one (10 000
+/// services with 16 subsets each take a few MiB), and low enough that `/dev/zero`, a
+/// runaway pipe or a huge file is refused instead of exhausting memory.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+fn too_large() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::FileTooLarge,
+        format!(
+            "larger than {} MiB, the most tcpshift reads; expected a YAML file",
+            MAX_FILE_BYTES >> 20
+        ),
+    )
+}
+
+/// Reads `reader` to its end, refusing more than [`MAX_FILE_BYTES`] bytes.
+pub fn read_limited(reader: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut reader.take(MAX_FILE_BYTES + 1), &mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Reads the file at `path`, refusing more than [`MAX_FILE_BYTES`] bytes (a regular file
+/// that large without reading it; devices and pipes after that many bytes).
+pub fn read_file_limited(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    read_limited(file)
+}
+
+/// Longest quoted value and whole message in an error: values come from files and command
+/// lines, and a message must not repeat megabytes of them.
+const MAX_QUOTED: usize = 80;
+const MAX_MESSAGE: usize = 2000;
+
+/// `message` with every double-quoted value longer than [`MAX_QUOTED`] characters cut in the
+/// middle (`"aaaa…aaaa" (N bytes)`), and the whole cut at [`MAX_MESSAGE`] characters.
+pub fn clip(message: &str) -> String {
+    if message.len() <= MAX_QUOTED {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE + 16));
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        // The closing quote: the next one not escaped by a backslash.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let inner = &rest[..end.unwrap_or(rest.len())];
+        let count = inner.chars().count();
+        if count > MAX_QUOTED {
+            let head: String = inner.chars().take(MAX_QUOTED / 2).collect();
+            let tail: String = inner.chars().skip(count - MAX_QUOTED / 4).collect();
+            out.push_str(&format!("{head}…{tail}"));
+            if end.is_some() {
+                out.push_str(&format!("\" ({} bytes)", inner.len()));
+            }
+        } else {
+            out.push_str(inner);
+            if end.is_some() {
+                out.push('"');
+            }
+        }
+        rest = match end {
+            Some(i) => &rest[i + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    if out.chars().count() > MAX_MESSAGE {
+        let total = out.len();
+        out = out.chars().take(MAX_MESSAGE).collect();
+        out.push_str(&format!("… (message cut, {total} bytes)"));
+    }
+    out
+}
+
+/// Deepest nesting of flow collections (`[...]`, `{...}`) handed to the YAML parser. serde_yaml
+/// refuses more than 128 levels anyway, but only after libyaml has scanned the whole text, in
+/// time quadratic in the depth: 100 000 `{a: ` (400 KB) take over a minute.
+pub(crate) const MAX_FLOW_NESTING: usize = 512;
+
+/// Refuses text whose flow collections nest deeper than [`MAX_FLOW_NESTING`], before the YAML
+/// parser sees it; returns the 1-based line and column of the first bracket too deep. The
+/// count is approximate but never refuses what the parser would accept: brackets in comments
+/// and quoted strings are skipped, and one counts only where a collection can start (after a
+/// line's indentation, `[`, `{`, `,`, `:`, `-` or `?`).
+pub(crate) fn check_flow_nesting(text: &str) -> Result<(), (usize, usize, String)> {
+    let mut depth = 0usize;
+    let (mut line, mut column) = (1usize, 0usize);
+    let mut prev = '\n'; // the last character that is not a space or tab
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut spaced = true; // the last character was a space, a tab or a line break
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        column += 1;
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            comment = false;
+            prev = '\n';
+            spaced = true;
+            continue;
+        }
+        if comment {
+            continue;
+        }
+        if let Some(q) = quote {
+            if q == '"' && c == '\\' {
+                chars.next();
+                column += 1;
+            } else if c == q {
+                quote = None;
+                prev = c;
+            }
+            continue;
+        }
+        match c {
+            ' ' | '\t' => {
+                spaced = true;
+                continue;
+            }
+            '#' if spaced => comment = true,
+            '\'' | '"' if matches!(prev, '\n' | '[' | '{' | ',' | ':' | '-' | '?') => {
+                quote = Some(c)
+            }
+            '[' | '{' if matches!(prev, '\n' | '[' | '{' | ',' | ':' | '-' | '?') => {
+                depth += 1;
+                if depth > MAX_FLOW_NESTING {
+                    return Err((
+                        line,
+                        column,
+                        format!(
+                            "collections nested deeper than {MAX_FLOW_NESTING} levels; \
+                             expected a tcpshift configuration or Istio objects"
+                        ),
+                    ));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+        spaced = false;
+    }
+    Ok(())
+}
+
+/// `err`, or, when it has no location, the first located error of the documents of `text`
+/// read one by one. serde_yaml reports text after the end of a document (`'a' b`, `{a: 1} x`)
+/// as "more than one document" without a location; libyaml's own syntax error for the second
+/// document has one.
+pub(crate) fn yaml_error_with_location(text: &str, err: serde_yaml::Error) -> serde_yaml::Error {
+    if err.location().is_some() {
+        return err;
+    }
+    serde_yaml::Deserializer::from_str(text)
+        .take(64)
+        .find_map(|doc| {
+            serde_yaml::Value::deserialize(doc)
+                .err()
+                .filter(|e| e.location().is_some())
+        })
+        .unwrap_or(err)
+}
+
+/// 1-based line of the `---` marker that starts a second document in `text`, if any.
+pub(crate) fn second_document_line(text: &str) -> Option<usize> {
+    let mut content = false;
+    for (i, line) in text.lines().enumerate() {
+        let bare = line.trim_end();
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker && content {
+            return Some(i + 1);
+        }
+        let t = bare.trim_start();
+        content |= !(t.is_empty() || t.starts_with('#') || t.starts_with('%') || marker);
+        content |= marker && !bare[3..].trim().is_empty() && !bare[3..].trim().starts_with('#');
+    }
+    None
 }
 
 /// True when `text` holds no YAML content: only blank lines, comments and document markers.
@@ -513,10 +743,10 @@ fn validate_name(name: &str, max: usize, kind: &str) -> Result<(), String> {
 
 /// A name as a path segment: as is when it is a valid name, quoted and escaped otherwise.
 fn seg(name: &str) -> String {
-    if !name.is_empty() && name.bytes().all(name_byte_ok) {
+    if !name.is_empty() && name.len() <= MAX_QUOTED && name.bytes().all(name_byte_ok) {
         name.to_owned()
     } else {
-        format!("{name:?}")
+        clip(&format!("{name:?}"))
     }
 }
 
@@ -941,6 +1171,7 @@ impl EntryKind for RawSpec {
 /// given must still be valid (integers in `0..=1000000`, not all 0, known subsets). Services
 /// are returned sorted by name.
 pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>, ConfigError> {
+    check_flow_nesting(text).map_err(|e| ConfigError::nesting(source, e))?;
     let raw = match serde_yaml::from_str::<RawSpecs>(text) {
         Ok(raw) => raw,
         Err(_) if is_blank(text) => {
@@ -948,7 +1179,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
                 file: source.to_owned(),
             });
         }
-        Err(err) => return Err(ConfigError::from_yaml(source, &err)),
+        Err(err) => return Err(ConfigError::from_yaml_text(source, text, err)),
     };
     let raw_services = raw.services.0;
     if raw_services.is_empty() {
@@ -1556,7 +1787,7 @@ mod tests {
             ),
             (
                 "services: {s: {listen: 1, subsets: {v: 127.0.0.1:1}}}\n---\nservices: {}\n",
-                &["more than one document"],
+                &["tcpshift.yaml:2: a second YAML document starts here"],
             ),
             (
                 "\u{0}\u{1}\u{2}\u{7f}",

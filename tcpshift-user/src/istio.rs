@@ -138,12 +138,12 @@ impl fmt::Display for Located {
         }
         f.write_str(": ")?;
         if let Some(o) = &self.object {
-            write!(f, "{o}: ")?;
+            write!(f, "{}: ", config::clip(o))?;
         }
         if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
+            write!(f, "{}: ", config::clip(field))?;
         }
-        f.write_str(&self.message)
+        f.write_str(&config::clip(&self.message))
     }
 }
 
@@ -757,6 +757,7 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut start = 0usize;
     let mut start_line = 0usize;
     let mut has_content = false;
+    let mut has_marker = false;
     let mut offset = 0usize;
     for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
@@ -764,7 +765,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
             bare.strip_prefix(m)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
         };
-        if marker("---") && has_content {
+        // A second `---` with nothing between starts a document too (the first is empty).
+        if marker("---") && (has_content || has_marker) {
             docs.push((start_line, &text[start..offset]));
             start = offset;
             start_line = line_no;
@@ -776,8 +778,10 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
             start = offset;
             start_line = line_no + 1;
             has_content = false;
+            has_marker = false;
             continue;
         }
+        has_marker |= marker("---");
         let t = bare.trim_start();
         let content = !(t.is_empty()
             || t.starts_with('#')
@@ -838,10 +842,34 @@ impl Manifest {
     /// Parses the YAML stream `text` of the file `file` (the name used in messages) and checks
     /// each document on its own. Empty documents are skipped.
     pub fn parse(text: &str, file: &str) -> Result<Manifest, ApplyError> {
+        if let Err((line, column, message)) = config::check_flow_nesting(text) {
+            return Err(ApplyError::from(Located {
+                file: file.to_owned(),
+                line: Some(line),
+                column: Some(column),
+                object: None,
+                field: None,
+                message,
+            }));
+        }
         let mut docs = Vec::new();
         for (line_offset, chunk) in split_documents(text) {
-            let value: Value =
-                serde_yaml::from_str(chunk).map_err(|e| yaml_error(file, line_offset, None, &e))?;
+            let value: Value = serde_yaml::from_str(chunk).map_err(|e| {
+                let e = config::yaml_error_with_location(chunk, e);
+                match config::second_document_line(chunk) {
+                    Some(line) if e.location().is_none() => ApplyError::from(Located {
+                        file: file.to_owned(),
+                        line: Some(line + line_offset),
+                        column: None,
+                        object: None,
+                        field: None,
+                        message: "a second YAML document starts here; separate \
+                                      documents with a line holding only `---`"
+                            .to_owned(),
+                    }),
+                    _ => yaml_error(file, line_offset, None, &e),
+                }
+            })?;
             let located = |p: &FieldPath, message: String| {
                 let loc = locate(chunk, p);
                 ApplyError::from(Located {
@@ -892,19 +920,17 @@ impl Manifest {
     /// Reads and parses a file; `-` is standard input (named `<stdin>` in messages).
     pub fn from_file(file: &str) -> Result<Manifest, ApplyError> {
         let (bytes, name) = if file == "-" {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map_err(|error| {
-                ApplyError::Read {
-                    file: "<stdin>".into(),
-                    error,
-                }
+            let buf = config::read_limited(std::io::stdin()).map_err(|error| ApplyError::Read {
+                file: "<stdin>".into(),
+                error,
             })?;
             (buf, "<stdin>".to_owned())
         } else {
-            let bytes = std::fs::read(Path::new(file)).map_err(|error| ApplyError::Read {
-                file: file.to_owned(),
-                error,
-            })?;
+            let bytes =
+                config::read_file_limited(Path::new(file)).map_err(|error| ApplyError::Read {
+                    file: file.to_owned(),
+                    error,
+                })?;
             (bytes, file.to_owned())
         };
         let text = String::from_utf8(bytes).map_err(|err| {
@@ -2644,7 +2670,8 @@ mod tests {
             [(0, "a: |\n  ---\n  x\nb: ---x\n")]
         );
         assert_eq!(split_documents(""), []);
-        assert_eq!(split_documents("---\n---\n"), [(0, "---\n---\n")]);
+        // Two markers: two (empty) documents, as the YAML parser sees them.
+        assert_eq!(split_documents("---\n---\n"), [(0, "---\n"), (1, "---\n")]);
         // CRLF line ends.
         assert_eq!(
             split_documents("a: 1\r\n---\r\nb: 2\r\n"),

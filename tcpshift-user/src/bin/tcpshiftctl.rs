@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tcpshift::{metrics, netns::Netns, report, state::State, weights};
+use tcpshift::{config, metrics, netns::Netns, report, state::State, weights};
 
 /// Control tcpshift: show the split, change weights live, uninstall.
 #[derive(Parser, Debug)]
@@ -84,7 +84,8 @@ enum Command {
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(args) {
-        eprintln!("tcpshiftctl: error: {e:#}");
+        // Values from the command line or files are cut short: one message, not a dump.
+        eprintln!("tcpshiftctl: error: {}", config::clip(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
