@@ -514,6 +514,23 @@ fn cases(ns: &TestNs) -> Result<Vec<Case>> {
         ),
         daemon("d: bad log level", &["--log-level", "loud"]),
         daemon("d: bad metrics address", &["--metrics", "localhost"]),
+        // A valid config that adds a service, with a metrics address nothing here can bind
+        // (TEST-NET-1): nothing may be applied before the address is taken.
+        daemon(
+            "d: valid config, unbindable metrics address",
+            &["--config", &s(&valid_more), "--metrics", "192.0.2.1:9464"],
+        ),
+        daemon(
+            "d: valid config, debug, unbindable metrics address",
+            &[
+                "--config",
+                &s(&valid_more),
+                "--log-level",
+                "debug",
+                "--metrics",
+                "192.0.2.1:9464",
+            ],
+        ),
         daemon("d: negative scan interval", &["--scan-interval-ms", "-5"]),
     ])
 }

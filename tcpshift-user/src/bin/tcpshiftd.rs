@@ -96,6 +96,19 @@ fn run(args: Args) -> Result<()> {
         Netns::open(path)?.enter()?;
     }
     let netns = Netns::current()?;
+    // Take the metrics address before changing anything: one that cannot be bound must fail
+    // the start with nothing installed or applied.
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            listener
+                .set_nonblocking(true)
+                .context("cannot make the metrics socket non-blocking")?;
+            Some(listener)
+        }
+        None => None,
+    };
     let (mut state, installed) = State::install(&netns, EBPF_OBJECT)?;
     let policy = match installed {
         Installed::Created => Weights::FromConfig,
@@ -117,13 +130,14 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(async {
-        if let Some(addr) = args.metrics {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let result = runtime.block_on(async {
+        if let Some(listener) = metrics {
+            let listener = TcpListener::from_std(listener)
+                .context("cannot serve metrics on the bound socket")?;
             let scraped = Arc::new(Mutex::new(State::open(&netns)?));
-            info!(address = %listener.local_addr().unwrap_or(addr), "serving metrics at /metrics");
+            if let Ok(address) = listener.local_addr() {
+                info!(%address, "serving metrics at /metrics");
+            }
             tokio::spawn(serve_metrics(listener, scraped));
         }
         if debug_events {
@@ -134,19 +148,20 @@ fn run(args: Args) -> Result<()> {
                 Err(e) => warn!("kernel debug events unavailable: {e}"),
             }
         }
-        let result = supervise(
+        supervise(
             &mut state,
             Duration::from_millis(args.scan_interval_ms.max(10)),
         )
-        .await;
-        if debug_events && state.is_installed() {
-            // Nobody reads the events any more: stop producing them.
-            if let Err(e) = state.set_debug_events(false) {
-                warn!("cannot turn the kernel's debug events off: {e}");
-            }
+        .await
+    });
+    if debug_events && state.is_installed() {
+        // Nobody reads the events any more (whether tcpshiftd ends normally or on an
+        // error): stop producing them.
+        if let Err(e) = state.set_debug_events(false) {
+            warn!("cannot turn the kernel's debug events off: {e}");
         }
-        result
-    })
+    }
+    result
 }
 
 /// Replaces the adopted state's programs with this version's, in place (maps kept), when they
