@@ -747,11 +747,7 @@ fn goals(s: &Summary) -> Vec<Goal> {
             // Clients and servers share the machine's CPUs: nothing can beat HAProxy by more
             // than direct connections do.
             if let Some(d) = s.direct_vs_haproxy {
-                goal.shown = format!(
-                    "{}; bound: direct ÷ HAProxy = {}",
-                    goal.shown,
-                    d.show(3)
-                );
+                goal.shown = format!("{}; bound: direct ÷ HAProxy = {}", goal.shown, d.show(3));
             }
             out.push(goal);
         }

@@ -211,7 +211,7 @@ fn bytes_equal_what_clients_sent_and_received_while_open_and_after_close() -> Re
     };
     // Open connections: their bytes are read live (the last ACK may still be in flight),
     // through the kernel's socket diagnostics — unless the kernel has no TCP sock_diag (a
-    // kernel without the tcp_diag module, as in vm-test's guests): then `status` says so.
+    // kernel without the tcp_diag module loaded): then `status` says so.
     let first = ns.status()?;
     assert_eq!(
         counter(&first, "v1", "active") + counter(&first, "v2", "active"),

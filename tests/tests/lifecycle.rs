@@ -124,7 +124,7 @@ fn uninstall_leaves_nothing_and_the_port_behaves_as_without_tcpshift() -> Result
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     // The loader notices and exits by itself.
     let pid = ns.pid(loader);
-    wait_until(Duration::from_secs(5), || {
+    wait_until(scaled(Duration::from_secs(5)), || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Gone, or a zombie waiting to be reaped.
         Ok(stat.is_empty() || stat.split(' ').nth(2) == Some("Z"))
@@ -143,7 +143,7 @@ fn restarted_backend_is_registered_again_within_a_second() -> Result<()> {
     let (_, v2, _) = seed(&mut ns, 0, 100)?;
     assert_eq!(count_prefixes(seed_addr(), 20)?.get("two"), Some(&20));
     ns.kill(v2)?;
-    wait_until(Duration::from_secs(2), || {
+    wait_until(scaled(Duration::from_secs(2)), || {
         Ok(subset(&ns.status()?, "v2").expect("v2")["live"] == false)
     })?;
     // While v2 is gone its connections fall back to v1; none is refused.
