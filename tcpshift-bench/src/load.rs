@@ -71,8 +71,47 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     // SO_SNDTIMEO also bounds a blocking connect.
     socket.set_write_timeout(Some(IO_TIMEOUT))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    socket.connect(&addr.into())?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        // A signal cut the wait short (seen once in CI, in the weight-change workload); the
+        // kernel goes on connecting: wait for the outcome instead of counting an error.
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => finish_connect(&socket)?,
+        Err(e) => return Err(e),
+    }
     Ok(socket.into())
+}
+
+/// Waits (up to [`IO_TIMEOUT`]) for a connect in progress to end; its result.
+fn finish_connect(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc > 0 {
+            return match socket.take_error()? {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+        }
+    }
 }
 
 /// One request/response connection: connect, send [`LINE`], read the echoed line, close.
@@ -82,7 +121,11 @@ pub fn exchange(addr: SocketAddr, buf: &mut [u8; REPLY_MAX]) -> io::Result<usize
     s.write_all(LINE)?;
     let mut n = 0;
     while n < buf.len() {
-        let r = s.read(&mut buf[n..])?;
+        let r = match s.read(&mut buf[n..]) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if r == 0 {
             break;
         }
@@ -525,6 +568,7 @@ pub fn bulk(
                             Ok(n) => {
                                 received.fetch_add(n as u64, Ordering::Relaxed);
                             }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e) => {
                                 fail(format!("{addr}: read: {e}"));
                                 break;
