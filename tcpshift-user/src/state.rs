@@ -36,7 +36,7 @@ use aya::{
     maps::{
         Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, SkStorage, SockHash,
     },
-    programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, SkLookup, SockOps, links::FdLink},
 };
 use serde::Serialize;
 use tcpshift_common::{
@@ -710,25 +710,9 @@ impl State {
             .load(object)
             .map_err(|e| prog_err("cannot load the eBPF object")(Box::new(e)))?;
         // Load (verify) both programs before replacing either, so a refusal changes nothing.
-        {
-            let program: &mut SkLookup = ebpf
-                .program_mut(PROGRAM_SK_LOOKUP)
-                .ok_or_else(|| missing_map(PROGRAM_SK_LOOKUP))?
-                .try_into()
-                .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
-            program
-                .load()
-                .map_err(|e| prog_err("the kernel refused the sk_lookup program")(Box::new(e)))?;
-        }
+        load_program(&mut ebpf, PROGRAM_SK_LOOKUP, "sk_lookup", SkLookup::load)?;
         if sockops_link.is_some() {
-            let program: &mut SockOps = ebpf
-                .program_mut(PROGRAM_SOCK_OPS)
-                .ok_or_else(|| missing_map(PROGRAM_SOCK_OPS))?
-                .try_into()
-                .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
-            program
-                .load()
-                .map_err(|e| prog_err("the kernel refused the sock_ops program")(Box::new(e)))?;
+            load_program(&mut ebpf, PROGRAM_SOCK_OPS, "sock_ops", SockOps::load)?;
         }
         let program_fd = |name: &str| -> Result<std::os::fd::OwnedFd> {
             let program = ebpf.program(name).ok_or_else(|| missing_map(name))?;
@@ -1883,6 +1867,31 @@ fn retry_enomem<T>(
     }
 }
 
+/// Loads (verifies) program `name` of `ebpf`, a `T` (`kind` names it in errors).
+fn load_program<'a, T>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &str,
+    kind: &str,
+    load: impl FnOnce(&mut T) -> std::result::Result<(), ProgramError>,
+) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program: &'a mut T = ebpf
+        .program_mut(name)
+        .ok_or_else(|| missing_map(name))?
+        .try_into()
+        .map_err(|e| StateError::Program {
+            what: format!("the {kind} program has the wrong type"),
+            error: Box::new(e),
+        })?;
+    load(&mut *program).map_err(|e| StateError::Program {
+        what: format!("the kernel refused the {kind} program"),
+        error: Box::new(e),
+    })?;
+    Ok(program)
+}
+
 /// Loads the object, pins its maps and the attached program's link into `tmp`.
 fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
     let _ = fs::remove_dir_all(tmp);
@@ -1934,14 +1943,7 @@ fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<()> {
             error: Box::new(e),
         })?;
     }
-    let program: &mut SkLookup = ebpf
-        .program_mut(PROGRAM_SK_LOOKUP)
-        .ok_or_else(|| missing_map(PROGRAM_SK_LOOKUP))?
-        .try_into()
-        .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
-    program
-        .load()
-        .map_err(|e| prog_err("the kernel refused the sk_lookup program")(Box::new(e)))?;
+    let program = load_program(&mut ebpf, PROGRAM_SK_LOOKUP, "sk_lookup", SkLookup::load)?;
     let link_id = program.attach(netns.file()).map_err(|e| {
         prog_err("cannot attach the sk_lookup program to the namespace")(Box::new(e))
     })?;
@@ -1977,14 +1979,7 @@ fn attach_accounting(ebpf: &mut aya::Ebpf, tmp: &Path) -> Result<()> {
         return Ok(());
     };
     let cgroup = File::open(&root).map_err(io_err("cannot open the cgroup v2 root", &root))?;
-    let program: &mut SockOps = ebpf
-        .program_mut(PROGRAM_SOCK_OPS)
-        .ok_or_else(|| missing_map(PROGRAM_SOCK_OPS))?
-        .try_into()
-        .map_err(|e| prog_err("wrong program type")(Box::new(e)))?;
-    program
-        .load()
-        .map_err(|e| prog_err("the kernel refused the sock_ops program")(Box::new(e)))?;
+    let program = load_program(ebpf, PROGRAM_SOCK_OPS, "sock_ops", SockOps::load)?;
     // A bpf_link (Linux >= 5.7, which aya uses) always attaches alongside other programs
     // (the kernel refuses mode flags on link creation): `Single` passes no flag.
     let link_id = program
