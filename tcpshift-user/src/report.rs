@@ -26,8 +26,9 @@ fn percent(v: Option<f64>) -> String {
     }
 }
 
-/// Left-aligned columns separated by two spaces, trailing spaces trimmed.
-fn columns(rows: &[Vec<String>]) -> String {
+/// Left-aligned columns separated by two spaces, trailing spaces trimmed (every table the
+/// CLI prints).
+pub fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|c| {

@@ -147,16 +147,7 @@ impl TestNs {
 
     /// Starts `tcp-echo --bind ADDR PORT PREFIX` and waits until it listens.
     pub fn echo(&mut self, bind: &str, port: u16, prefix: &str) -> Result<usize> {
-        let mut child = Command::new(bin("tcp-echo"))
-            .args(["--bind", bind, &port.to_string(), prefix])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start tcp-echo")?;
-        let stdout = child.stdout.take().context("tcp-echo stdout")?;
-        self.children.push(child);
-        wait_for_line(stdout, "listening on", scaled(Duration::from_secs(10)))
-            .with_context(|| format!("tcp-echo {prefix} on {bind}:{port} did not start"))?;
-        Ok(self.children.len() - 1)
+        self.echo_args(&["--bind", bind, &port.to_string(), prefix])
     }
 
     /// Starts `tcp-echo ARGS` (e.g. `["--port-in-prefix", "9000,9001", "one"]`) and waits
@@ -187,17 +178,12 @@ impl TestNs {
         self.children.push(child);
         let idx = self.children.len() - 1;
         // Loading verifies two programs: allow for a busy machine.
-        let timeout = scaled(Duration::from_secs(30));
-        let start = Instant::now();
-        while self.ctl(&["status", "--json"])?.status.code() != Some(0) {
-            if start.elapsed() > timeout {
-                bail!(
-                    "tcpshiftd did not install tcpshift within {timeout:?}; its log:\n{}",
-                    self.loader_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(
+            Duration::from_secs(30),
+            "tcpshiftd installed tcpshift",
+            || Ok((self.ctl(&["status", "--json"])?.status.code() == Some(0)).then_some(())),
+        )
+        .with_context(|| format!("tcpshiftd's log:\n{}", self.loader_log()))?;
         Ok(idx)
     }
 
@@ -241,26 +227,22 @@ impl TestNs {
         self.wait_live(scaled(Duration::from_secs(15)))
             .with_context(|| format!("tcpshiftd's log:\n{}", self.loader_log()))?;
         // Pinned state may be live already (a restart): wait for this loader's own word that
-        // it has adopted or installed it and registered every socket.
+        // it has adopted or installed it and registered every socket; fail at once if it exits.
         let timeout = scaled(Duration::from_secs(15));
         let start = Instant::now();
         while !self
             .loader_log()
             .contains("ready: every subset has a registered socket")
         {
-            if let Some(status) = self.children[idx].try_wait()? {
-                bail!(
-                    "tcpshiftd exited ({status}) before it was ready; its log:\n{}",
-                    self.loader_log()
-                );
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "tcpshiftd not ready after {timeout:?}; its log:\n{}",
-                    self.loader_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            let problem = match self.children[idx].try_wait()? {
+                Some(status) => format!("exited ({status}) before it was ready"),
+                None if start.elapsed() > timeout => format!("not ready after {timeout:?}"),
+                None => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            bail!("tcpshiftd {problem}; its log:\n{}", self.loader_log());
         }
         Ok(idx)
     }

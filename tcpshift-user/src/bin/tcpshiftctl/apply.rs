@@ -353,31 +353,6 @@ fn names(views: &[ServiceView]) -> String {
     }
 }
 
-/// Left-aligned columns separated by two spaces.
-fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 fn services_table(views: &[ServiceView]) -> String {
     let mut rows = vec![
         [
@@ -419,7 +394,7 @@ fn services_table(views: &[ServiceView]) -> String {
             vs,
         ]);
     }
-    let mut out = columns(&rows);
+    let mut out = tcpshift::report::columns(&rows);
     if views.is_empty() {
         out.push_str("(no services)\n");
     }
@@ -450,7 +425,7 @@ fn virtual_services_table(all: &[istio::VirtualService]) -> String {
             services.join(","),
         ]);
     }
-    let mut out = columns(&rows);
+    let mut out = tcpshift::report::columns(&rows);
     if all.is_empty() {
         out.push_str("(no VirtualServices)\n");
     }
