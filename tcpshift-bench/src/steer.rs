@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use tcpshift::{
     config::Config,
     discovery,
+    model::Weights,
     netns::Netns,
-    state::{State, Weights, state_dir},
+    state::{State, state_dir},
 };
 
 use crate::load::{self, LINE};

@@ -19,25 +19,23 @@
 //! YAML deserializer and carry a line and column; errors that involve several values (an
 //! unknown subset in `weights`, two services on the same listen address) carry the field path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS, SERVICE_NAME_LEN, SUBSET_NAME_LEN};
+use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
 
+use crate::model::service::{LISTEN_FORMS, SUBSET_FORMS, check_port, name_byte_ok};
+use crate::model::{
+    Listen, ListenClaims, ServiceConfig, SubsetConfig, parse_subset_addr, validate_service_name,
+    validate_subset_name,
+};
 use crate::weights::MAX_WEIGHT;
 
-/// Longest service name, in bytes (names are stored NUL-terminated in
-/// [`SERVICE_NAME_LEN`] bytes).
-pub const MAX_SERVICE_NAME: usize = SERVICE_NAME_LEN - 1;
-/// Longest subset name, in bytes (names are stored NUL-terminated in [`SUBSET_NAME_LEN`]
-/// bytes).
-pub const MAX_SUBSET_NAME: usize = SUBSET_NAME_LEN - 1;
 /// Weight given to the only subset of a service whose `weights` key is absent.
 pub const DEFAULT_SINGLE_WEIGHT: u32 = 100;
 
@@ -46,44 +44,6 @@ pub const DEFAULT_SINGLE_WEIGHT: u32 = 100;
 pub struct Config {
     /// The services, sorted by name (names are unique).
     pub services: Vec<ServiceConfig>,
-}
-
-/// One service: where it listens and the subsets (versions) its connections are shifted
-/// between.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceConfig {
-    /// Service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
-    pub name: String,
-    /// Where the service accepts connections.
-    pub listen: Listen,
-    /// The subsets, in the order written in the YAML (1 to [`MAX_SUBSETS`] of them). Their
-    /// indices are the subset indices used in the kernel maps.
-    pub subsets: Vec<SubsetConfig>,
-}
-
-/// One subset (version) of a service.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SubsetConfig {
-    /// Subset name: 1 to [`MAX_SUBSET_NAME`] bytes of `[A-Za-z0-9._-]`.
-    pub name: String,
-    /// Address where this version's server listens (non-zero port).
-    pub addr: SocketAddr,
-    /// Relative weight, `0..=`[`MAX_WEIGHT`]. The weights of a service sum to more than 0.
-    pub weight: u32,
-}
-
-/// Where a service listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Listen {
-    /// Any local address (IPv4 and IPv6) on this port. Written `31400`, `"*:31400"`,
-    /// `"0.0.0.0:31400"` or `"[::]:31400"`.
-    Any {
-        /// The port, never 0.
-        port: u16,
-    },
-    /// One specific local address. Written `"127.0.0.1:31400"` or `"[::1]:31400"`; the port
-    /// is never 0 and the address is never unspecified (that is [`Listen::Any`]).
-    Addr(SocketAddr),
 }
 
 /// Why a configuration was rejected. Every message names the source and says what is
@@ -474,102 +434,6 @@ fn is_blank(text: &str) -> bool {
     })
 }
 
-impl ServiceConfig {
-    /// The weights of the subsets, in subset order.
-    pub fn weights(&self) -> Vec<u32> {
-        self.subsets.iter().map(|s| s.weight).collect()
-    }
-
-    /// The subset called `name`, if any.
-    pub fn subset(&self, name: &str) -> Option<&SubsetConfig> {
-        self.subsets.iter().find(|s| s.name == name)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Listen
-
-impl Listen {
-    /// The port the service listens on.
-    pub fn port(&self) -> u16 {
-        match self {
-            Listen::Any { port } => *port,
-            Listen::Addr(addr) => addr.port(),
-        }
-    }
-
-    /// The specific local address, or `None` for [`Listen::Any`].
-    pub fn ip(&self) -> Option<IpAddr> {
-        match self {
-            Listen::Any { .. } => None,
-            Listen::Addr(addr) => Some(addr.ip()),
-        }
-    }
-
-    /// Parses `PORT`, `*:PORT`, `IPv4:PORT` or `[IPv6]:PORT`. An unspecified address
-    /// (`0.0.0.0`, `[::]`) means [`Listen::Any`]. The port must be in `1..=65535`. The error
-    /// says what was wrong and which forms are accepted.
-    pub fn parse(s: &str) -> Result<Listen, String> {
-        let t = s.trim();
-        if t.is_empty() {
-            return Err(format!("empty listen address; expected {LISTEN_FORMS}"));
-        }
-        if t.bytes().all(|b| b.is_ascii_digit()) {
-            return Ok(Listen::Any {
-                port: parse_port(t)?,
-            });
-        }
-        if let Some(port) = t.strip_prefix("*:") {
-            if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
-                return Ok(Listen::Any {
-                    port: parse_port(port)?,
-                });
-            }
-            return Err(format!(
-                "invalid port in listen address {t:?}; expected {LISTEN_FORMS}"
-            ));
-        }
-        let addr = parse_socket_addr(t, "listen address", LISTEN_FORMS)?;
-        check_port(addr.port(), t)?;
-        if addr.ip().to_canonical().is_unspecified() {
-            Ok(Listen::Any { port: addr.port() })
-        } else {
-            Ok(Listen::Addr(addr))
-        }
-    }
-
-    /// The listen address with IPv4-mapped IPv6 addresses turned into IPv4 and the IPv6
-    /// scope and flow information dropped: two listens with the same key are the same kernel
-    /// map entry.
-    fn key(&self) -> (Option<IpAddr>, u16) {
-        match self {
-            Listen::Any { port } => (None, *port),
-            Listen::Addr(addr) => (Some(addr.ip().to_canonical()), addr.port()),
-        }
-    }
-}
-
-const LISTEN_FORMS: &str =
-    "a port (31400), IPv4:PORT (127.0.0.1:31400) or [IPv6]:PORT ([::1]:31400)";
-const SUBSET_FORMS: &str = "IPv4:PORT (127.0.0.1:9001) or [IPv6]:PORT (\"[::1]:9001\", quoted)";
-
-impl fmt::Display for Listen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Listen::Any { port } => write!(f, "*:{port}"),
-            Listen::Addr(addr) => write!(f, "{addr}"),
-        }
-    }
-}
-
-impl FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Listen, String> {
-        Listen::parse(s)
-    }
-}
-
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Listen, D::Error> {
         struct ListenVisitor;
@@ -612,133 +476,6 @@ impl<'de> Deserialize<'de> for Listen {
 
         deserializer.deserialize_any(ListenVisitor)
     }
-}
-
-fn parse_port(digits: &str) -> Result<u16, String> {
-    match digits.parse::<u16>() {
-        Ok(port) => {
-            check_port(port, digits)?;
-            Ok(port)
-        }
-        Err(_) => Err(format!("port {digits} is out of range; expected 1..=65535")),
-    }
-}
-
-fn check_port(port: u16, written: &str) -> Result<(), String> {
-    if port == 0 {
-        Err(format!(
-            "port 0 in {written:?} is not allowed; expected a fixed port in 1..=65535"
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-/// Parses `IPv4:PORT` or `[IPv6]:PORT`, explaining the common mistakes (host names, IPv6
-/// without brackets, missing port). `what` names the value, `forms` lists the accepted forms.
-fn parse_socket_addr(s: &str, what: &str, forms: &str) -> Result<SocketAddr, String> {
-    let t = s.trim();
-    if let Ok(addr) = t.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let bracketed = t.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
-    if let Ok(IpAddr::V6(_)) = t.parse::<IpAddr>()
-        && let Some((host, port)) = t.rsplit_once(':')
-        && host.parse::<Ipv6Addr>().is_ok()
-        && !port.is_empty()
-        && port.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Err(format!(
-            "{what} {t:?} has no port: an IPv6 address and its port are written with \
-             brackets, e.g. \"[{host}]:{port}\"; expected {forms}"
-        ));
-    }
-    if t.parse::<IpAddr>().is_ok() || bracketed.is_some_and(|a| a.parse::<Ipv6Addr>().is_ok()) {
-        return Err(format!("{what} {t:?} has no port; expected {forms}"));
-    }
-    let (host, port) = match t.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (t, None),
-    };
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Some(port) = port {
-        if bare_host.parse::<Ipv6Addr>().is_ok() && !host.starts_with('[') {
-            return Err(format!(
-                "{what} {t:?}: an IPv6 address must be written in brackets, \
-                 e.g. \"[{bare_host}]:{port}\"; expected {forms}"
-            ));
-        }
-        if bare_host.parse::<IpAddr>().is_ok() {
-            if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!(
-                    "port {port} in {what} {t:?} is out of range; expected 1..=65535"
-                ));
-            }
-            return Err(format!(
-                "invalid port {port:?} in {what} {t:?}; expected {forms}"
-            ));
-        }
-    }
-    let looks_like_host = !bare_host.is_empty()
-        && bare_host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-        && bare_host.bytes().any(|b| b.is_ascii_alphabetic());
-    if looks_like_host {
-        return Err(format!(
-            "{what} {t:?}: {bare_host:?} is a host name but an IP address is needed \
-             (names are not resolved); expected {forms}"
-        ));
-    }
-    Err(format!("invalid {what} {t:?}; expected {forms}"))
-}
-
-/// Parses a subset's address: `IPv4:PORT` or `[IPv6]:PORT` with a non-zero port. Host names
-/// are rejected (an IP address is needed).
-pub fn parse_subset_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr = parse_socket_addr(s, "subset address", SUBSET_FORMS)?;
-    check_port(addr.port(), s.trim())?;
-    Ok(addr)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Names
-
-/// Checks a service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
-pub fn validate_service_name(name: &str) -> Result<(), String> {
-    validate_name(name, MAX_SERVICE_NAME, "service")
-}
-
-/// Checks a subset name: 1 to [`MAX_SUBSET_NAME`] bytes of `[A-Za-z0-9._-]`.
-pub fn validate_subset_name(name: &str) -> Result<(), String> {
-    validate_name(name, MAX_SUBSET_NAME, "subset")
-}
-
-fn name_byte_ok(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
-}
-
-fn validate_name(name: &str, max: usize, kind: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err(format!(
-            "empty {kind} name; use 1 to {max} characters from A-Z a-z 0-9 . _ -"
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|&c| !c.is_ascii() || !name_byte_ok(c as u8))
-    {
-        return Err(format!(
-            "{kind} name {name:?} contains {c:?}; use only characters from A-Z a-z 0-9 . _ -"
-        ));
-    }
-    if name.len() > max {
-        return Err(format!(
-            "{kind} name {name:?} is {} bytes long; at most {max} are allowed",
-            name.len()
-        ));
-    }
-    Ok(())
 }
 
 /// A name as a path segment: as is when it is a valid name, quoted and escaped otherwise.
@@ -967,22 +704,13 @@ impl RawConfig {
         }
 
         let mut services = Vec::with_capacity(raw_services.len());
-        let mut listens: HashMap<(Option<IpAddr>, u16), String> = HashMap::new();
+        let mut listens = ListenClaims::new();
         for (name, raw) in raw_services {
             let path = format!("services.{}", seg(&name));
             validate_service_name(&name).map_err(|m| ConfigError::invalid(file, &path, m))?;
-            if let Some(other) = listens.get(&raw.listen.key()) {
-                return Err(ConfigError::invalid(
-                    file,
-                    format!("{path}.listen"),
-                    format!(
-                        "{} is already the listen address of service {other}; each service \
-                         needs its own port or address",
-                        raw.listen
-                    ),
-                ));
-            }
-            listens.insert(raw.listen.key(), name.clone());
+            listens
+                .claim(&raw.listen, &name)
+                .map_err(|e| ConfigError::invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             services.push(ServiceConfig {
                 name,
@@ -1201,22 +929,14 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         ));
     }
     let mut specs = Vec::with_capacity(raw_services.len());
-    let mut listens: HashMap<(Option<IpAddr>, u16), String> = HashMap::new();
+    let mut listens = ListenClaims::new();
     for (name, raw) in raw_services {
         let path = format!("services.{}", seg(&name));
         validate_service_name(&name).map_err(|m| ConfigError::invalid(source, &path, m))?;
-        if let Some(listen) = raw.listen {
-            if let Some(other) = listens.get(&listen.key()) {
-                return Err(ConfigError::invalid(
-                    source,
-                    format!("{path}.listen"),
-                    format!(
-                        "{listen} is already the listen address of service {other}; each \
-                         service needs its own port or address"
-                    ),
-                ));
-            }
-            listens.insert(listen.key(), name.clone());
+        if let Some(listen) = &raw.listen {
+            listens.claim(listen, &name).map_err(|e| {
+                ConfigError::invalid(source, format!("{path}.listen"), e.to_string())
+            })?;
         }
         let weights_given = raw.weights.is_some();
         let subsets = validate_subsets(source, &path, raw.subsets.0, raw.weights, false)?;
@@ -1229,14 +949,6 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(specs)
-}
-
-impl Listen {
-    /// True when `self` and `other` are the same kernel map entry (IPv4-mapped IPv6 addresses
-    /// equal their IPv4 address; IPv6 scope and flow information are ignored).
-    pub fn same_key(&self, other: &Listen) -> bool {
-        self.key() == other.key()
-    }
 }
 
 impl ConfigError {
@@ -1286,8 +998,9 @@ pub(crate) fn shift_line_mentions(message: &str, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{MAX_SERVICE_NAME, MAX_SUBSET_NAME};
     use proptest::prelude::*;
-    use std::net::{Ipv4Addr, SocketAddrV6};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
 
     const SAMPLE: &str = r#"services:
   tcp-echo:

@@ -54,10 +54,12 @@ use serde_yaml::{Mapping, Value};
 use tcpshift_common::MAX_SUBSETS;
 
 use crate::{
-    config::{
-        self, ConfigError, DEFAULT_SINGLE_WEIGHT, Listen, ServiceConfig, ServiceSpec, SubsetConfig,
+    config::{self, ConfigError, DEFAULT_SINGLE_WEIGHT, ServiceSpec},
+    model::{
+        self as model, Annotation, Desired, DesiredService, Listen, ListenClaims, ListenTaken,
+        ServiceConfig, ServiceView, SubsetConfig,
     },
-    state::{Annotation, Desired, DesiredService, MAX_ANNOTATION, ServiceView},
+    state::MAX_ANNOTATION,
     weights::MAX_WEIGHT,
 };
 
@@ -1139,12 +1141,12 @@ impl Document {
             Body::DestinationRule(dr) => {
                 meta(&dr.metadata)?;
                 let spec = path(&["spec"]);
-                config::validate_service_name(&dr.spec.host)
+                model::validate_service_name(&dr.spec.host)
                     .map_err(|e| self.error(&spec.key("host"), host_message(&e)))?;
                 let mut seen = HashSet::new();
                 for (i, s) in dr.spec.subsets.iter().enumerate() {
                     let p = spec.key("subsets").index(i).key("name");
-                    config::validate_subset_name(&s.name).map_err(|e| self.error(&p, e))?;
+                    model::validate_subset_name(&s.name).map_err(|e| self.error(&p, e))?;
                     if !seen.insert(s.name.as_str()) {
                         return Err(self.error(
                             &p,
@@ -1294,7 +1296,7 @@ impl Document {
             for (d, dest) in dests.iter().enumerate() {
                 let dp = rp.key("route").index(d).key("destination");
                 let host = &dest.destination.host;
-                config::validate_service_name(host)
+                model::validate_service_name(host)
                     .map_err(|e| self.error(&dp.key("host"), host_message(&e)))?;
                 if let Some(first) = dests.first().map(|f| &f.destination.host)
                     && first != host
@@ -1311,7 +1313,7 @@ impl Document {
                 }
                 match &dest.destination.subset {
                     Some(s) => {
-                        config::validate_subset_name(s)
+                        model::validate_subset_name(s)
                             .map_err(|e| self.error(&dp.key("subset"), e))?;
                         if !subsets.insert(s.as_str()) {
                             return Err(self.error(
@@ -1784,7 +1786,7 @@ impl Manifest {
             plan.services.push(plan_service(&name, spec, route, old)?);
         }
         // Listen addresses: unique among the planned services and the others.
-        let mut taken: HashMap<(Option<std::net::IpAddr>, u16), String> = HashMap::new();
+        let mut taken = ListenClaims::new();
         let planned: HashSet<&str> = plan
             .services
             .iter()
@@ -1792,11 +1794,14 @@ impl Manifest {
             .collect();
         for v in current {
             if !planned.contains(v.config.name.as_str()) {
-                taken.insert(listen_key(&v.config.listen), v.config.name.clone());
+                // The kernel never holds two services on one key.
+                let _ = taken.claim(&v.config.listen, &v.config.name);
             }
         }
         for s in &plan.services {
-            if let Some(other) = taken.insert(listen_key(&s.config.listen), s.config.name.clone()) {
+            if let Err(ListenTaken { owner: other, .. }) =
+                taken.claim(&s.config.listen, &s.config.name)
+            {
                 let (doc, p) = match (
                     spec_by_name.get(s.config.name.as_str()),
                     routed_index.get(s.config.name.as_str()),
@@ -1937,10 +1942,6 @@ fn spec_path(spec: &ServiceSpec) -> FieldPath {
         Seg::Key("services".into()),
         Seg::Key(spec.name.clone()),
     ])
-}
-
-fn listen_key(l: &Listen) -> (Option<std::net::IpAddr>, u16) {
-    (l.ip().map(|ip| ip.to_canonical()), l.port())
 }
 
 fn unknown_subset(host: &str, subset: &str, subsets: &[SubsetConfig]) -> String {

@@ -1,6 +1,7 @@
 //! tcpshift userspace library: everything the loader (`tcpshiftd`) and the control CLI
 //! (`tcpshiftctl`) share.
 //!
+//! - [`model`]: services, subsets, listen addresses and plan types (no YAML, no BPF);
 //! - [`config`]: the YAML configuration, parsed and validated;
 //! - [`weights`]: weight arithmetic and bucket tables;
 //! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod discovery;
 pub mod istio;
 pub mod metrics;
+pub mod model;
 pub mod netns;
 pub mod report;
 pub mod sockdiag;

@@ -27,8 +27,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::prelude::*;
 use proptest::test_runner::Config as PtConfig;
-use tcpshift::config::{self, Config, ConfigError, Listen};
+use tcpshift::config::{self, Config, ConfigError};
 use tcpshift::istio::{ApplyError, Manifest};
+use tcpshift::model::{self, Listen};
 
 const SOURCE: &str = "fuzz.yaml";
 
@@ -136,7 +137,7 @@ fn check_config_invariants(c: &Config) -> Result<(), TestCaseError> {
     prop_assert!(!c.services.is_empty());
     prop_assert!(c.services.windows(2).all(|w| w[0].name < w[1].name));
     for s in &c.services {
-        prop_assert!((1..=config::MAX_SERVICE_NAME).contains(&s.name.len()));
+        prop_assert!((1..=model::MAX_SERVICE_NAME).contains(&s.name.len()));
         prop_assert!((1..=tcpshift_common::MAX_SUBSETS).contains(&s.subsets.len()));
         prop_assert!(
             s.subsets.iter().any(|x| x.weight > 0),
@@ -144,7 +145,7 @@ fn check_config_invariants(c: &Config) -> Result<(), TestCaseError> {
         );
         prop_assert!(s.listen.port() != 0);
         for x in &s.subsets {
-            prop_assert!((1..=config::MAX_SUBSET_NAME).contains(&x.name.len()));
+            prop_assert!((1..=model::MAX_SUBSET_NAME).contains(&x.name.len()));
             prop_assert!(x.addr.port() != 0);
             prop_assert!(x.weight <= tcpshift::weights::MAX_WEIGHT);
         }
@@ -182,7 +183,7 @@ fn addr_strategy() -> impl Strategy<Value = SocketAddr> {
 fn subsets_strategy() -> impl Strategy<Value = Vec<SubsetModel>> {
     proptest::collection::vec(
         (
-            name_strategy(config::MAX_SUBSET_NAME),
+            name_strategy(model::MAX_SUBSET_NAME),
             addr_strategy(),
             prop_oneof![Just(0u32), 0..=100u32, 0..=tcpshift::weights::MAX_WEIGHT],
         ),
@@ -217,7 +218,7 @@ fn listen_strategy() -> impl Strategy<Value = Listen> {
 fn model_strategy() -> impl Strategy<Value = Model> {
     proptest::collection::vec(
         (
-            name_strategy(config::MAX_SERVICE_NAME),
+            name_strategy(model::MAX_SERVICE_NAME),
             listen_strategy(),
             subsets_strategy(),
         ),

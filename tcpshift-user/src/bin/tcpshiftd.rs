@@ -18,8 +18,9 @@ use tcpshift::{
     config::Config,
     discovery::{self, Registration},
     metrics,
+    model::Weights,
     netns::Netns,
-    state::{Installed, ProgramChange, State, Weights},
+    state::{Installed, ProgramChange, State},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -12,8 +12,9 @@ use clap::{Args, ValueEnum};
 use tcpshift::{
     discovery::{self, Registration},
     istio::{self, Manifest, Plan, RouteInfo},
+    model::{Change, Desired, ServiceView},
     netns::Netns,
-    state::{Change, Desired, ServiceView, State},
+    state::State,
 };
 
 /// Arguments of `tcpshiftctl apply`.

@@ -1,0 +1,19 @@
+//! The domain: services, subsets, listen addresses and the plan types of a change.
+//!
+//! This is the bottom of the library. It knows nothing of YAML, Istio or BPF; every input
+//! (the loader configuration, Istio objects, the fleet store) translates into these types,
+//! and the state owner ([`crate::state`]) writes them into the kernel.
+//!
+//! - [`service`]: [`ServiceConfig`], [`SubsetConfig`], [`Listen`], the listen key and the
+//!   rule that no two services share one;
+//! - [`plan`]: what the kernel holds ([`ServiceView`]) and what a change wants
+//!   ([`Desired`]), and what a change did to a service ([`Change`]).
+
+pub mod plan;
+pub mod service;
+
+pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
+pub use service::{
+    Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, ServiceConfig,
+    SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,
+};
