@@ -521,3 +521,62 @@ pub fn seed(ns: &mut TestNs, v1: u32, v2: u32) -> Result<(usize, usize, usize)> 
     let l = ns.loader(&seed_config(v1, v2))?;
     Ok((a, b, l))
 }
+
+impl TestNs {
+    /// Starts `tcpshiftd ARGS` without waiting for anything, its stderr going to the file
+    /// [`TestNs::loader_log`] reads; `env` sets (`Some`) or removes (`None`) environment
+    /// variables. Returns the child's index.
+    pub fn spawn_loader(&mut self, args: &[&str], env: &[(&str, Option<&str>)]) -> Result<usize> {
+        let log = std::fs::File::create(self.dir.path().join("tcpshiftd.log"))?;
+        let mut cmd = Command::new(bin("tcpshiftd"));
+        cmd.args(args).stderr(log);
+        for (key, value) in env {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        self.children
+            .push(cmd.spawn().context("cannot start tcpshiftd")?);
+        Ok(self.children.len() - 1)
+    }
+
+    /// Whether child `idx` is still running (it is reaped if it has exited).
+    pub fn running(&mut self, idx: usize) -> Result<bool> {
+        Ok(self.children[idx].try_wait()?.is_none())
+    }
+
+    /// Sends `signal` to child `idx` without waiting for it.
+    pub fn send_signal(&self, idx: usize, signal: libc::c_int) -> Result<()> {
+        // SAFETY: plain kill(2) on our own child.
+        if unsafe { libc::kill(self.children[idx].id() as libc::pid_t, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Sends `request` (raw bytes) to `addr` and reads until the server closes the connection or
+/// `timeout` (scaled) passes; returns what was read and whether the server closed it in time.
+pub fn http_raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<(Vec<u8>, bool)> {
+    let timeout = scaled(timeout);
+    let mut s = TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request)?;
+    let mut response = Vec::new();
+    let closed = match s.read_to_end(&mut response) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((response, closed))
+}

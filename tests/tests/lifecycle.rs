@@ -329,9 +329,10 @@ fn upgrade_in_place_keeps_weights_sockets_and_connections() -> Result<()> {
         Ok(done.load(Ordering::Relaxed) >= 20)
     })?;
 
-    // A second tcpshiftd adopts the state and replaces the (identical) programs in place.
+    // A second tcpshiftd takes over from the first (one per namespace), adopts the state and
+    // replaces the (identical) programs in place.
     let started = Instant::now();
-    ns.loader_with(&seed_config(80, 20), &["--reload-program"])?;
+    ns.loader_with(&seed_config(80, 20), &["--takeover", "--reload-program"])?;
     let mut new_prog = old_prog;
     wait_until(scaled(Duration::from_secs(30)), || {
         new_prog = ns.status()?["program_id"].as_u64().unwrap_or(old_prog);

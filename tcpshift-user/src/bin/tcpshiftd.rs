@@ -2,42 +2,69 @@
 //! every subset's listening socket registered. Steering lives in the kernel: when tcpshiftd
 //! exits or is killed, connections keep being steered; started again, it adopts the pinned
 //! state without resetting weights.
+//!
+//! This file reads the arguments and runs the steps in order; each job has its own file:
+//! [`instance`] (one tcpshiftd per network namespace), [`http`] (the metrics and health
+//! endpoint), [`scan`] (registering backends' sockets), [`reload`] (SIGHUP), [`notify`]
+//! (systemd's readiness protocol) and [`upgrade`] (replacing adopted programs in place).
 
-use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+#[path = "tcpshiftd/http.rs"]
+mod http;
+#[path = "tcpshiftd/instance.rs"]
+mod instance;
+#[path = "tcpshiftd/notify.rs"]
+mod notify;
+#[path = "tcpshiftd/reload.rs"]
+mod reload;
+#[path = "tcpshiftd/scan.rs"]
+mod scan;
+#[path = "tcpshiftd/upgrade.rs"]
+mod upgrade;
+
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use tcpshift::{
     EBPF_OBJECT,
     config::Config,
-    discovery::{self, Registration},
-    metrics,
     model::Weights,
     netns::Netns,
-    state::{Installed, ProgramChange, State},
+    state::{Installed, State},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 /// Kernel-level TCP traffic shifting: load the sk_lookup program into a network namespace and
 /// steer new connections to the subsets of each service by weight.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tcpshiftd --config tcpshift.yaml\n  tcpshiftctl set-weight v2=20\n\n  tcpshiftd &\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml"
+    after_help = "\
+One tcpshiftd runs per network namespace: a second one started where one runs exits with an
+error naming the first one's pid and changes nothing (see --takeover).
+
+Signals:
+  SIGTERM, SIGINT  exit; steering continues in the kernel (`tcpshiftctl uninstall` removes it)
+  SIGHUP           read the --config file again and apply it all or nothing: a file that does
+                   not parse or validate is refused (logged) and nothing changes. Services whose
+                   weights in the file changed since the last load get the file's weights;
+                   others keep the weights in the kernel (set by `tcpshiftctl set-weight`).
+                   Services removed from the file are left alone (`tcpshiftctl delete`).
+
+systemd: with $NOTIFY_SOCKET set (Type=notify), READY=1 is sent once the programs are attached,
+the configuration applied and the first scan registered the listening backends' sockets;
+RELOADING=1/READY=1 around a SIGHUP reload; STOPPING=1 on exit.
+
+Examples:
+  tcpshiftd --config tcpshift.yaml
+  tcpshiftctl set-weight v2=20
+
+  tcpshiftd --metrics 127.0.0.1:9464 &
+  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml"
 )]
 struct Args {
     /// YAML configuration: services, their listen port, subsets and weights. Without it,
-    /// services are added with `tcpshiftctl apply`.
+    /// services are added with `tcpshiftctl apply`. SIGHUP reads it again.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
@@ -45,11 +72,14 @@ struct Args {
     netns: Option<PathBuf>,
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides). At debug and trace
     /// the kernel programs also report every subset chosen, fallback, miss and connection
-    /// opened or closed (aya-log events), while this tcpshiftd runs.
+    /// opened or closed (aya-log events), while this tcpshiftd runs. The log has colours only
+    /// when stderr is a terminal and NO_COLOR is unset.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     log_level: tracing::Level,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464), read from the
-    /// kernel at every scrape. ADDR is in the network namespace tcpshiftd works in.
+    /// Serve HTTP at ADDR (e.g. 127.0.0.1:9464): /metrics (Prometheus, read from the kernel at
+    /// every scrape), /healthz (200 while tcpshiftd runs) and /readyz (200 when the programs
+    /// are attached and every subset with a weight above 0 has a live socket, else 503 with
+    /// the reason). ADDR is in the network namespace tcpshiftd works in.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// Replace the running eBPF programs even when they are identical to this version's (an
@@ -57,6 +87,11 @@ struct Args {
     /// sockets and connections are kept either way). For operators and the fault tests.
     #[arg(long)]
     reload_program: bool,
+    /// If a tcpshiftd already runs in the network namespace, stop it (SIGTERM), wait until it
+    /// has exited and take its place, instead of refusing to start. Steering continues in the
+    /// kernel meanwhile.
+    #[arg(long)]
+    takeover: bool,
 
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
@@ -73,10 +108,13 @@ fn main() {
             args.log_level.as_str().to_lowercase()
         ))
     });
-
+    // Colours only for a person at a terminal: a file, a pipe or the journal gets plain text.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     if let Err(e) = run(args) {
         error!("{e:#}");
@@ -97,17 +135,12 @@ fn run(args: Args) -> Result<()> {
         Netns::open(path)?.enter()?;
     }
     let netns = Netns::current()?;
+    // Before changing anything: only one tcpshiftd per namespace.
+    let instance = instance::Instance::claim(args.takeover)?;
     // Take the metrics address before changing anything: one that cannot be bound must fail
     // the start with nothing installed or applied.
     let metrics = match args.metrics {
-        Some(addr) => {
-            let listener = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-            listener
-                .set_nonblocking(true)
-                .context("cannot make the metrics socket non-blocking")?;
-            Some(listener)
-        }
+        Some(addr) => Some(http::bind(addr)?),
         None => None,
     };
     let (mut state, installed) = State::install(&netns, EBPF_OBJECT)?;
@@ -116,7 +149,7 @@ fn run(args: Args) -> Result<()> {
         Installed::Adopted => {
             info!(dir = %state.dir().display(), "adopted pinned state; keeping the weights in the kernel");
             // Before the kernel events' logger starts: it follows the sk_lookup program's id.
-            upgrade(&mut state, args.reload_program)?;
+            upgrade::upgrade(&mut state, args.reload_program)?;
             Weights::KeepExisting
         }
     };
@@ -132,14 +165,9 @@ fn run(args: Args) -> Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let result = runtime.block_on(async {
+        instance.serve()?;
         if let Some(listener) = metrics {
-            let listener = TcpListener::from_std(listener)
-                .context("cannot serve metrics on the bound socket")?;
-            let scraped = Arc::new(Mutex::new(State::open(&netns)?));
-            if let Ok(address) = listener.local_addr() {
-                info!(%address, "serving metrics at /metrics");
-            }
-            tokio::spawn(serve_metrics(listener, scraped));
+            http::spawn(listener, State::open(&netns)?)?;
         }
         if debug_events {
             match aya_log::EbpfLogger::init_from_id(state.program_id()?) {
@@ -149,11 +177,14 @@ fn run(args: Args) -> Result<()> {
                 Err(e) => warn!("kernel debug events unavailable: {e}"),
             }
         }
-        supervise(
-            &mut state,
-            Duration::from_millis(args.scan_interval_ms.max(10)),
-        )
-        .await
+        let reloader = args
+            .config
+            .as_ref()
+            .map(|path| reload::Reloader::new(path.clone(), config));
+        let every = Duration::from_millis(args.scan_interval_ms.max(10));
+        let result = scan::supervise(&mut state, every, reloader).await;
+        notify::send("STOPPING=1");
+        result
     });
     if debug_events && state.is_installed() {
         // Nobody reads the events any more (whether tcpshiftd ends normally or on an
@@ -162,46 +193,9 @@ fn run(args: Args) -> Result<()> {
             warn!("cannot turn the kernel's debug events off: {e}");
         }
     }
+    // The namespace's tcpshiftd slot is free from here on.
+    drop(instance);
     result
-}
-
-/// Replaces the adopted state's programs with this version's, in place (maps kept), when they
-/// differ or `force` is set, and says what happened.
-fn upgrade(state: &mut State, force: bool) -> Result<()> {
-    let started = Instant::now();
-    let upgrade = state
-        .upgrade_programs(EBPF_OBJECT, force)
-        .context("cannot upgrade the running programs in place")?;
-    let took = started.elapsed();
-    let links = [
-        ("sk_lookup", Some(upgrade.sk_lookup)),
-        ("sock_ops", upgrade.sock_ops),
-    ];
-    let mut unchanged = Vec::new();
-    for (name, change) in links {
-        match change {
-            Some(ProgramChange::Replaced { old, new }) => {
-                info!(took = ?took, "replaced the {name} program in place: {old} -> {new}")
-            }
-            Some(ProgramChange::Unchanged(p)) => unchanged.push(format!("{name} {p}")),
-            None => {}
-        }
-    }
-    if unchanged.len() == links.iter().filter(|(_, c)| c.is_some()).count() {
-        info!(
-            "running programs are this version's: {}",
-            unchanged.join(", ")
-        );
-    } else if !unchanged.is_empty() {
-        info!(
-            "kept the running program, identical to this version's: {}",
-            unchanged.join(", ")
-        );
-    }
-    if upgrade.sock_ops.is_none() {
-        debug!("no sock_ops link is pinned (connection accounting off): nothing to replace there");
-    }
-    Ok(())
 }
 
 /// Forwards the programs' aya-log events (a ring buffer) into tracing, as they arrive.
@@ -229,142 +223,4 @@ async fn forward_kernel_events(logger: aya_log::EbpfLogger<&'static dyn log::Log
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-/// Serves `GET /metrics` (Prometheus text, rendered from the kernel maps at each request).
-async fn serve_metrics(listener: TcpListener, state: Arc<Mutex<State>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let state = Arc::clone(&state);
-                tokio::spawn(async move {
-                    if let Err(e) = metrics_request(stream, &state).await {
-                        debug!(%peer, "metrics request: {e:#}");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// One HTTP/1.x request: `GET /metrics` (or `HEAD`), anything else is refused.
-async fn metrics_request(mut stream: TcpStream, state: &Mutex<State>) -> Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let read = async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .context("timed out reading the request")??;
-    let text = String::from_utf8_lossy(&head);
-    let mut parts = text.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (code, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let rendered = state
-                .lock()
-                .map_err(|_| anyhow::anyhow!("metrics state poisoned"))?
-                .status()
-                .map_err(anyhow::Error::from)
-                .and_then(|s| metrics::render(&s).context("cannot encode metrics"));
-            match rendered {
-                Ok(body) => ("200 OK", metrics::CONTENT_TYPE, body),
-                Err(e) => (
-                    "500 Internal Server Error",
-                    "text/plain; charset=utf-8",
-                    format!("cannot read tcpshift's state: {e:#}\n"),
-                ),
-            }
-        }
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "tcpshift serves /metrics only\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "only GET /metrics\n".to_string(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
-}
-
-/// Registers missing sockets until a signal arrives or the state is uninstalled.
-async fn supervise(state: &mut State, every: Duration) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut waiting: HashSet<(String, String)> = HashSet::new();
-    let mut ready_logged = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-        if !state.is_installed() {
-            info!("the pinned state was removed (tcpshiftctl uninstall); exiting");
-            return Ok(());
-        }
-        let mut still: HashSet<(String, String)> = HashSet::new();
-        for outcome in discovery::register_missing(state, None)? {
-            match outcome {
-                Registration::Registered {
-                    missing: m,
-                    listener,
-                    owner,
-                } => {
-                    info!(service = %m.service, subset = %m.subset, backend = %m.backend,
-                        socket = %listener.local, pid = owner.pid, process = %owner.comm, "registered listening socket");
-                }
-                Registration::NotListening(m) => {
-                    let id = (m.service.clone(), m.subset.clone());
-                    if !waiting.contains(&id) {
-                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
-                            "no live socket: nothing listens on the backend address (yet); its connections fall back to the other subsets");
-                    }
-                    still.insert(id);
-                }
-                Registration::Failed { missing: m, error } => {
-                    let id = (m.service.clone(), m.subset.clone());
-                    if !waiting.contains(&id) {
-                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend, "cannot take the backend's socket: {error}");
-                    }
-                    still.insert(id);
-                }
-            }
-        }
-        waiting = still;
-        if waiting.is_empty() && !ready_logged {
-            info!("ready: every subset has a registered socket");
-            ready_logged = true;
-        }
-    }
-    info!("exiting; steering continues in the kernel (remove it with `tcpshiftctl uninstall`)");
-    Ok(())
 }

@@ -1,0 +1,129 @@
+//! The registration loop: every scan interval, registers the listening socket of each subset
+//! that has none ([`discovery::register_missing`]), until a signal arrives or the state is
+//! uninstalled; SIGHUP reloads the configuration between scans.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tcpshift::{
+    discovery::{self, Registration},
+    state::State,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{notify, reload::Reloader};
+
+/// (service, subset): one subset, across scans.
+type SubsetId = (String, String);
+
+/// What the scans remember between them (never weights or sockets: the kernel has those).
+#[derive(Default)]
+struct Scans {
+    /// Subsets that had no live socket at the last scan (their warning was logged once).
+    waiting: HashSet<SubsetId>,
+    /// Subsets whose listener was seen but not yet taken: when the first scan that saw it
+    /// began.
+    seen: HashMap<SubsetId, Instant>,
+    ready_logged: bool,
+}
+
+impl Scans {
+    /// One scan: registers what can be registered and logs what happened.
+    fn scan(&mut self, state: &mut State) -> Result<()> {
+        // The scan lists /proc/net/tcp right after this instant; a listener registered now
+        // was seen by it, a listener that could not be taken keeps this as when it was seen.
+        let began = Instant::now();
+        let mut still: HashSet<SubsetId> = HashSet::new();
+        let mut seen: HashMap<SubsetId, Instant> = HashMap::new();
+        for outcome in discovery::register_missing(state, None)? {
+            match outcome {
+                Registration::Registered {
+                    missing: m,
+                    listener,
+                    owner,
+                } => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    // Upper bound: the insert happened before register_missing returned.
+                    let took = self.seen.get(&id).copied().unwrap_or(began).elapsed();
+                    info!(service = %m.service, subset = %m.subset, backend = %m.backend,
+                        socket = %listener.local, pid = owner.pid, process = %owner.comm,
+                        seen_to_registered_us = took.as_micros() as u64,
+                        "registered listening socket");
+                }
+                Registration::NotListening(m) => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    if !self.waiting.contains(&id) {
+                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
+                            "no live socket: nothing listens on the backend address (yet); its connections fall back to the other subsets");
+                    }
+                    still.insert(id);
+                }
+                Registration::Failed { missing: m, error } => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    if !self.waiting.contains(&id) {
+                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend, "cannot take the backend's socket: {error}");
+                    }
+                    seen.insert(id.clone(), self.seen.get(&id).copied().unwrap_or(began));
+                    still.insert(id);
+                }
+            }
+        }
+        self.waiting = still;
+        self.seen = seen;
+        if self.waiting.is_empty() && !self.ready_logged {
+            info!("ready: every subset has a registered socket");
+            self.ready_logged = true;
+        }
+        Ok(())
+    }
+}
+
+/// Registers missing sockets every `every` until SIGTERM/SIGINT or until the state is
+/// uninstalled; SIGHUP reloads the configuration with `reloader` (if there is a file).
+/// Tells the service manager `READY=1` after the first scan.
+pub async fn supervise(
+    state: &mut State,
+    every: Duration,
+    mut reloader: Option<Reloader>,
+) -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scans = Scans::default();
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hup.recv() => {
+                match reloader.as_mut() {
+                    Some(r) => {
+                        notify::reloading();
+                        r.reload(state);
+                        notify::send("READY=1");
+                    }
+                    None => warn!("SIGHUP: no --config file to read again; nothing to do"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        if !state.is_installed() {
+            info!("the pinned state was removed (tcpshiftctl uninstall); exiting");
+            return Ok(());
+        }
+        scans.scan(state)?;
+        if first {
+            // Programs attached, configuration applied, every listening backend registered.
+            notify::send("READY=1");
+            first = false;
+        }
+    }
+    info!("exiting; steering continues in the kernel (remove it with `tcpshiftctl uninstall`)");
+    Ok(())
+}
