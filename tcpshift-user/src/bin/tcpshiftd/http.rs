@@ -34,8 +34,11 @@ use tcpshift::{metrics, state::State};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, info, warn};
 
-/// Connections served at the same time.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections open at the same time. Idle or slow clients cost a task and a file
+/// descriptor each until [`HEAD_TIMEOUT`]; rendering is serialised by the state's lock. A
+/// limit well above what scrapers and probes need keeps a handful of idle clients from
+/// delaying them, and a flood from exhausting the daemon's file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Largest request head (request line and headers), in bytes (hyper's minimum buffer).
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Time allowed for a request head to arrive.
