@@ -19,6 +19,7 @@ pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod procfs;
 pub mod report;
 pub mod sockdiag;
 pub mod state;

@@ -3,14 +3,26 @@
 
 #[path = "tcpshiftctl/apply.rs"]
 mod apply;
+#[path = "tcpshiftctl/delete.rs"]
+mod delete;
+#[path = "tcpshiftctl/get.rs"]
+mod get;
+#[path = "tcpshiftctl/metrics.rs"]
+mod metrics;
+#[path = "tcpshiftctl/set_weight.rs"]
+mod set_weight;
+#[path = "tcpshiftctl/status.rs"]
+mod status;
 #[path = "tcpshiftctl/top.rs"]
 mod top;
+#[path = "tcpshiftctl/uninstall.rs"]
+mod uninstall;
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tcpshift::{config, metrics, netns::Netns, report, state::State, weights};
+use tcpshift::{config, netns::Netns};
 
 /// Control tcpshift: show the split, change weights live, uninstall.
 #[derive(Parser, Debug)]
@@ -73,10 +85,10 @@ enum Command {
     Apply(apply::ApplyArgs),
     /// Show the services (`get services`) or the routing as Istio VirtualServices
     /// (`get virtualservice tcp-echo -o yaml`), read from the kernel.
-    Get(apply::GetArgs),
+    Get(get::GetArgs),
     /// Delete services: those a file applies (`delete -f FILE`), or by name
     /// (`delete service NAME`, `delete virtualservice NAME`). All or nothing.
-    Delete(apply::DeleteArgs),
+    Delete(delete::DeleteArgs),
     /// Detach tcpshift from this namespace and remove everything it pinned.
     Uninstall,
 }
@@ -96,46 +108,18 @@ fn run(args: Args) -> Result<()> {
     }
     let netns = Netns::current()?;
     match args.command {
-        Command::Status { json } => {
-            let status = State::open(&netns)?.status()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", report::status_table(&status));
-            }
-        }
+        Command::Status { json } => status::run(&netns, json),
         Command::Top {
             interval,
             iterations,
-        } => {
-            if !(0.1..=3600.0).contains(&interval) {
-                anyhow::bail!("--interval {interval}: give a number of seconds in 0.1..=3600");
-            }
-            top::run(&netns, Duration::from_secs_f64(interval), iterations)?;
-        }
-        Command::Metrics => {
-            let status = State::open(&netns)?.status()?;
-            print!("{}", metrics::render(&status)?);
-        }
+        } => top::run(&netns, interval, iterations),
+        Command::Metrics => metrics::run(&netns),
         Command::SetWeight { service, weights } => {
-            let requested = weights
-                .iter()
-                .map(|w| weights::parse_assignment(w))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut state = State::open(&netns)?;
-            let (name, new) = state.set_weights(service.as_deref(), &requested)?;
-            let shown: Vec<String> = new.iter().map(|(s, w)| format!("{s}={w}")).collect();
-            println!("{name}: {}", shown.join(" "));
+            set_weight::run(&netns, service.as_deref(), &weights)
         }
-        Command::Apply(a) => apply::apply(&netns, a)?,
-        Command::Get(a) => apply::get(&netns, a)?,
-        Command::Delete(a) => apply::delete(&netns, a)?,
-        Command::Uninstall => match State::uninstall(&netns)? {
-            Some(dir) => println!("removed {} (program detached, maps deleted)", dir.display()),
-            None => {
-                println!("nothing to remove: tcpshift is not installed in this network namespace")
-            }
-        },
+        Command::Apply(a) => apply::run(&netns, a),
+        Command::Get(a) => get::run(&netns, a),
+        Command::Delete(a) => delete::run(&netns, a),
+        Command::Uninstall => uninstall::run(&netns),
     }
-    Ok(())
 }

@@ -122,8 +122,13 @@ fn wait(timeout: Duration, keys: bool) -> bool {
     }
 }
 
-/// Runs `top` until `q`, a signal, or `iterations` frames.
-pub fn run(netns: &Netns, interval: Duration, iterations: Option<u64>) -> Result<()> {
+/// Runs `top` until `q`, a signal, or `iterations` frames, refreshing every `interval`
+/// seconds (0.1 to 3600).
+pub fn run(netns: &Netns, interval: f64, iterations: Option<u64>) -> Result<()> {
+    if !(0.1..=3600.0).contains(&interval) {
+        anyhow::bail!("--interval {interval}: give a number of seconds in 0.1..=3600");
+    }
+    let interval = Duration::from_secs_f64(interval);
     let state = State::open(netns)?;
     let screen = std::io::stdout().is_terminal();
     let keys = std::io::stdin().is_terminal() && iterations != Some(1);

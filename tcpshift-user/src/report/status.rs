@@ -1,82 +1,32 @@
-//! What `tcpshiftctl status` and `tcpshiftctl top` print: text renderings of a [`Status`].
+//! The `tcpshiftctl status` table and the `tcpshiftctl top` screen: text renderings of a
+//! [`Status`].
 
 use std::{fmt::Write, time::Duration};
 
+use super::{header, human_bytes, percent, table};
 use crate::state::{ServiceStatus, Status, SubsetStatus};
-
-/// Bytes with a binary unit: `57 B`, `1.2 KiB`, `3.4 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
-fn percent(v: Option<f64>) -> String {
-    match v {
-        Some(v) => format!("{v:.1}%"),
-        None => "-".to_string(),
-    }
-}
-
-/// Left-aligned columns separated by two spaces, trailing spaces trimmed (every table the
-/// CLI prints).
-pub fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
 
 /// The `tcpshiftctl status` table.
 pub fn status_table(status: &Status) -> String {
     let observed = format!("OBSERVED({}s)", status.observed_window_secs);
-    let mut rows = vec![
-        [
-            "SERVICE",
-            "LISTEN",
-            "SUBSET",
-            "BACKEND",
-            "WEIGHT",
-            "SHARE",
-            observed.as_str(),
-            "LIVE",
-            "ACTIVE",
-            "OPENED",
-            "CLOSED",
-            "RECEIVED",
-            "SENT",
-            "FALLBACK-OUT",
-            "FALLBACK-IN",
-            "MISSES",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut rows = vec![header(&[
+        "SERVICE",
+        "LISTEN",
+        "SUBSET",
+        "BACKEND",
+        "WEIGHT",
+        "SHARE",
+        observed.as_str(),
+        "LIVE",
+        "ACTIVE",
+        "OPENED",
+        "CLOSED",
+        "RECEIVED",
+        "SENT",
+        "FALLBACK-OUT",
+        "FALLBACK-IN",
+        "MISSES",
+    ])];
     for svc in &status.services {
         for (i, s) in svc.subsets.iter().enumerate() {
             let (name, listen) = if i == 0 {
@@ -105,10 +55,7 @@ pub fn status_table(status: &Status) -> String {
             ]);
         }
     }
-    let mut out = columns(&rows);
-    if status.services.is_empty() {
-        out.push_str("(no services)\n");
-    }
+    let mut out = table(&rows, status.services.is_empty(), "no services");
     if status.accounting_program_id.is_none() {
         out.push_str(
             "note: connection accounting is off (no cgroup2 mount when tcpshift was installed): OPENED, ACTIVE, CLOSED and bytes stay 0\n",
@@ -266,14 +213,6 @@ mod tests {
             }],
             warnings: vec![],
         }
-    }
-
-    #[test]
-    fn bytes_are_human_readable() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
     }
 
     #[test]

@@ -1,0 +1,12 @@
+//! `tcpshiftctl metrics`: the Prometheus text `tcpshiftd --metrics` serves, read from the
+//! kernel.
+
+use anyhow::Result;
+use tcpshift::{metrics, netns::Netns, state::State};
+
+/// `tcpshiftctl metrics`.
+pub fn run(netns: &Netns) -> Result<()> {
+    let status = State::open(netns)?.status()?;
+    print!("{}", metrics::render(&status)?);
+    Ok(())
+}

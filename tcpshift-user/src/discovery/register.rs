@@ -1,0 +1,85 @@
+//! Registering the listening socket of every subset that has none (the loader's scan loop,
+//! and `tcpshiftctl apply` for the subsets it just added).
+
+use std::{collections::HashSet, io, os::fd::AsFd, path::PathBuf};
+
+use super::{DiscoveryError, Listener, Owner, Snapshot, listeners::PROC_NET_TCP};
+use crate::state::{Missing, State, StateError};
+
+/// What [`register_missing`] did for one subset without a live socket.
+#[derive(Debug)]
+pub enum Registration {
+    /// Its server's listening socket is now registered.
+    Registered {
+        /// The subset.
+        missing: Missing,
+        /// The socket.
+        listener: Listener,
+        /// Who holds it.
+        owner: Owner,
+    },
+    /// Nothing listens on its address (yet).
+    NotListening(Missing),
+    /// A listening socket was found but could not be taken.
+    Failed {
+        /// The subset.
+        missing: Missing,
+        /// Why.
+        error: DiscoveryError,
+    },
+}
+
+/// Registers the listening socket of every subset that has none, of every service or only
+/// of `services` (names), with one [`Snapshot`] of the namespace. Used by the loader's scan
+/// loop and by `tcpshiftctl apply` (so that new subsets are served at once). A failure to
+/// take one socket is reported in the result; only a failure to write the maps is an error.
+pub fn register_missing(
+    state: &mut State,
+    services: Option<&HashSet<String>>,
+) -> Result<Vec<Registration>, StateError> {
+    let missing: Vec<Missing> = state
+        .missing_sockets()?
+        .into_iter()
+        .filter(|m| services.is_none_or(|s| s.contains(&m.service)))
+        .collect();
+    let mut out = Vec::with_capacity(missing.len());
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    let mut snapshot = match Snapshot::take() {
+        Ok(s) => s,
+        Err(e) => {
+            let message = e.to_string();
+            for m in missing {
+                out.push(Registration::Failed {
+                    missing: m,
+                    error: DiscoveryError::ReadProc {
+                        path: PathBuf::from(PROC_NET_TCP),
+                        source: io::Error::other(message.clone()),
+                    },
+                });
+            }
+            return Ok(out);
+        }
+    };
+    for m in missing {
+        match snapshot.acquire(m.backend) {
+            Ok(Some((fd, listener, owner))) => {
+                let done = state.register_socket(&m, fd.as_fd())?;
+                // Our duplicate of the backend's socket is closed here: the map holds it.
+                drop(fd);
+                if done {
+                    out.push(Registration::Registered {
+                        missing: m,
+                        listener,
+                        owner,
+                    });
+                }
+                // Not done: the subset changed meanwhile; the next scan sees the new one.
+            }
+            Ok(None) => out.push(Registration::NotListening(m)),
+            Err(error) => out.push(Registration::Failed { missing: m, error }),
+        }
+    }
+    Ok(out)
+}
