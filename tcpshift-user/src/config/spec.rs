@@ -19,11 +19,11 @@ use crate::yaml::{Weight, seg};
 /// kernel) and `weights` (from a VirtualService, or the kernel).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
-    /// Service name: 1 to [`MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
+    /// Service name: 1 to [`crate::model::MAX_SERVICE_NAME`] bytes of `[A-Za-z0-9._-]`.
     pub name: String,
     /// Where the service listens, when the document says.
     pub listen: Option<Listen>,
-    /// The subsets in YAML order (1 to [`MAX_SUBSETS`]). Their weights are those of the
+    /// The subsets in YAML order (1 to [`tcpshift_common::MAX_SUBSETS`]). Their weights are those of the
     /// document when [`ServiceSpec::weights_given`], else 0.
     pub subsets: Vec<SubsetConfig>,
     /// Whether the document has a `weights` key for this service.
