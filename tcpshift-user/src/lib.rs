@@ -2,6 +2,8 @@
 //! (`tcpshiftctl`) share.
 //!
 //! - [`model`]: services, subsets, listen addresses and plan types (no YAML, no BPF);
+//! - [`yaml`]: the YAML toolkit both parsers share: bounded reads, documents, field
+//!   locations, weights and ports, the one error type;
 //! - [`config`]: the YAML configuration, parsed and validated;
 //! - [`weights`]: weight arithmetic and bucket tables;
 //! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
@@ -24,6 +26,7 @@ pub mod report;
 pub mod sockdiag;
 pub mod state;
 pub mod weights;
+pub mod yaml;
 
 /// The eBPF object built from `tcpshift-ebpf` (see `build.rs`).
 pub static EBPF_OBJECT: &[u8] =

@@ -78,8 +78,9 @@ fn check_config_error(e: &ConfigError) -> Result<(), TestCaseError> {
     let message = e.to_string();
     check_message(&message)?;
     let located = match e {
-        ConfigError::Yaml { line, .. } => line.is_some(),
-        ConfigError::Invalid { path, .. } => !path.is_empty(),
+        ConfigError::Invalid(l) => {
+            l.line.is_some() || l.field.as_ref().is_some_and(|f| !f.is_empty())
+        }
         // The whole (empty) text is the location.
         ConfigError::Empty { .. } => true,
         ConfigError::Read { .. } | ConfigError::NotUtf8 { .. } => true,
@@ -93,7 +94,6 @@ fn check_apply_error(e: &ApplyError) -> Result<(), TestCaseError> {
     let message = e.to_string();
     check_message(&message)?;
     let located = match e {
-        ApplyError::Config(c) => return check_config_error(c),
         ApplyError::Invalid(l) => l.line.is_some() || l.field.is_some() || l.object.is_some(),
         ApplyError::Empty { .. } | ApplyError::Read { .. } | ApplyError::NotUtf8 { .. } => true,
     };

@@ -159,12 +159,22 @@ impl FromStr for Listen {
 }
 
 fn parse_port(digits: &str) -> Result<u16, String> {
-    match digits.parse::<u16>() {
-        Ok(port) => {
-            check_port(port, digits)?;
-            Ok(port)
-        }
-        Err(_) => Err(format!("port {digits} is out of range; expected 1..=65535")),
+    match digits.parse::<u64>() {
+        Ok(v) => port_number(v),
+        Err(_) => Err(format!(
+            "port {digits} is out of range; expected a port number in 1..=65535"
+        )),
+    }
+}
+
+/// A port given as a number: `1..=65535`. The one check of port numbers, for every input
+/// format (a YAML integer, the digits of a listen address).
+pub fn port_number(v: u64) -> Result<u16, String> {
+    match u16::try_from(v) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!(
+            "port {v} is out of range; expected a port number in 1..=65535"
+        )),
     }
 }
 
@@ -312,10 +322,12 @@ pub struct ListenClaims {
 /// A listen address already claimed by another service (see [`ListenClaims::claim`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{listen} is already the listen address of service {owner}; each service needs its own \
-     port or address"
+    "service {service:?} would listen on {listen}, which service {owner:?} already uses; each \
+     service needs its own port or address"
 )]
 pub struct ListenTaken {
+    /// The service that claimed the address.
+    pub service: String,
     /// The address that was claimed again.
     pub listen: Listen,
     /// The service that holds it.
@@ -332,6 +344,7 @@ impl ListenClaims {
     pub fn claim(&mut self, listen: &Listen, service: &str) -> Result<(), ListenTaken> {
         match self.owners.get(&listen.key()) {
             Some(owner) if owner != service => Err(ListenTaken {
+                service: service.to_owned(),
                 listen: *listen,
                 owner: owner.clone(),
             }),
@@ -365,8 +378,8 @@ mod tests {
         assert!(claims.claim(&b, "one").is_ok());
         assert_eq!(
             err.to_string(),
-            "[::ffff:127.0.0.1]:31400 is already the listen address of service one; each \
-             service needs its own port or address"
+            "service \"two\" would listen on [::ffff:127.0.0.1]:31400, which service \"one\" \
+             already uses; each service needs its own port or address"
         );
     }
 

@@ -1,0 +1,255 @@
+//! The pieces of the loader's format that the configuration and `services:` documents
+//! share: name-keyed mappings, subset addresses and the subset/weight rules.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
+
+use super::DEFAULT_SINGLE_WEIGHT;
+use crate::model::service::SUBSET_FORMS;
+use crate::model::{SubsetConfig, parse_subset_addr, validate_subset_name};
+use crate::yaml::{Error, Located, Weight, seg};
+
+/// A YAML mapping read as a list of (key, value) pairs in document order; duplicate keys are
+/// rejected.
+pub(super) struct Entries<V>(pub(super) Vec<(String, V)>);
+
+/// What the values of an [`Entries`] mapping are, for messages.
+pub(super) trait EntryKind {
+    const MAPPING: &'static str;
+}
+
+impl EntryKind for SubsetAddr {
+    const MAPPING: &'static str =
+        "a mapping of subset names to addresses, e.g. `{v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}`";
+}
+
+impl EntryKind for Weight {
+    const MAPPING: &'static str =
+        "a mapping of subset names to integer weights, e.g. `{v1: 100, v2: 0}`";
+}
+
+/// What [`EntryKind::MAPPING`] says for a mapping of services.
+pub(super) const SERVICES_MAPPING: &str =
+    "a mapping of service names to services, e.g. `tcp-echo: {listen: 31400, subsets: ...}`";
+
+impl<'de, V: Deserialize<'de> + EntryKind> Deserialize<'de> for Entries<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor<V>(PhantomData<V>);
+
+        impl<'de, V: Deserialize<'de> + EntryKind> Visitor<'de> for EntriesVisitor<V> {
+            type Value = Entries<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(V::MAPPING)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<V>, A::Error> {
+                let mut entries: Vec<(String, V)> = Vec::new();
+                let mut seen = HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!(
+                            "duplicate key {key:?}; each name may appear only once"
+                        )));
+                    }
+                    let value = map.next_value::<V>()?;
+                    entries.push((key, value));
+                }
+                Ok(Entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(EntriesVisitor(PhantomData))
+    }
+}
+
+/// A subset's address.
+pub(super) struct SubsetAddr(SocketAddr);
+
+impl<'de> Deserialize<'de> for SubsetAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AddrVisitor;
+
+        impl<'de> Visitor<'de> for AddrVisitor {
+            type Value = SubsetAddr;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a subset address: {SUBSET_FORMS}")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SubsetAddr, E> {
+                parse_subset_addr(v).map(SubsetAddr).map_err(E::custom)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SubsetAddr, E> {
+                Err(E::custom(format!(
+                    "{v} is only a port; a subset needs the address its server listens on: \
+                     {SUBSET_FORMS}"
+                )))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<SubsetAddr, E> {
+                Err(E::custom(format!(
+                    "{v} is not an address; expected {SUBSET_FORMS}"
+                )))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<SubsetAddr, A::Error> {
+                Err(de::Error::custom(format!(
+                    "got a YAML list; an IPv6 address must be quoted, e.g. \"[::1]:9001\"; \
+                     expected {SUBSET_FORMS}"
+                )))
+            }
+        }
+
+        deserializer.deserialize_any(AddrVisitor)
+    }
+}
+
+/// A rule broken at `path` of `file` (no line: the rule involves several values).
+pub(super) fn invalid(file: &str, path: impl Into<String>, message: impl Into<String>) -> Error {
+    Located::new(file, message).field(path).into()
+}
+
+/// Checks the number of services: 1 to [`MAX_SERVICES`]. `example` is shown when there are
+/// none.
+pub(super) fn check_service_count(file: &str, count: usize, example: &str) -> Result<(), Error> {
+    if count == 0 {
+        return Err(invalid(
+            file,
+            "services",
+            format!("no services defined; add at least one, e.g. `{example}`"),
+        ));
+    }
+    if count > MAX_SERVICES as usize {
+        return Err(invalid(
+            file,
+            "services",
+            format!("{count} services defined; at most {MAX_SERVICES} are supported"),
+        ));
+    }
+    Ok(())
+}
+
+/// The subsets of the service at `path`, with the weights of `weights` (all 0 when there
+/// are none and `require_weights` is false; see [`super::ServiceSpec`]).
+pub(super) fn validate_subsets(
+    file: &str,
+    path: &str,
+    raw: Vec<(String, SubsetAddr)>,
+    weights: Option<Entries<Weight>>,
+    require_weights: bool,
+) -> Result<Vec<SubsetConfig>, Error> {
+    let subsets_path = format!("{path}.subsets");
+    if raw.is_empty() {
+        return Err(invalid(
+            file,
+            subsets_path,
+            format!(
+                "no subsets; a service needs 1 to {MAX_SUBSETS} subsets, \
+                 e.g. `subsets: {{v1: 127.0.0.1:9001}}`"
+            ),
+        ));
+    }
+    if raw.len() > MAX_SUBSETS {
+        return Err(invalid(
+            file,
+            subsets_path,
+            format!(
+                "{} subsets; a service can have at most {MAX_SUBSETS}",
+                raw.len()
+            ),
+        ));
+    }
+
+    let mut subsets: Vec<SubsetConfig> = Vec::with_capacity(raw.len());
+    for (name, SubsetAddr(addr)) in raw {
+        let sub_path = format!("{subsets_path}.{}", seg(&name));
+        validate_subset_name(&name).map_err(|m| invalid(file, &sub_path, m))?;
+        let key = (addr.ip().to_canonical(), addr.port());
+        if let Some(other) = subsets
+            .iter()
+            .find(|s| (s.addr.ip().to_canonical(), s.addr.port()) == key)
+        {
+            return Err(invalid(
+                file,
+                sub_path,
+                format!(
+                    "address {addr} is already used by subset {}; each subset needs its own \
+                     server address",
+                    other.name
+                ),
+            ));
+        }
+        subsets.push(SubsetConfig {
+            name,
+            addr,
+            weight: 0,
+        });
+    }
+
+    let weights_path = format!("{path}.weights");
+    match weights {
+        // `tcpshiftctl apply`: the weights come from elsewhere (see `ServiceSpec`).
+        None if !require_weights => {}
+        None if subsets.len() == 1 => {
+            if let Some(only) = subsets.first_mut() {
+                only.weight = DEFAULT_SINGLE_WEIGHT;
+            }
+        }
+        None => {
+            let example = subsets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("{}: {}", s.name, if i == 0 { 100 } else { 0 }))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(invalid(
+                file,
+                path,
+                format!(
+                    "`weights` is missing; a service with several subsets needs explicit \
+                     weights (traffic is never split implicitly), add e.g. \
+                     `weights: {{{example}}}`"
+                ),
+            ));
+        }
+        Some(Entries(entries)) => {
+            for (name, Weight(w)) in entries {
+                match subsets.iter_mut().find(|s| s.name == name) {
+                    Some(subset) => subset.weight = w,
+                    None => {
+                        let declared = subsets
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return Err(invalid(
+                            file,
+                            format!("{weights_path}.{}", seg(&name)),
+                            format!("unknown subset {name:?} (declared: {declared})"),
+                        ));
+                    }
+                }
+            }
+            if subsets.iter().all(|s| s.weight == 0) {
+                return Err(invalid(
+                    file,
+                    weights_path,
+                    format!(
+                        "all weights are 0; at least one subset needs a weight above 0, \
+                         e.g. `{}: 100`",
+                        subsets.first().map_or("v1", |s| s.name.as_str())
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(subsets)
+}
