@@ -6,17 +6,26 @@
 //! pinned map created by one version must be readable by the next. Changing any of these
 //! layouts requires bumping [`LAYOUT_VERSION`].
 //!
-//! # Map layout
+//! # Maps
 //!
-//! | map            | type                 | key                      | value            | written by |
-//! |----------------|----------------------|--------------------------|------------------|------------|
-//! | `TS_GLOBAL`    | array, 1 entry       | `0`                      | [`Global`]       | user       |
-//! | `TS_SERVICES`  | hash (no prealloc)   | [`ServiceKey`]           | [`ServiceEntry`] | user       |
-//! | `TS_BUCKETS`   | hash (no prealloc)   | [`table_key`]            | [`BucketTable`]  | user       |
-//! | `TS_SOCKETS`   | sockhash             | [`slot`]                 | socket           | user       |
-//! | `TS_COUNTERS`  | per-CPU hash         | [`slot`]                 | [`Counters`]     | kernel     |
-//! | `TS_META`      | hash (no prealloc)   | service id               | [`ServiceMeta`]  | user       |
-//! | `TS_SOCKTAG`   | sk_storage (clone)   | socket                   | [`SockTag`]      | both       |
+//! This table is the one description of tcpshift's maps (docs/design.md points here). Every map
+//! but `AYA_LOGS` is pinned under the namespace's state directory,
+//! `/sys/fs/bpf/tcpshift/netns-<inode>/`, by its name ([`PINNED_MAPS`]).
+//!
+//! | map | kind | key | value | who writes |
+//! |---|---|---|---|---|
+//! | `TS_GLOBAL` | array, 1 entry | `0` | [`Global`]: magic, layout version, hash seed, flags (debug events), netns cookie | loader (at install; flags by `tcpshiftd --log-level`) |
+//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, weights | userspace |
+//! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
+//! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
+//! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
+//! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
+//! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
+//! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
+//!
+//! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
+//! from them; everything that shows weights reads them back from the kernel.
 //!
 //! The data path reads `TS_SERVICES` (one or two lookups), one byte of one `TS_BUCKETS` entry and
 //! one `TS_SOCKETS` entry per new connection: O(1) in the number of services and subsets.
@@ -63,9 +72,27 @@ pub mod map_names {
     pub const META: &str = "TS_META";
     /// See [`super::SockTag`].
     pub const SOCKTAG: &str = "TS_SOCKTAG";
-    /// Every map, in the order they are pinned.
+    /// Per-service annotations: userspace-only, created by the first `tcpshiftctl apply` that
+    /// stores one (not declared in the eBPF object).
+    pub const ROUTES: &str = "TS_ROUTES";
+    /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
+    /// not in the object).
     pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
 }
+
+/// Every map name that can be pinned in a namespace's state directory: the maps of the eBPF
+/// object ([`map_names::ALL`]) and [`map_names::ROUTES`], which userspace creates on first use.
+pub const PINNED_MAPS: &[&str] = &[
+    map_names::GLOBAL,
+    map_names::SERVICES,
+    map_names::BUCKETS,
+    map_names::SOCKETS,
+    map_names::COUNTERS,
+    map_names::META,
+    map_names::SOCKTAG,
+    map_names::ROUTES,
+];
+const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 1);
 
 /// Name of the sk_lookup program in the eBPF object.
 pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";
@@ -321,6 +348,12 @@ pub struct ServiceMeta {
 #[inline(always)]
 pub const fn slot(id: u32, subset: u32) -> u32 {
     id * MAX_SUBSETS as u32 + subset
+}
+
+/// Subset index of a slot (inverse of [`slot`], with [`slot_service`]).
+#[inline(always)]
+pub const fn slot_subset(slot: u32) -> u32 {
+    slot % MAX_SUBSETS as u32
 }
 
 /// Service id of a slot (inverse of [`slot`]).

@@ -19,48 +19,26 @@
 
 use core::{
     ffi::c_void,
-    ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
-        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_map_type, bpf_sock,
-        bpf_sock_ops,
+        BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
+        BPF_TCP_LAST_ACK, bpf_sock_ops,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
-    macros::{btf_map, sock_ops},
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use tcpshift_common::{Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, tag, tag_flags};
-
-use crate::program::{AF_INET, TS_GLOBAL, count, log_on, lookup_service};
-
-/// BTF definition of `TS_SOCKTAG`: socket-local storage, cloned into accepted connections.
-/// (aya-ebpf's `SkStorage` has no `BPF_F_CLONE`; this is the same layout with the flag.)
-#[repr(C)]
-pub(crate) struct SockTagStorage {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const SockTag,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
-}
-
-// SAFETY: placeholder pointers patched by the loader, never dereferenced.
-unsafe impl Sync for SockTagStorage {}
-
-#[btf_map(name = "TS_SOCKTAG")]
-pub(crate) static TS_SOCKTAG: SockTagStorage = SockTagStorage {
-    r#type: core::ptr::null(),
-    key: core::ptr::null(),
-    value: core::ptr::null(),
-    max_entries: core::ptr::null(),
-    map_flags: core::ptr::null(),
+use tcpshift_common::{
+    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, slot_subset, tag, tag_flags,
 };
+
+use crate::maps::{AF_INET, TS_GLOBAL, count, log_on, lookup_service, socktag};
 
 /// `TCPHDR_FIN` in `skb_tcp_flags`.
 const TCP_FIN: u32 = 0x01;
@@ -103,21 +81,7 @@ fn our_namespace(ops: *mut bpf_sock_ops) -> Option<&'static Global> {
 /// The socket's `TS_SOCKTAG` storage, if it has one (never creates it).
 #[inline(always)]
 fn tag_of(ops: *mut bpf_sock_ops) -> Option<*mut SockTag> {
-    let sk: *mut bpf_sock = field!(ops, __bindgen_anon_2.sk);
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket from the context; no value to insert, no flags.
-    let p = unsafe {
-        bpf_sk_storage_get(
-            addr_of!(TS_SOCKTAG).cast_mut().cast::<c_void>(),
-            sk.cast::<c_void>(),
-            null_mut(),
-            0,
-        )
-    }
-    .cast::<SockTag>();
-    if p.is_null() { None } else { Some(p) }
+    socktag(field!(ops, __bindgen_anon_2.sk))
 }
 
 #[inline(always)]
@@ -142,7 +106,7 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     if unsafe { read_volatile(addr_of!((*t).kind)) } != tag::LISTENER {
         return;
     }
-    // Read every address field unconditionally, then choose (see program.rs).
+    // Read every address field unconditionally, then choose (see sk_lookup.rs).
     let v4 = field!(ops, family) == AF_INET;
     let local4 = field!(ops, local_ip4);
     let local6 = [
@@ -189,7 +153,7 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
             "service {} port {}: connection opened on subset {}",
             id,
             port,
-            found % 16
+            slot_subset(found)
         );
     }
 }
@@ -270,7 +234,7 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
             ctx,
             "service {}: connection closed on subset {} ({} bytes in, {} bytes out)",
             slot_service(slot),
-            slot % 16,
+            slot_subset(slot),
             received,
             sent
         );
