@@ -39,7 +39,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -205,7 +205,11 @@ pub struct Counters {
     pub fallback_in: u64,
     /// Connections that chose this subset but had to go elsewhere (no live socket).
     pub fallback_out: u64,
-    /// Connections that chose this subset when no subset of the service was alive.
+    /// Connections refused because no subset had a live socket: SYN lookups for which the
+    /// chosen subset (counted here) and every fallback had no listening socket (sk_lookup).
+    /// The lookup then goes on without an assignment, so the kernel answers the SYN with a RST
+    /// (a refused SYN is not retransmitted: one count per connection) — unless some other
+    /// socket listens on the service's own address, which tcpshift does not know.
     pub misses: u64,
     /// Connections established on this subset's socket through the service address (sock_ops).
     pub opened: u64,
@@ -215,12 +219,69 @@ pub struct Counters {
     pub bytes_received: u64,
     /// Payload bytes sent to clients and acknowledged by connections that are closed.
     pub bytes_sent: u64,
-    /// Explicit padding to a multiple of 16 bytes.
-    pub _reserved: u64,
+    /// Closed connections reset by the backend: its socket went from an open state
+    /// (ESTABLISHED, CLOSE_WAIT, FIN_WAIT1) straight to CLOSE and then sent a RST — the server
+    /// closed with unread data, with `SO_LINGER` 0, or shut down. A RST received from the
+    /// client is not counted.
+    pub reset_by_backend: u64,
+    /// Closed connections the backend closed first (its FIN before the client's) without a
+    /// payload byte acknowledged by the client: "closed without a reply".
+    pub closed_without_reply: u64,
+    /// Retransmission timeouts on this subset's connections (`BPF_SOCK_OPS_RTO_CB`, one per
+    /// expiry of the timer, so one connection can count several).
+    pub retransmit_timeouts: u64,
     /// Connections steered here in each of the last [`RECENT_SECONDS`] seconds, a ring indexed
     /// by `second % RECENT_SECONDS` (seconds of `CLOCK_MONOTONIC_COARSE`): the observed share
     /// of new connections over the last seconds, without any sampling by userspace.
     pub recent: [RecentSecond; RECENT_SECONDS],
+    /// Smoothed RTT of closed connections at close, a log2 histogram: see [`srtt_bucket`].
+    pub srtt_histogram: [u64; SRTT_BUCKETS],
+}
+
+/// Number of buckets of [`Counters::srtt_histogram`].
+pub const SRTT_BUCKETS: usize = 16;
+
+/// The [`Counters::srtt_histogram`] bucket of a smoothed RTT of `srtt_us` microseconds:
+/// bucket 0 holds RTTs below 32 µs, bucket `b` in `1..15` those in `[2^(b+4), 2^(b+5))` µs
+/// (bucket 1: 32–63 µs, bucket 10: 16.4–32.8 ms), bucket 15 those from 2^19 µs (524 ms) up.
+#[inline(always)]
+pub const fn srtt_bucket(srtt_us: u32) -> usize {
+    let mut v = srtt_us >> 5;
+    if v == 0 {
+        return 0;
+    }
+    // 1 + floor(log2(v)), by halving steps the verifier sees as straight-line code.
+    let mut b = 1;
+    if v >= 1 << 16 {
+        v >>= 16;
+        b += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        b += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        b += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        b += 2;
+    }
+    if v >= 1 << 1 {
+        b += 1;
+    }
+    if b > SRTT_BUCKETS - 1 {
+        SRTT_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Lower bound, in microseconds, of [`Counters::srtt_histogram`] bucket `bucket` (0 for
+/// bucket 0); the bucket's upper bound is the next bucket's lower bound.
+pub const fn srtt_bucket_floor_us(bucket: usize) -> u32 {
+    if bucket == 0 { 0 } else { 1 << (bucket + 4) }
 }
 
 /// Length of the [`Counters::recent`] ring, in seconds.
@@ -271,6 +332,11 @@ pub mod tag {
 pub mod tag_flags {
     /// A FIN from the client was seen; [`super::SockTag::fin_seq`] is its sequence number.
     pub const FIN_SEEN: u32 = 1;
+    /// The server closed first (the socket entered FIN_WAIT1 before the client's FIN).
+    pub const SERVER_CLOSED_FIRST: u32 = 2;
+    /// The socket went from an open state straight to CLOSE: a RST it sends next is counted
+    /// in [`super::Counters::reset_by_backend`] (the flag is cleared by the first packet).
+    pub const WATCH_RESET: u32 = 4;
 }
 
 /// Value of `TS_SOCKTAG`, a socket-local storage (`BPF_MAP_TYPE_SK_STORAGE` with
@@ -417,12 +483,25 @@ assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(RecentSecond, 8);
-assert_size!(Counters, 80 + 8 * RECENT_SECONDS);
+assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
+const _: () = assert!(
+    srtt_bucket(0) == 0
+        && srtt_bucket(31) == 0
+        && srtt_bucket(32) == 1
+        && srtt_bucket(63) == 1
+        && srtt_bucket(64) == 2
+        && srtt_bucket(20_000) == 10
+        && srtt_bucket((1 << 19) - 1) == 14
+        && srtt_bucket(1 << 19) == 15
+        && srtt_bucket(u32::MAX) == 15
+        && srtt_bucket_floor_us(10) <= 20_000
+        && srtt_bucket_floor_us(11) > 20_000
+);
 const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
 
 #[cfg(feature = "user")]

@@ -24,10 +24,11 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
-        BPF_TCP_LAST_ACK, bpf_sock_ops,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
@@ -35,13 +36,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, slot_subset, tag, tag_flags,
+    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, slot_subset, srtt_bucket, tag,
+    tag_flags,
 };
 
 use crate::maps::{AF_INET, TS_GLOBAL, count, log_on, lookup_service, socktag};
 
 /// `TCPHDR_FIN` in `skb_tcp_flags`.
 const TCP_FIN: u32 = 0x01;
+/// `TCPHDR_RST` in `skb_tcp_flags`.
+const TCP_RST: u32 = 0x04;
 
 /// One load of a context field at its constant offset (the verifier refuses anything else).
 macro_rules! field {
@@ -61,6 +65,10 @@ pub fn tcpshift_sock_ops(ctx: SockOpsContext) -> u32 {
         state_change(&ctx, ops);
     } else if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
         header(ops);
+    } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        sending_after_close(ops);
+    } else if op == BPF_SOCK_OPS_RTO_CB {
+        retransmit_timeout(ops);
     }
     1
 }
@@ -146,7 +154,13 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         write_volatile(addr_of!((*t).kind).cast_mut(), tag::OPEN);
     }
     count(found, |c| c.opened += 1);
-    add_cb_flags(ctx, ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    // State changes for the accounting, and retransmission timeouts (the timer's expiry
+    // only, never a per-packet callback).
+    add_cb_flags(
+        ctx,
+        ops,
+        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG,
+    );
     if log_on(Some(global)) {
         debug!(
             ctx,
@@ -180,6 +194,14 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     }
     if new == BPF_TCP_FIN_WAIT1 {
         // The server closed first: watch the few remaining packets for the client's FIN.
+        // SAFETY: see `established`.
+        unsafe {
+            let f = read_volatile(addr_of!((*t).flags));
+            write_volatile(
+                addr_of!((*t).flags).cast_mut(),
+                f | tag_flags::SERVER_CLOSED_FIRST,
+            );
+        }
         add_cb_flags(ctx, ops, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
         return;
     }
@@ -188,6 +210,8 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     let rcv_nxt = field!(ops, rcv_nxt);
     let snd_una = field!(ops, snd_una);
     let snd_nxt = field!(ops, snd_nxt);
+    // `srtt_us` is the kernel's smoothed RTT in µs, scaled by 8.
+    let srtt = srtt_bucket(field!(ops, srtt_us) >> 3);
     // SAFETY: see `established`.
     let (slot, flags, fin_seq) = unsafe {
         (
@@ -211,6 +235,22 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         || ((old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK) && snd_una == snd_nxt);
     let received = received.saturating_sub(u64::from(fin_in));
     let sent = acked.saturating_sub(u64::from(fin_out));
+    let without_reply = flags & tag_flags::SERVER_CLOSED_FIRST != 0 && sent == 0;
+    // From an open state straight to CLOSE: a reset received, a timeout, or an abort by the
+    // server (close with unread data, SO_LINGER 0), which sends its RST only after this
+    // callback. Ask for the header callback of that RST, if one is sent: at most one
+    // callback more per connection, and only for these closes.
+    let abort = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT || old == BPF_TCP_FIN_WAIT1;
+    if abort {
+        // SAFETY: see `established`.
+        unsafe {
+            write_volatile(
+                addr_of!((*t).flags).cast_mut(),
+                flags | tag_flags::WATCH_RESET,
+            );
+        }
+        add_cb_flags(ctx, ops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+    }
     // CLOSING → counters → CLOSED: a reader that sums open connections (sock_diag) skips
     // CLOSED ones and retries while it sees CLOSING, so no connection is counted twice.
     // SAFETY: see `established`.
@@ -225,7 +265,12 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
             write_volatile(p, read_volatile(p) + sent);
             let p = addr_of_mut!(c.closed);
             write_volatile(p, read_volatile(p) + 1);
+            if without_reply {
+                let p = addr_of_mut!(c.closed_without_reply);
+                write_volatile(p, read_volatile(p) + 1);
+            }
         }
+        c.srtt_histogram[srtt] += 1;
     });
     // SAFETY: see `established`.
     unsafe { write_volatile(addr_of!((*t).kind).cast_mut(), tag::CLOSED) };
@@ -276,5 +321,60 @@ fn header(ops: *mut bpf_sock_ops) {
         write_volatile(addr_of!((*t).fin_seq).cast_mut(), fin_seq);
         let f = read_volatile(addr_of!((*t).flags));
         write_volatile(addr_of!((*t).flags).cast_mut(), f | tag_flags::FIN_SEEN);
+    }
+}
+
+/// A closed connection sends a packet: a RST after an abort counts as reset by the backend.
+#[inline(always)]
+fn sending_after_close(ops: *mut bpf_sock_ops) {
+    // The option-length callback also runs without a packet (MSS computation): flags 0.
+    let tcp_flags = field!(ops, skb_tcp_flags);
+    if tcp_flags == 0 || our_namespace(ops).is_none() {
+        return;
+    }
+    let Some(t) = tag_of(ops) else {
+        return;
+    };
+    // SAFETY: see `established`.
+    let (kind, flags, slot) = unsafe {
+        (
+            read_volatile(addr_of!((*t).kind)),
+            read_volatile(addr_of!((*t).flags)),
+            read_volatile(addr_of!((*t).slot)),
+        )
+    };
+    if kind != tag::CLOSED || flags & tag_flags::WATCH_RESET == 0 {
+        return;
+    }
+    // SAFETY: see `established`.
+    unsafe {
+        write_volatile(
+            addr_of!((*t).flags).cast_mut(),
+            flags & !tag_flags::WATCH_RESET,
+        );
+    }
+    if tcp_flags & TCP_RST != 0 {
+        count(slot, |c| c.reset_by_backend += 1);
+    }
+}
+
+/// The retransmission timer of a tracked connection expired.
+#[inline(always)]
+fn retransmit_timeout(ops: *mut bpf_sock_ops) {
+    if our_namespace(ops).is_none() {
+        return;
+    }
+    let Some(t) = tag_of(ops) else {
+        return;
+    };
+    // SAFETY: see `established`.
+    let (kind, slot) = unsafe {
+        (
+            read_volatile(addr_of!((*t).kind)),
+            read_volatile(addr_of!((*t).slot)),
+        )
+    };
+    if kind == tag::OPEN {
+        count(slot, |c| c.retransmit_timeouts += 1);
     }
 }
