@@ -121,13 +121,13 @@ fn serve(
     })
 }
 
-/// Connects through the service, sends a line, reads until EOF or error: the bytes read,
+/// Connects through the service, sends the line `helo<i>`, reads until EOF or error: the bytes read,
 /// or the error kind.
-fn try_exchange() -> Result<std::result::Result<Vec<u8>, ErrorKind>> {
+fn try_exchange(i: u8) -> Result<std::result::Result<Vec<u8>, ErrorKind>> {
     let mut s = TcpStream::connect_timeout(&seed_addr(), scaled(Duration::from_secs(5)))?;
     s.set_read_timeout(Some(scaled(Duration::from_secs(5))))?;
     // The server may already have reset the connection: a failed write is part of the answer.
-    if let Err(e) = s.write_all(b"hello\n") {
+    if let Err(e) = s.write_all(&[b'h', b'e', b'l', b'o', b'0' + i, b'\n']) {
         return Ok(Err(e.kind()));
     }
     let mut buf = Vec::new();
@@ -161,15 +161,22 @@ fn backend_resets_are_counted_per_connection_and_client_closes_are_not() -> Resu
     }
     let mut ns = TestNs::new()?;
     let listener = TcpListener::bind("127.0.0.1:9002")?;
-    let server = serve(listener.try_clone()?, 5, |s| {
-        // Read the request, then close with SO_LINGER 0: the kernel sends a RST.
+    let server = serve(listener.try_clone()?, 6, |s| {
+        // Wait for the request. Even ones: read it, close with SO_LINGER 0; odd ones: close
+        // with the request unread. Either way the kernel sends a RST.
         let mut line = [0u8; 6];
-        (&s).read_exact(&mut line)?;
-        linger0(&s)
+        while s.peek(&mut line)? < line.len() {
+            thread::sleep(Duration::from_millis(1));
+        }
+        if (line[4] - b'0') % 2 == 0 {
+            (&s).read_exact(&mut line)?;
+            linger0(&s)?;
+        }
+        Ok(())
     });
     seed_v2_only(&mut ns)?;
-    for i in 0..5 {
-        let r = try_exchange()?;
+    for i in 0..6 {
+        let r = try_exchange(i)?;
         ensure!(
             r == Err(ErrorKind::ConnectionReset),
             "connection {i}: expected a reset, got {r:?}"
@@ -178,17 +185,17 @@ fn backend_resets_are_counted_per_connection_and_client_closes_are_not() -> Resu
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server panicked"))??;
-    let c = wait_counter(V2, field::CLOSED, 5, "5 connections closed on v2")?;
-    let c = poll_until(Duration::from_secs(5), "5 resets counted", || {
+    let c = wait_counter(V2, field::CLOSED, 6, "6 connections closed on v2")?;
+    let c = poll_until(Duration::from_secs(5), "6 resets counted", || {
         let c2 = counters(V2)?;
-        Ok((c2[field::RESET_BY_BACKEND] == 5).then_some(c2))
+        Ok((c2[field::RESET_BY_BACKEND] == 6).then_some(c2))
     })
     .with_context(|| format!("counters after close: {c:?}"))?;
-    assert_eq!(c[field::OPENED], 5, "{c:?}");
+    assert_eq!(c[field::OPENED], 6, "{c:?}");
     assert_eq!(c[field::CLOSED_WITHOUT_REPLY], 0, "{c:?}");
     assert_eq!(
         srtt_total(&c),
-        5,
+        6,
         "one RTT sample per closed connection: {c:?}"
     );
 
@@ -217,10 +224,10 @@ fn backend_resets_are_counted_per_connection_and_client_closes_are_not() -> Resu
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server panicked"))??;
-    let c = wait_counter(V2, field::CLOSED, 8, "8 connections closed on v2")?;
+    let c = wait_counter(V2, field::CLOSED, 9, "9 connections closed on v2")?;
     assert_eq!(
         c[field::RESET_BY_BACKEND],
-        5,
+        6,
         "client resets counted: {c:?}"
     );
     assert_eq!(c[field::CLOSED_WITHOUT_REPLY], 0, "{c:?}");
