@@ -168,7 +168,7 @@ fn backend_resets_are_counted_per_connection_and_client_closes_are_not() -> Resu
         while s.peek(&mut line)? < line.len() {
             thread::sleep(Duration::from_millis(1));
         }
-        if (line[4] - b'0') % 2 == 0 {
+        if (line[4] - b'0').is_multiple_of(2) {
             (&s).read_exact(&mut line)?;
             linger0(&s)?;
         }
