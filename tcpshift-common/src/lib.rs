@@ -6,17 +6,26 @@
 //! pinned map created by one version must be readable by the next. Changing any of these
 //! layouts requires bumping [`LAYOUT_VERSION`].
 //!
-//! # Map layout
+//! # Maps
 //!
-//! | map            | type                 | key                      | value            | written by |
-//! |----------------|----------------------|--------------------------|------------------|------------|
-//! | `TS_GLOBAL`    | array, 1 entry       | `0`                      | [`Global`]       | user       |
-//! | `TS_SERVICES`  | hash (no prealloc)   | [`ServiceKey`]           | [`ServiceEntry`] | user       |
-//! | `TS_BUCKETS`   | hash (no prealloc)   | [`table_key`]            | [`BucketTable`]  | user       |
-//! | `TS_SOCKETS`   | sockhash             | [`slot`]                 | socket           | user       |
-//! | `TS_COUNTERS`  | per-CPU hash         | [`slot`]                 | [`Counters`]     | kernel     |
-//! | `TS_META`      | hash (no prealloc)   | service id               | [`ServiceMeta`]  | user       |
-//! | `TS_SOCKTAG`   | sk_storage (clone)   | socket                   | [`SockTag`]      | both       |
+//! This table is the one description of tcpshift's maps (docs/design.md points here). Every map
+//! but `AYA_LOGS` is pinned under the namespace's state directory,
+//! `/sys/fs/bpf/tcpshift/netns-<inode>/`, by its name ([`PINNED_MAPS`]).
+//!
+//! | map | kind | key | value | who writes |
+//! |---|---|---|---|---|
+//! | `TS_GLOBAL` | array, 1 entry | `0` | [`Global`]: magic, layout version, hash seed, flags (debug events), netns cookie | loader (at install; flags by `tcpshiftd --log-level`) |
+//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, weights | userspace |
+//! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
+//! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
+//! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
+//! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
+//! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
+//! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
+//!
+//! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
+//! from them; everything that shows weights reads them back from the kernel.
 //!
 //! The data path reads `TS_SERVICES` (one or two lookups), one byte of one `TS_BUCKETS` entry and
 //! one `TS_SOCKETS` entry per new connection: O(1) in the number of services and subsets.
@@ -30,7 +39,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -63,9 +72,27 @@ pub mod map_names {
     pub const META: &str = "TS_META";
     /// See [`super::SockTag`].
     pub const SOCKTAG: &str = "TS_SOCKTAG";
-    /// Every map, in the order they are pinned.
+    /// Per-service annotations: userspace-only, created by the first `tcpshiftctl apply` that
+    /// stores one (not declared in the eBPF object).
+    pub const ROUTES: &str = "TS_ROUTES";
+    /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
+    /// not in the object).
     pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
 }
+
+/// Every map name that can be pinned in a namespace's state directory: the maps of the eBPF
+/// object ([`map_names::ALL`]) and [`map_names::ROUTES`], which userspace creates on first use.
+pub const PINNED_MAPS: &[&str] = &[
+    map_names::GLOBAL,
+    map_names::SERVICES,
+    map_names::BUCKETS,
+    map_names::SOCKETS,
+    map_names::COUNTERS,
+    map_names::META,
+    map_names::SOCKTAG,
+    map_names::ROUTES,
+];
+const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 1);
 
 /// Name of the sk_lookup program in the eBPF object.
 pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";
@@ -178,7 +205,11 @@ pub struct Counters {
     pub fallback_in: u64,
     /// Connections that chose this subset but had to go elsewhere (no live socket).
     pub fallback_out: u64,
-    /// Connections that chose this subset when no subset of the service was alive.
+    /// Connections refused because no subset had a live socket: SYN lookups for which the
+    /// chosen subset (counted here) and every fallback had no listening socket (sk_lookup).
+    /// The lookup then goes on without an assignment, so the kernel answers the SYN with a RST
+    /// (a refused SYN is not retransmitted: one count per connection) — unless some other
+    /// socket listens on the service's own address, which tcpshift does not know.
     pub misses: u64,
     /// Connections established on this subset's socket through the service address (sock_ops).
     pub opened: u64,
@@ -188,12 +219,69 @@ pub struct Counters {
     pub bytes_received: u64,
     /// Payload bytes sent to clients and acknowledged by connections that are closed.
     pub bytes_sent: u64,
-    /// Explicit padding to a multiple of 16 bytes.
-    pub _reserved: u64,
+    /// Closed connections reset by the backend: its socket went from an open state
+    /// (ESTABLISHED, CLOSE_WAIT, FIN_WAIT1) straight to CLOSE and then sent a RST — the server
+    /// closed with unread data, with `SO_LINGER` 0, or shut down. A RST received from the
+    /// client is not counted.
+    pub reset_by_backend: u64,
+    /// Closed connections the backend closed first (its FIN before the client's) without a
+    /// payload byte acknowledged by the client: "closed without a reply".
+    pub closed_without_reply: u64,
+    /// Retransmission timeouts on this subset's connections (`BPF_SOCK_OPS_RTO_CB`, one per
+    /// expiry of the timer, so one connection can count several).
+    pub retransmit_timeouts: u64,
     /// Connections steered here in each of the last [`RECENT_SECONDS`] seconds, a ring indexed
     /// by `second % RECENT_SECONDS` (seconds of `CLOCK_MONOTONIC_COARSE`): the observed share
     /// of new connections over the last seconds, without any sampling by userspace.
     pub recent: [RecentSecond; RECENT_SECONDS],
+    /// Smoothed RTT of closed connections at close, a log2 histogram: see [`srtt_bucket`].
+    pub srtt_histogram: [u64; SRTT_BUCKETS],
+}
+
+/// Number of buckets of [`Counters::srtt_histogram`].
+pub const SRTT_BUCKETS: usize = 16;
+
+/// The [`Counters::srtt_histogram`] bucket of a smoothed RTT of `srtt_us` microseconds:
+/// bucket 0 holds RTTs below 32 µs, bucket `b` in `1..15` those in `[2^(b+4), 2^(b+5))` µs
+/// (bucket 1: 32–63 µs, bucket 10: 16.4–32.8 ms), bucket 15 those from 2^19 µs (524 ms) up.
+#[inline(always)]
+pub const fn srtt_bucket(srtt_us: u32) -> usize {
+    let mut v = srtt_us >> 5;
+    if v == 0 {
+        return 0;
+    }
+    // 1 + floor(log2(v)), by halving steps the verifier sees as straight-line code.
+    let mut b = 1;
+    if v >= 1 << 16 {
+        v >>= 16;
+        b += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        b += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        b += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        b += 2;
+    }
+    if v >= 1 << 1 {
+        b += 1;
+    }
+    if b > SRTT_BUCKETS - 1 {
+        SRTT_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Lower bound, in microseconds, of [`Counters::srtt_histogram`] bucket `bucket` (0 for
+/// bucket 0); the bucket's upper bound is the next bucket's lower bound.
+pub const fn srtt_bucket_floor_us(bucket: usize) -> u32 {
+    if bucket == 0 { 0 } else { 1 << (bucket + 4) }
 }
 
 /// Length of the [`Counters::recent`] ring, in seconds.
@@ -244,6 +332,11 @@ pub mod tag {
 pub mod tag_flags {
     /// A FIN from the client was seen; [`super::SockTag::fin_seq`] is its sequence number.
     pub const FIN_SEEN: u32 = 1;
+    /// The server closed first (the socket entered FIN_WAIT1 before the client's FIN).
+    pub const SERVER_CLOSED_FIRST: u32 = 2;
+    /// The socket went from an open state straight to CLOSE: a RST it sends next is counted
+    /// in [`super::Counters::reset_by_backend`] (the flag is cleared by the first packet).
+    pub const WATCH_RESET: u32 = 4;
 }
 
 /// Value of `TS_SOCKTAG`, a socket-local storage (`BPF_MAP_TYPE_SK_STORAGE` with
@@ -323,6 +416,12 @@ pub const fn slot(id: u32, subset: u32) -> u32 {
     id * MAX_SUBSETS as u32 + subset
 }
 
+/// Subset index of a slot (inverse of [`slot`], with [`slot_service`]).
+#[inline(always)]
+pub const fn slot_subset(slot: u32) -> u32 {
+    slot % MAX_SUBSETS as u32
+}
+
 /// Service id of a slot (inverse of [`slot`]).
 #[inline(always)]
 pub const fn slot_service(slot: u32) -> u32 {
@@ -384,12 +483,25 @@ assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(RecentSecond, 8);
-assert_size!(Counters, 80 + 8 * RECENT_SECONDS);
+assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
+const _: () = assert!(
+    srtt_bucket(0) == 0
+        && srtt_bucket(31) == 0
+        && srtt_bucket(32) == 1
+        && srtt_bucket(63) == 1
+        && srtt_bucket(64) == 2
+        && srtt_bucket(20_000) == 10
+        && srtt_bucket((1 << 19) - 1) == 14
+        && srtt_bucket(1 << 19) == 15
+        && srtt_bucket(u32::MAX) == 15
+        && srtt_bucket_floor_us(10) <= 20_000
+        && srtt_bucket_floor_us(11) > 20_000
+);
 const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
 
 #[cfg(feature = "user")]

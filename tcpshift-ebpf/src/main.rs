@@ -1,22 +1,18 @@
-//! tcpshift's data path: an sk_lookup program that steers each new TCP connection to a
-//! service port onto the listening socket of one of the service's subsets, chosen by weight.
+//! tcpshift's eBPF programs, built for `bpfel-unknown-none` and embedded in `tcpshiftd`.
 //!
-//! For every socket lookup in the network namespace:
-//! 1. not TCP, or destination not a configured service (exact address, then any address):
-//!    `SK_PASS` without selecting anything — the normal lookup runs;
-//! 2. hash the connection, take the bucket `hash & BUCKET_MASK` of the service's active
-//!    bucket table: that is the chosen subset;
-//! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
-//!    the socket from the map), try the other subsets — weighted ones first, then any — and
-//!    count a fallback; if none is alive, count a miss and let the normal lookup run.
-//!
-//! And a sock_ops program (`sock_ops.rs`), attached to the cgroup v2 root, that accounts the
-//! connections established on the subsets' sockets: opened, closed, bytes.
+//! - `sk_lookup`: steers each new TCP connection to a service port onto the listening socket
+//!   of one of the service's subsets, chosen by weight.
+//! - `sock_ops`: attached to the cgroup v2 root, accounts the connections established on the
+//!   subsets' sockets (opened, closed, bytes).
+//! - `maps`: the maps both programs share and the helpers that read and write them. What
+//!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod program;
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
 
@@ -24,3 +20,14 @@ mod sock_ops;
 fn main() {
     eprintln!("tcpshift-ebpf only builds for the BPF target: run `cargo xtask build`");
 }
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

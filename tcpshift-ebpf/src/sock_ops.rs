@@ -19,51 +19,33 @@
 
 use core::{
     ffi::c_void,
-    ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
-        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_map_type, bpf_sock,
-        bpf_sock_ops,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
-    macros::{btf_map, sock_ops},
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use tcpshift_common::{Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, tag, tag_flags};
-
-use crate::program::{AF_INET, TS_GLOBAL, count, log_on, lookup_service};
-
-/// BTF definition of `TS_SOCKTAG`: socket-local storage, cloned into accepted connections.
-/// (aya-ebpf's `SkStorage` has no `BPF_F_CLONE`; this is the same layout with the flag.)
-#[repr(C)]
-pub(crate) struct SockTagStorage {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const SockTag,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
-}
-
-// SAFETY: placeholder pointers patched by the loader, never dereferenced.
-unsafe impl Sync for SockTagStorage {}
-
-#[btf_map(name = "TS_SOCKTAG")]
-pub(crate) static TS_SOCKTAG: SockTagStorage = SockTagStorage {
-    r#type: core::ptr::null(),
-    key: core::ptr::null(),
-    value: core::ptr::null(),
-    max_entries: core::ptr::null(),
-    map_flags: core::ptr::null(),
+use tcpshift_common::{
+    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, slot_subset, srtt_bucket, tag,
+    tag_flags,
 };
+
+use crate::maps::{AF_INET, TS_GLOBAL, count, log_on, lookup_service, socktag};
 
 /// `TCPHDR_FIN` in `skb_tcp_flags`.
 const TCP_FIN: u32 = 0x01;
+/// `TCPHDR_RST` in `skb_tcp_flags`.
+const TCP_RST: u32 = 0x04;
 
 /// One load of a context field at its constant offset (the verifier refuses anything else).
 macro_rules! field {
@@ -83,6 +65,10 @@ pub fn tcpshift_sock_ops(ctx: SockOpsContext) -> u32 {
         state_change(&ctx, ops);
     } else if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
         header(ops);
+    } else if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        sending_after_close(ops);
+    } else if op == BPF_SOCK_OPS_RTO_CB {
+        retransmit_timeout(ops);
     }
     1
 }
@@ -103,21 +89,7 @@ fn our_namespace(ops: *mut bpf_sock_ops) -> Option<&'static Global> {
 /// The socket's `TS_SOCKTAG` storage, if it has one (never creates it).
 #[inline(always)]
 fn tag_of(ops: *mut bpf_sock_ops) -> Option<*mut SockTag> {
-    let sk: *mut bpf_sock = field!(ops, __bindgen_anon_2.sk);
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket from the context; no value to insert, no flags.
-    let p = unsafe {
-        bpf_sk_storage_get(
-            addr_of!(TS_SOCKTAG).cast_mut().cast::<c_void>(),
-            sk.cast::<c_void>(),
-            null_mut(),
-            0,
-        )
-    }
-    .cast::<SockTag>();
-    if p.is_null() { None } else { Some(p) }
+    socktag(field!(ops, __bindgen_anon_2.sk))
 }
 
 #[inline(always)]
@@ -142,7 +114,7 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     if unsafe { read_volatile(addr_of!((*t).kind)) } != tag::LISTENER {
         return;
     }
-    // Read every address field unconditionally, then choose (see program.rs).
+    // Read every address field unconditionally, then choose (see sk_lookup.rs).
     let v4 = field!(ops, family) == AF_INET;
     let local4 = field!(ops, local_ip4);
     let local6 = [
@@ -182,14 +154,20 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         write_volatile(addr_of!((*t).kind).cast_mut(), tag::OPEN);
     }
     count(found, |c| c.opened += 1);
-    add_cb_flags(ctx, ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    // State changes for the accounting, and retransmission timeouts (the timer's expiry
+    // only, never a per-packet callback).
+    add_cb_flags(
+        ctx,
+        ops,
+        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG,
+    );
     if log_on(Some(global)) {
         debug!(
             ctx,
             "service {} port {}: connection opened on subset {}",
             id,
             port,
-            found % 16
+            slot_subset(found)
         );
     }
 }
@@ -216,6 +194,14 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     }
     if new == BPF_TCP_FIN_WAIT1 {
         // The server closed first: watch the few remaining packets for the client's FIN.
+        // SAFETY: see `established`.
+        unsafe {
+            let f = read_volatile(addr_of!((*t).flags));
+            write_volatile(
+                addr_of!((*t).flags).cast_mut(),
+                f | tag_flags::SERVER_CLOSED_FIRST,
+            );
+        }
         add_cb_flags(ctx, ops, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
         return;
     }
@@ -224,6 +210,8 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     let rcv_nxt = field!(ops, rcv_nxt);
     let snd_una = field!(ops, snd_una);
     let snd_nxt = field!(ops, snd_nxt);
+    // `srtt_us` is the kernel's smoothed RTT in µs, scaled by 8.
+    let srtt = srtt_bucket(field!(ops, srtt_us) >> 3);
     // SAFETY: see `established`.
     let (slot, flags, fin_seq) = unsafe {
         (
@@ -247,6 +235,22 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         || ((old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK) && snd_una == snd_nxt);
     let received = received.saturating_sub(u64::from(fin_in));
     let sent = acked.saturating_sub(u64::from(fin_out));
+    let without_reply = flags & tag_flags::SERVER_CLOSED_FIRST != 0 && sent == 0;
+    // From an open state straight to CLOSE: a reset received, a timeout, or an abort by the
+    // server (close with unread data, SO_LINGER 0), which sends its RST only after this
+    // callback. Ask for the header callback of that RST, if one is sent: at most one
+    // callback more per connection, and only for these closes.
+    let abort = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT || old == BPF_TCP_FIN_WAIT1;
+    if abort {
+        // SAFETY: see `established`.
+        unsafe {
+            write_volatile(
+                addr_of!((*t).flags).cast_mut(),
+                flags | tag_flags::WATCH_RESET,
+            );
+        }
+        add_cb_flags(ctx, ops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+    }
     // CLOSING → counters → CLOSED: a reader that sums open connections (sock_diag) skips
     // CLOSED ones and retries while it sees CLOSING, so no connection is counted twice.
     // SAFETY: see `established`.
@@ -261,7 +265,12 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
             write_volatile(p, read_volatile(p) + sent);
             let p = addr_of_mut!(c.closed);
             write_volatile(p, read_volatile(p) + 1);
+            if without_reply {
+                let p = addr_of_mut!(c.closed_without_reply);
+                write_volatile(p, read_volatile(p) + 1);
+            }
         }
+        c.srtt_histogram[srtt] += 1;
     });
     // SAFETY: see `established`.
     unsafe { write_volatile(addr_of!((*t).kind).cast_mut(), tag::CLOSED) };
@@ -270,7 +279,7 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
             ctx,
             "service {}: connection closed on subset {} ({} bytes in, {} bytes out)",
             slot_service(slot),
-            slot % 16,
+            slot_subset(slot),
             received,
             sent
         );
@@ -312,5 +321,60 @@ fn header(ops: *mut bpf_sock_ops) {
         write_volatile(addr_of!((*t).fin_seq).cast_mut(), fin_seq);
         let f = read_volatile(addr_of!((*t).flags));
         write_volatile(addr_of!((*t).flags).cast_mut(), f | tag_flags::FIN_SEEN);
+    }
+}
+
+/// A closed connection sends a packet: a RST after an abort counts as reset by the backend.
+#[inline(always)]
+fn sending_after_close(ops: *mut bpf_sock_ops) {
+    // The option-length callback also runs without a packet (MSS computation): flags 0.
+    let tcp_flags = field!(ops, skb_tcp_flags);
+    if tcp_flags == 0 || our_namespace(ops).is_none() {
+        return;
+    }
+    let Some(t) = tag_of(ops) else {
+        return;
+    };
+    // SAFETY: see `established`.
+    let (kind, flags, slot) = unsafe {
+        (
+            read_volatile(addr_of!((*t).kind)),
+            read_volatile(addr_of!((*t).flags)),
+            read_volatile(addr_of!((*t).slot)),
+        )
+    };
+    if kind != tag::CLOSED || flags & tag_flags::WATCH_RESET == 0 {
+        return;
+    }
+    // SAFETY: see `established`.
+    unsafe {
+        write_volatile(
+            addr_of!((*t).flags).cast_mut(),
+            flags & !tag_flags::WATCH_RESET,
+        );
+    }
+    if tcp_flags & TCP_RST != 0 {
+        count(slot, |c| c.reset_by_backend += 1);
+    }
+}
+
+/// The retransmission timer of a tracked connection expired.
+#[inline(always)]
+fn retransmit_timeout(ops: *mut bpf_sock_ops) {
+    if our_namespace(ops).is_none() {
+        return;
+    }
+    let Some(t) = tag_of(ops) else {
+        return;
+    };
+    // SAFETY: see `established`.
+    let (kind, slot) = unsafe {
+        (
+            read_volatile(addr_of!((*t).kind)),
+            read_volatile(addr_of!((*t).slot)),
+        )
+    };
+    if kind == tag::OPEN {
+        count(slot, |c| c.retransmit_timeouts += 1);
     }
 }

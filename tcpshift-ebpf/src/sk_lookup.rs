@@ -1,42 +1,26 @@
+//! The sk_lookup program: steers each new TCP connection to a service port onto the
+//! listening socket of one of the service's subsets, chosen by weight.
+//!
+//! For every socket lookup in the network namespace:
+//! 1. not TCP, or destination not a configured service (exact address, then any address):
+//!    `SK_PASS` without selecting anything — the normal lookup runs;
+//! 2. hash the connection, take the bucket `hash & BUCKET_MASK` of the service's active
+//!    bucket table: that is the chosen subset;
+//! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
+//!    the socket from the map), try the other subsets — weighted ones first, then any — and
+//!    count a fallback; if none is alive, count a miss and let the normal lookup run.
+
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, sk_action},
-    helpers::generated::bpf_ktime_get_coarse_ns,
-    macros::{map, sk_lookup},
-    maps::{Array, HashMap, PerCpuHashMap, SockHash},
+    bindings::sk_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::sk_lookup,
     programs::SkLookupContext,
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, MAX_SUBSETS,
-    RECENT_SECONDS, ServiceEntry, ServiceKey, ServiceMeta, flow_hash, global_flags, mode, slot,
+    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode, slot,
     table_key,
 };
 
-#[map(name = "TS_GLOBAL")]
-pub(crate) static TS_GLOBAL: Array<Global> = Array::with_max_entries(1, 0);
-
-#[map(name = "TS_SERVICES")]
-static TS_SERVICES: HashMap<ServiceKey, ServiceEntry> =
-    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-#[map(name = "TS_BUCKETS")]
-static TS_BUCKETS: HashMap<u32, BucketTable> =
-    HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
-
-#[map(name = "TS_SOCKETS")]
-static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
-
-#[map(name = "TS_COUNTERS")]
-static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
-
-/// Userspace-only description of each service; declared here so that it is created, pinned
-/// and versioned together with the maps the data path uses.
-#[map(name = "TS_META")]
-static TS_META: HashMap<u32, ServiceMeta> =
-    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-pub(crate) const AF_INET: u32 = 2;
+use crate::maps::{AF_INET, TS_BUCKETS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -46,32 +30,6 @@ pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
     sk_action::SK_PASS
 }
 
-/// Whether debug events are on (`Global::flags`): one branch, so that logging costs nothing
-/// but this load and test while it is off.
-#[inline(always)]
-pub(crate) fn log_on(global: Option<&Global>) -> bool {
-    matches!(global, Some(g) if g.flags & global_flags::LOG_DEBUG != 0)
-}
-
-/// The service listening on `local` (IPv6 or v4-mapped words, network order) port `port`:
-/// the exact address first, then the wildcard.
-#[inline(always)]
-pub(crate) fn lookup_service(local: &[u32; 4], port: u16) -> Option<&'static ServiceEntry> {
-    let mut key = ServiceKey {
-        addr: [0; 16],
-        port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let wildcard = key;
-    key.addr = words_to_bytes(local);
-    // SAFETY: the value is only read; userspace replaces entries as a whole.
-    match unsafe { TS_SERVICES.get(key) } {
-        Some(e) => Some(e),
-        None => unsafe { TS_SERVICES.get(wildcard) },
-    }
-}
-
 /// Counts a connection steered to a subset, in its total and in the recent-seconds ring.
 #[inline(always)]
 fn count_steered(c: &mut Counters) {
@@ -79,14 +37,6 @@ fn count_steered(c: &mut Counters) {
     // SAFETY: no preconditions.
     let second = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
     c.recent[second as usize % RECENT_SECONDS].count(second);
-}
-
-#[inline(always)]
-pub(crate) fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = TS_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU value, the program is not preempted while it runs.
-        f(unsafe { &mut *c });
-    }
 }
 
 #[inline(always)]
@@ -224,34 +174,3 @@ fn steer(ctx: &SkLookupContext) {
         );
     }
 }
-
-#[inline(always)]
-pub(crate) fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = w[i].to_ne_bytes();
-        out[i * 4] = b[0];
-        out[i * 4 + 1] = b[1];
-        out[i * 4 + 2] = b[2];
-        out[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    out
-}
-
-// Keep the userspace-only map in the object.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub fn tcpshift_meta_anchor() -> *const core::ffi::c_void {
-    core::ptr::addr_of!(TS_META).cast()
-}
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
