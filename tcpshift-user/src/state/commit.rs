@@ -28,6 +28,9 @@ use super::{
     plan::{AnnotationWrite, Plan, Progress, Undo, plan, plan_delete},
 };
 
+/// The definition and entry of each service a change touches, as they were before it, by id.
+type Before = StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)>;
+
 impl State {
     /// Makes the kernel state match `config`: creates new services, redefines changed ones and,
     /// with [`Weights::FromConfig`], sets the weights of the others. Services absent from
@@ -118,7 +121,7 @@ impl State {
             None => None,
         };
         // The records before the change, for the roll-back and the generations to write.
-        let mut before: StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)> = StdHashMap::new();
+        let mut before = Before::new();
         for s in &plan.steps {
             if s.old.is_some()
                 && let Ok(meta) = self.maps.meta.get(&s.id, 0)
@@ -139,7 +142,7 @@ impl State {
     fn write_plan(
         &mut self,
         plan: &Plan,
-        before: &StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)>,
+        before: &Before,
         mut routes: Option<&mut RoutesMap>,
         progress: &mut Progress,
     ) -> Result<()> {
@@ -252,12 +255,7 @@ impl State {
 
     /// Best effort: carries out `undo` (errors are logged; the first error is what the caller
     /// reports). `before` holds the records the change started from.
-    fn undo(
-        &mut self,
-        undo: &[Undo],
-        before: &StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)>,
-        mut routes: Option<&mut RoutesMap>,
-    ) {
+    fn undo(&mut self, undo: &[Undo], before: &Before, mut routes: Option<&mut RoutesMap>) {
         let report = |what: &str, r: Result<()>| {
             if let Err(e) = r {
                 warn!(error = %e, "rolling back: {what}");

@@ -18,11 +18,30 @@
 //! state directory for their whole read-check-write ([`State::apply_with`],
 //! [`State::delete_with`], [`State::set_weights`]), so concurrent `tcpshiftctl` invocations
 //! never lose an update.
+//!
+//! Which file does what:
+//!
+//! - `mod.rs`: [`State`] itself — opening a namespace's state, the typed map handles and the
+//!   small readers ([`State::services`], [`State::hash_seed`], debug events);
+//! - `error.rs`: [`StateError`] and the helpers that turn map and file errors into it;
+//! - `lock.rs`: the `flock` on the base or a namespace's state directory;
+//! - `lifecycle.rs`: [`State::install`] (create or adopt), [`State::upgrade_programs`],
+//!   [`State::uninstall`], sweeping the states of dead namespaces;
+//! - `plan.rs`: the pure plan of a change — validation, the steps per service and their
+//!   [`crate::model::Change`], and what to put back when writing stops part-way;
+//! - `commit.rs`: the one commit path (prepare, commit, release; ENOMEM retry; roll-back) used
+//!   by [`State::apply_with`], [`State::set_weights`] and [`State::delete_with`], and the dry
+//!   run [`State::plan_with`];
+//! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
+//! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
+//! - `encode.rs`: domain types to kernel records and back (`ServiceMeta`, `ServiceEntry`,
+//!   [`service_key`], names, annotations);
+//! - `sys.rs`: the only raw `bpf()` calls (pinned links, program info, link update);
+//! - `failpoints.rs` (feature `failpoints`, tests only): injected map-write failures.
 
 use std::{
     collections::HashSet,
-    fs::{self},
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
