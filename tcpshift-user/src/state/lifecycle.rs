@@ -77,9 +77,6 @@ pub struct Upgrade {
     pub sock_ops: Option<ProgramChange>,
 }
 
-/// Exclusive `flock` on a directory, released on drop.
-///
-
 impl State {
     /// Opens the state of `netns`, or loads, attaches and pins tcpshift there when there is
     /// none (the loader's entry point). Mounts bpffs when needed.

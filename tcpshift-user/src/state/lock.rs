@@ -5,6 +5,8 @@ use std::{fs::File, io, os::fd::AsRawFd, path::Path};
 
 use super::{BASE_DIR, State, error::*};
 
+/// Exclusive `flock` on a directory, released on drop.
+///
 /// [`Lock::take`] locks the base directory (creating, adopting and removing state);
 /// [`State::lock`] locks one namespace's state directory (changing its maps), so namespaces
 /// never wait for each other.
