@@ -16,6 +16,9 @@ use crate::{
 /// Variable that makes the privileged integration tests return early (see `tests/src/lib.rs`).
 const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";
 
+/// The cargo feature that tcpshift-user's `commit` test needs (it is skipped without it).
+const FAILPOINTS: &str = "tcpshift-user/failpoints";
+
 /// One `test result:` line and the test binary it belongs to.
 struct Outcome {
     binary: String,
@@ -30,7 +33,9 @@ pub fn test(unprivileged: bool, extra: &[String]) -> Result<()> {
     let mut cargo = cmd::cargo();
     cargo.args(["test", "--release", "--no-fail-fast"]);
     if !selects_packages(extra) {
-        cargo.arg("--workspace");
+        // The commit path's failpoints, for tcpshift-user's tests/commit.rs (test-only: the
+        // binaries under test were built above without them).
+        cargo.args(["--workspace", "--features", FAILPOINTS]);
     }
     cargo.args(extra).env("TCPSHIFT_BIN_DIR", &bin_dir);
     if skip {

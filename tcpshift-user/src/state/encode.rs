@@ -1,0 +1,155 @@
+//! Translation between the domain types and the kernel's records: `ServiceMeta`,
+//! `ServiceEntry`, `ServiceKey`, fixed-size names, and the annotations of `TS_ROUTES`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use aya::maps::{HashMap, MapData, MapError};
+use tcpshift_common::{
+    IPPROTO_TCP, MAX_SUBSETS, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta,
+    mode,
+};
+
+use crate::model::{Listen, ServiceConfig};
+
+use super::error::*;
+
+pub(super) fn new_entry(id: u32, generation: u32, n_subsets: u8, ws: &[u32]) -> ServiceEntry {
+    let mut weights = [0u32; MAX_SUBSETS];
+    let mut weighted_mask = 0;
+    for (i, w) in ws.iter().enumerate().take(MAX_SUBSETS) {
+        weights[i] = *w;
+        if *w > 0 {
+            weighted_mask |= 1 << i;
+        }
+    }
+    ServiceEntry {
+        id,
+        generation,
+        mode: mode::HASH_CONNECTION,
+        n_subsets,
+        _pad: 0,
+        weighted_mask,
+        weights,
+    }
+}
+
+/// Size of a `TS_ROUTES` value: a little-endian `u16` length, then the annotation's bytes.
+pub(super) const ROUTE_VALUE_SIZE: usize = 1024;
+/// Longest annotation stored with a service, in bytes.
+pub const MAX_ANNOTATION: usize = ROUTE_VALUE_SIZE - 2;
+/// `BPF_F_NO_PREALLOC`: entries are allocated as they are written.
+pub(super) const BPF_F_NO_PREALLOC: u32 = 1;
+
+pub(super) type RouteValue = [u8; ROUTE_VALUE_SIZE];
+pub(super) type RoutesMap = HashMap<MapData, u32, RouteValue>;
+
+pub(super) fn read_annotation(routes: &RoutesMap, id: u32) -> Result<Option<String>> {
+    match routes.get(&id, 0) {
+        Ok(v) => {
+            let len = usize::from(u16::from_le_bytes([v[0], v[1]])).min(MAX_ANNOTATION);
+            let body = v.get(2..2 + len).unwrap_or_default();
+            Ok(Some(String::from_utf8_lossy(body).into_owned()))
+        }
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err("cannot read an annotation")(e)),
+    }
+}
+
+/// The `TS_ROUTES` value holding `text` (cut at [`MAX_ANNOTATION`] bytes; the plan refuses
+/// longer ones).
+pub(super) fn encode_annotation(text: &str) -> RouteValue {
+    let mut v: RouteValue = [0; ROUTE_VALUE_SIZE];
+    let b = text.as_bytes();
+    let n = b.len().min(MAX_ANNOTATION);
+    v[..2].copy_from_slice(&(n as u16).to_le_bytes());
+    v[2..2 + n].copy_from_slice(&b[..n]);
+    v
+}
+
+/// The `TS_SERVICES` key of a listen address.
+pub fn service_key(listen: &Listen) -> ServiceKey {
+    let addr = match listen {
+        Listen::Any { .. } => [0; 16],
+        Listen::Addr(a) => ip_bytes(a.ip()),
+    };
+    ServiceKey {
+        addr,
+        port: listen.port(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+pub(super) fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub(super) fn service_meta(svc: &ServiceConfig) -> ServiceMeta {
+    let mut subsets = [SubsetMeta {
+        name: [0; SUBSET_NAME_LEN],
+        addr: [0; 16],
+        port: 0,
+        family: 0,
+        _pad: [0; 5],
+    }; MAX_SUBSETS];
+    for (i, s) in svc.subsets.iter().enumerate().take(MAX_SUBSETS) {
+        subsets[i] = SubsetMeta {
+            name: name_bytes(&s.name),
+            addr: ip_bytes(s.addr.ip()),
+            port: s.addr.port(),
+            family: if s.addr.is_ipv4() { 4 } else { 6 },
+            _pad: [0; 5],
+        };
+    }
+    ServiceMeta {
+        name: name_bytes(&svc.name),
+        key: service_key(&svc.listen),
+        listen_family: match svc.listen {
+            Listen::Any { .. } => 0,
+            Listen::Addr(a) if a.is_ipv4() => 4,
+            Listen::Addr(_) => 6,
+        },
+        n_subsets: svc.subsets.len().min(MAX_SUBSETS) as u8,
+        _pad: [0; 2],
+        subsets,
+    }
+}
+
+pub(super) fn name_bytes<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let b = s.as_bytes();
+    let n = b.len().min(N - 1);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+pub(super) fn name_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+pub(super) fn subset_addr(s: &SubsetMeta) -> SocketAddr {
+    let v6 = Ipv6Addr::from(s.addr);
+    let ip = match (s.family, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, s.port)
+}
+
+pub(super) fn listen_of(meta: &ServiceMeta) -> Listen {
+    let v6 = Ipv6Addr::from(meta.key.addr);
+    match meta.listen_family {
+        0 => Listen::Any {
+            port: meta.key.port,
+        },
+        4 => Listen::Addr(SocketAddr::new(
+            IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            meta.key.port,
+        )),
+        _ => Listen::Addr(SocketAddr::new(IpAddr::V6(v6), meta.key.port)),
+    }
+}
