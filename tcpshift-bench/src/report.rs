@@ -1186,7 +1186,10 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 spread(&x.error_points, 2)
             );
         }
-        not_measured(&mut o, s, 5, &|t| s.split.iter().any(|x| x.target == t));
+        // direct-v1 sends everything to v1 by design: it has no split to measure.
+        not_measured(&mut o, s, 5, &|t| {
+            t == "direct-v1" || s.split.iter().any(|x| x.target == t)
+        });
     }
 
     // (e)
