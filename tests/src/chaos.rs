@@ -305,35 +305,89 @@ struct Phase {
 /// own records.
 struct Load {
     stop: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     threads: Vec<JoinHandle<Vec<Record>>>,
+}
+
+/// Lets the driver hold new connects for the instant of a backend kill, so that every
+/// connection that can be open on the killed backend has been set up before its sockets are
+/// listed (none can reach it between the list and its death).
+#[derive(Default)]
+struct Gate {
+    /// New connects wait while this is set.
+    closed: AtomicBool,
+    /// Connects under way.
+    connecting: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    /// Runs `connect` once the gate is open, counted as under way.
+    fn connect<T>(&self, stop: &AtomicBool, connect: impl FnOnce() -> T) -> T {
+        loop {
+            self.connecting.fetch_add(1, Ordering::SeqCst);
+            if !self.closed.load(Ordering::SeqCst) || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            self.connecting.fetch_sub(1, Ordering::SeqCst);
+            // Waiting for the driver to reopen the gate (a few milliseconds).
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let r = connect();
+        self.connecting.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Closes the gate and waits (up to `timeout`) until no connect is under way.
+    fn close(&self, timeout: Duration) -> Result<()> {
+        self.closed.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        while self.connecting.load(Ordering::SeqCst) > 0 {
+            if start.elapsed() > timeout {
+                bail!("connects still under way after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Load {
     /// Starts the load against `addr` (threads inherit the caller's network namespace).
     fn start(addr: SocketAddr, opts: &Options) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(Gate::default());
         let mut threads = Vec::new();
         let workers = opts.workers.max(1);
         let interval = Duration::from_secs_f64(workers as f64 / f64::from(opts.rate.max(1)));
         for w in 0..workers {
             let stop = Arc::clone(&stop);
+            let gate = Arc::clone(&gate);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("chaos-worker-{w}"))
-                    .spawn(move || short_connections(addr, w, interval, &stop))
+                    .spawn(move || short_connections(addr, w, interval, &stop, &gate))
                     .context("cannot start a load thread")?,
             );
         }
         for l in 0..opts.long_lived {
             let stop = Arc::clone(&stop);
+            let gate = Arc::clone(&gate);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("chaos-long-{l}"))
-                    .spawn(move || long_lived(addr, l, &stop))
+                    .spawn(move || long_lived(addr, l, &stop, &gate))
                     .context("cannot start a long-lived connection thread")?,
             );
         }
-        Ok(Self { stop, threads })
+        Ok(Self {
+            stop,
+            gate,
+            threads,
+        })
     }
 
     /// Stops the load; returns every thread's records.
@@ -392,6 +446,7 @@ fn short_connections(
     worker: usize,
     interval: Duration,
     stop: &AtomicBool,
+    gate: &Gate,
 ) -> Vec<Record> {
     let mut records = Vec::new();
     let mut next = Instant::now();
@@ -408,7 +463,8 @@ fn short_connections(
         let line = payload(worker, n, 24 + (n % 64) as usize);
         let mut port = 0;
         let mut backend = 0;
-        let (outcome, what) = match one_connection(addr, &line, &mut port, &mut backend) {
+        let (outcome, what) = match one_connection(addr, &line, &mut port, &mut backend, gate, stop)
+        {
             Ok(()) => (Outcome::Ok, ""),
             Err((o, what)) => (o, what),
         };
@@ -433,8 +489,13 @@ fn one_connection(
     line: &str,
     port: &mut u16,
     backend: &mut u8,
+    gate: &Gate,
+    stop: &AtomicBool,
 ) -> std::result::Result<(), (Outcome, &'static str)> {
-    let mut s = match TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5))) {
+    let connected = gate.connect(stop, || {
+        TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
+    });
+    let mut s = match connected {
         Ok(s) => s,
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
             return Err((Outcome::Refused, "connect: refused"));
@@ -492,12 +553,15 @@ fn reply_what(o: Outcome) -> &'static str {
 
 /// One long-lived connection: a line every 20 ms, each echo checked. On a failure it records
 /// it (with the backend the connection had) and connects again.
-fn long_lived(addr: SocketAddr, id: usize, stop: &AtomicBool) -> Vec<Record> {
+fn long_lived(addr: SocketAddr, id: usize, stop: &AtomicBool, gate: &Gate) -> Vec<Record> {
     let mut records = Vec::new();
     let mut n = 0u64;
     'connect: while !stop.load(Ordering::Relaxed) {
         let opened = Instant::now();
-        let stream = match TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5))) {
+        let connected = gate.connect(stop, || {
+            TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5)))
+        });
+        let stream = match connected {
             Ok(s) => s,
             Err(e) => {
                 let outcome = if e.kind() == ErrorKind::ConnectionRefused {
@@ -626,6 +690,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     }];
     let result = drive(
         opts,
+        &load.gate,
         &mut ns,
         &mut v1,
         &mut v2,
@@ -657,6 +722,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
 /// The faults, one phase each.
 fn drive(
     opts: &Options,
+    gate: &Gate,
     ns: &mut TestNs,
     v1: &mut usize,
     v2: &mut usize,
@@ -775,23 +841,31 @@ fn drive(
                 ),
                 progress,
                 &mut |p| {
-                    // Stopped first, so that the connections it holds can be listed before
-                    // it dies (it accepts nothing more meanwhile).
+                    // New connects are held for this instant and the backend is stopped,
+                    // so that the connections it holds (accepted or queued) can be listed
+                    // before it dies and none reaches it after the list.
                     let pid = ns.pid(*idx);
                     let signalled = Instant::now();
-                    // SAFETY: plain kill(2) on our own child, not yet reaped (killed and
-                    // reaped just below).
-                    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } != 0 {
-                        bail!("cannot stop {name}: {}", std::io::Error::last_os_error());
-                    }
-                    let other = if backend == 1 { 9002 } else { 9001 };
-                    let ports = client_ports_held_by(pid, seed_addr().port(), other);
-                    ns.kill(*idx)?;
+                    let held = (|| -> Result<HashSet<u16>> {
+                        gate.close(scaled(Duration::from_secs(2)))?;
+                        // SAFETY: plain kill(2) on our own child, not yet reaped (killed and
+                        // reaped just below).
+                        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } != 0 {
+                            bail!("cannot stop {name}: {}", std::io::Error::last_os_error());
+                        }
+                        let other = if backend == 1 { 9002 } else { 9001 };
+                        let ports = client_ports_held_by(pid, seed_addr().port(), other);
+                        ns.kill(*idx)?;
+                        ports
+                    })();
+                    // The load goes on whatever happened.
+                    gate.open();
+                    let ports = held?;
                     p.kill = Some(Kill {
                         signalled,
                         reaped: Instant::now(),
                         backend,
-                        ports: ports?,
+                        ports,
                     });
                     // Down for a while: new connections must all go to the other backend.
                     std::thread::sleep(opts.backend_down);
@@ -1033,6 +1107,32 @@ fn client_ports_held_by(pid: u32, service_port: u16, other_port: u16) -> Result<
             inodes.insert(inode);
         }
     }
+    // The other backend accepts within microseconds: read again until its queue is empty.
+    let mut tries = 0;
+    loop {
+        let (ports, queued, other_queue) = tcp_rows(pid, service_port, other_port, &inodes);
+        tries += 1;
+        if other_queue == 0 || tries >= 50 {
+            let mut ports = ports;
+            if other_queue == 0 {
+                ports.extend(queued);
+            }
+            return Ok(ports);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// One read of `/proc/PID/net/tcp{,6}`: the client ports of connections to `service_port`
+/// whose socket is one of `inodes`, those not yet accepted by anyone (no file, established
+/// or half-closed by the client), and the accept-queue length of the listener on
+/// `other_port`.
+fn tcp_rows(
+    pid: u32,
+    service_port: u16,
+    other_port: u16,
+    inodes: &HashSet<u64>,
+) -> (HashSet<u16>, HashSet<u16>, u64) {
     let mut ports = HashSet::new();
     let mut queued = HashSet::new();
     let mut other_queue = 0u64;
@@ -1057,6 +1157,7 @@ fn client_ports_held_by(pid: u32, service_port: u16, other_port: u16) -> Result<
             else {
                 continue;
             };
+
             if local == other_port && *state == "0A" {
                 // A listener's rx_queue is its accept queue's length.
                 other_queue += queues
@@ -1071,10 +1172,7 @@ fn client_ports_held_by(pid: u32, service_port: u16, other_port: u16) -> Result<
             }
         }
     }
-    if other_queue == 0 {
-        ports.extend(queued);
-    }
-    Ok(ports)
+    (ports, queued, other_queue)
 }
 
 /// Sums the records of phase `p` into its row. `kills` are every backend kill of the run (a
@@ -1113,8 +1211,11 @@ fn row(p: &Phase, records: &[Record], kills: &[Kill]) -> Row {
                     _ => "",
                 },
                 ms(rec.end.saturating_duration_since(p.start)),
-                if rec.outcome == Outcome::Broken && rec.backend == 0 && rec.port != 0 {
-                    format!("{} (backend unknown: not excused)", rec.what)
+                if rec.outcome == Outcome::Broken && rec.backend == 0 {
+                    format!(
+                        "{} (client port {}, backend unknown: not excused)",
+                        rec.what, rec.port
+                    )
                 } else {
                     rec.what.to_string()
                 }
