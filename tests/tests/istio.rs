@@ -542,7 +542,7 @@ fn eight_processes_applying_concurrently_lose_nothing() -> Result<()> {
     std::fs::write(
         &initial,
         "services:\n  shared:\n    listen: 31400\n    subsets: {v1: 127.0.0.2:9000, v2: \
-         127.0.0.3:9000}\n",
+         127.0.0.3:9000}\n    weights: {v1: 1, v2: 1}\n",
     )?;
     apply(&ns, &[&initial.display().to_string()])?;
     for r in 0..ROUNDS {
