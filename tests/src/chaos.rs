@@ -720,6 +720,9 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
 }
 
 /// The faults, one phase each.
+// The driver is handed every live handle of the run (options, the load's gate, the
+// namespace, three process slots, the phases and the progress line).
+#[allow(clippy::too_many_arguments)]
 fn drive(
     opts: &Options,
     gate: &Gate,
@@ -1031,6 +1034,7 @@ fn ms(d: Duration) -> f64 {
 fn seen_to_registered(log: &str, subset: &str) -> Option<Duration> {
     let want = format!("subset={subset}");
     log.lines()
+        .rev()
         .map(strip_ansi)
         .filter(|l| l.contains("registered"))
         .filter(|l| l.split_whitespace().any(|w| w == want))
@@ -1039,7 +1043,7 @@ fn seen_to_registered(log: &str, subset: &str) -> Option<Duration> {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
             digits.parse().ok().map(Duration::from_micros)
         })
-        .last()
+        .next()
 }
 
 /// `line` without ANSI escape sequences (`ESC [ ... letter`).
