@@ -3,9 +3,11 @@
 //!
 //! Everything runs in `tcpshift-bench-<pid>`: one tcp-echo per backend (v1 "one" on 9001,
 //! v2 "two" on 9002) that every target shares, HAProxy and nginx (idle unless measured), and
-//! per round, for one target at a time: tcpshift (tcpshiftd, uninstalled afterwards) or the
-//! nftables table (deleted afterwards, with the connection tracking table emptied), so that
-//! nothing of one target is in the path of another. The load generator is `tcpshift-load`
+//! per round and workload, for one target at a time: tcpshift (tcpshiftd, uninstalled
+//! afterwards) or the nftables table (deleted afterwards, with the connection tracking table
+//! emptied), so that nothing of one target is in the path of another. The baseline, `direct`,
+//! is the client itself picking v1 or v2 at 80/20 (no steering, the same two backends);
+//! `direct-v1` sends everything to v1. The load generator is `tcpshift-load`
 //! (crate `tcpshift-bench`); it prints one JSON record per measurement into
 //! `target/bench/raw.jsonl`, and `tcpshift-load report` turns them into `results.json`,
 //! `results.md` and `chart.png`.
