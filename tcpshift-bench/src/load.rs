@@ -32,10 +32,26 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest reply accepted by [`exchange`].
 const REPLY_MAX: usize = 256;
 
-/// Parses a comma-separated list of `IP:PORT` or `IP:FIRST-LAST` (a port range).
+/// Parses a comma-separated list of `IP:PORT` or `IP:FIRST-LAST` (a port range), each
+/// optionally followed by `*WEIGHT`: the client itself then picks that item WEIGHT times as
+/// often as an item of weight 1 (`127.0.0.1:9001*80,127.0.0.1:9002*20` splits 80/20 without
+/// any steering). Weights are reduced by their greatest common divisor and each address is
+/// listed as many times as its weight, so that a uniform pick follows the weights.
 pub fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>> {
-    let mut out = Vec::new();
+    let mut items: Vec<(Vec<SocketAddr>, u32)> = Vec::new();
     for item in s.split(',').map(str::trim) {
+        let (item, weight) = match item.rsplit_once('*') {
+            Some((a, w)) => {
+                let w: u32 = w
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|w| (1..=1000).contains(w))
+                    .with_context(|| format!("{item:?}: the weight after * must be 1..=1000"))?;
+                (a.trim(), w)
+            }
+            None => (item, 1),
+        };
         let (host, ports) = item
             .rsplit_once(':')
             .with_context(|| format!("{item:?}: expected IP:PORT or IP:FIRST-LAST"))?;
@@ -57,12 +73,26 @@ pub fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>> {
         if first == 0 || last < first {
             bail!("{item:?}: expected ports in 1..=65535 with FIRST <= LAST");
         }
-        out.extend((first..=last).map(|p| SocketAddr::new(ip, p)));
+        items.push((
+            (first..=last).map(|p| SocketAddr::new(ip, p)).collect(),
+            weight,
+        ));
+    }
+    let gcd = items.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
+    let mut out = Vec::new();
+    for (addrs, w) in items {
+        for _ in 0..w / gcd {
+            out.extend(addrs.iter().copied());
+        }
     }
     if out.is_empty() {
         bail!("no address given");
     }
     Ok(out)
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Opens a TCP connection with [`IO_TIMEOUT`] on connect, reads and writes.
@@ -117,7 +147,14 @@ fn finish_connect(socket: &Socket) -> io::Result<()> {
 /// One request/response connection: connect, send [`LINE`], read the echoed line, close.
 /// Checks the echo and returns the length of the reply's prefix (the backend's name) in `buf`.
 pub fn exchange(addr: SocketAddr, buf: &mut [u8; REPLY_MAX]) -> io::Result<usize> {
+    exchange_timed(addr, buf).map(|(n, _)| n)
+}
+
+/// [`exchange`], also returning when the connect returned (the handshake was done, so the
+/// SYN had been steered).
+pub fn exchange_timed(addr: SocketAddr, buf: &mut [u8; REPLY_MAX]) -> io::Result<(usize, Instant)> {
     let mut s = connect(addr)?;
+    let connected = Instant::now();
     s.write_all(LINE)?;
     let mut n = 0;
     while n < buf.len() {
@@ -136,7 +173,7 @@ pub fn exchange(addr: SocketAddr, buf: &mut [u8; REPLY_MAX]) -> io::Result<usize
     }
     let reply = &buf[..n];
     match reply.iter().position(|&b| b == b' ') {
-        Some(sp) if &reply[sp + 1..] == LINE => Ok(sp),
+        Some(sp) if &reply[sp + 1..] == LINE => Ok((sp, connected)),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -491,10 +528,84 @@ pub struct BulkResult {
     pub seconds: f64,
     /// Echoed MiB per second.
     pub mib_per_s: f64,
-    /// Connections that failed.
+    /// Connections that failed, including any whose echo differed from what was sent.
     pub errors: u64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Echoed bytes checked against the lines sent (all of them, warm-up included): every
+    /// echoed line must be `PREFIX ` followed by the line sent.
+    #[serde(default)]
+    pub verified_bytes: u64,
+}
+
+/// Checks a stream of echoed lines piece by piece: each line must be the same `PREFIX `
+/// (learned from the first line) followed by `line`.
+#[derive(Debug)]
+pub struct EchoCheck {
+    line: Vec<u8>,
+    /// `PREFIX ` + `line`, once the prefix is known.
+    expected: Vec<u8>,
+    /// Bytes of the current echoed line seen so far.
+    at: usize,
+    /// The first line's bytes until its space, while the prefix is not yet known.
+    prefix: Vec<u8>,
+    /// Bytes checked.
+    pub checked: u64,
+}
+
+impl EchoCheck {
+    /// A check for echoes of `line` (which ends with a newline).
+    pub fn new(line: &[u8]) -> Self {
+        EchoCheck {
+            line: line.to_vec(),
+            expected: Vec::new(),
+            at: 0,
+            prefix: Vec::new(),
+            checked: 0,
+        }
+    }
+
+    /// Checks the next received bytes; an error names the first byte that differs.
+    pub fn feed(&mut self, mut data: &[u8]) -> std::result::Result<(), String> {
+        while self.expected.is_empty() && !data.is_empty() {
+            let b = data[0];
+            data = &data[1..];
+            self.checked += 1;
+            if b == b' ' {
+                if self.prefix.is_empty() {
+                    return Err("the echo has no backend prefix".into());
+                }
+                self.expected = [self.prefix.as_slice(), b" ", &self.line].concat();
+                self.at = self.prefix.len() + 1;
+            } else if self.prefix.len() >= REPLY_MAX || b == b'\n' {
+                return Err(format!(
+                    "the echo does not start with a backend prefix: {:?}",
+                    String::from_utf8_lossy(&self.prefix)
+                ));
+            } else {
+                self.prefix.push(b);
+            }
+        }
+        while !data.is_empty() {
+            let n = data.len().min(self.expected.len() - self.at);
+            if data[..n] != self.expected[self.at..self.at + n] {
+                let i = data[..n]
+                    .iter()
+                    .zip(&self.expected[self.at..])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "echoed byte {} differs from what was sent (byte {} of a line)",
+                    self.checked + i as u64,
+                    self.at + i
+                ));
+            }
+            self.checked += n as u64;
+            self.at = (self.at + n) % self.expected.len();
+            data = &data[n..];
+        }
+        Ok(())
+    }
 }
 
 /// Long connections: each of `connections` connections streams lines of `line_bytes` bytes
@@ -520,6 +631,7 @@ pub fn bulk(
     }
     let stop = AtomicBool::new(false);
     let received = AtomicU64::new(0);
+    let verified = AtomicU64::new(0);
     let errors = AtomicU64::new(0);
     let first_error: Mutex<Option<String>> = Mutex::new(None);
     let fail = |e: String| {
@@ -558,14 +670,21 @@ pub fn bulk(
             let mut reader = stream
                 .try_clone()
                 .context("cannot clone a bulk connection")?;
+            let line = &block[..line_bytes];
+            let verified = &verified;
             thread::Builder::new()
                 .name("bulk-read".into())
                 .spawn_scoped(scope, move || {
                     let mut buf = vec![0u8; 256 * 1024];
+                    let mut check = EchoCheck::new(line);
                     loop {
                         match reader.read(&mut buf) {
                             Ok(0) => break,
                             Ok(n) => {
+                                if let Err(e) = check.feed(&buf[..n]) {
+                                    fail(format!("{addr}: {e}"));
+                                    break;
+                                }
                                 received.fetch_add(n as u64, Ordering::Relaxed);
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -575,6 +694,7 @@ pub fn bulk(
                             }
                         }
                     }
+                    verified.fetch_add(check.checked, Ordering::Relaxed);
                 })
                 .context("cannot start a reader thread")?;
         }
@@ -595,6 +715,7 @@ pub fn bulk(
         mib_per_s: bytes as f64 / seconds.max(1e-9) / (1024.0 * 1024.0),
         errors: errors.load(Ordering::Relaxed),
         first_error: first_error.into_inner().unwrap_or_default(),
+        verified_bytes: verified.load(Ordering::Relaxed),
     })
 }
 
@@ -693,6 +814,22 @@ mod tests {
         assert!(parse_addrs("127.0.0.1:5-4").is_err());
         assert!(parse_addrs("host:5").is_err());
         assert!(parse_addrs("127.0.0.1:0").is_err());
+        let w = parse_addrs("127.0.0.1:9001*80, 127.0.0.1:9002*20").unwrap();
+        assert_eq!(w.len(), 5);
+        assert_eq!(w.iter().filter(|a| a.port() == 9002).count(), 1);
+        assert!(parse_addrs("127.0.0.1:9001*0").is_err());
+        assert!(parse_addrs("127.0.0.1:9001*x").is_err());
+    }
+
+    #[test]
+    fn echo_check_finds_a_changed_byte() {
+        let mut c = EchoCheck::new(b"xx\n");
+        c.feed(b"one x").unwrap();
+        c.feed(b"x\none xx\non").unwrap();
+        assert_eq!(c.checked, 16);
+        let e = c.feed(b"e yx\n").unwrap_err();
+        assert!(e.contains("byte 18 "), "{e}");
+        assert!(EchoCheck::new(b"x\n").feed(b" x\n").is_err());
     }
 
     #[test]
@@ -753,6 +890,7 @@ mod tests {
         )
         .unwrap();
         assert!(r.bytes > 0, "{r:?}");
+        assert!(r.verified_bytes >= r.bytes, "{r:?}");
         assert_eq!(r.errors, 0, "{r:?}");
     }
 }

@@ -21,6 +21,10 @@ pub struct Labels {
     /// Subsets per service (scale runs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subsets: Option<u32>,
+    /// Service ports the connections were spread over (scale runs only; absent in records
+    /// of the previous method, which spread them over every service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<u32>,
 }
 
 /// One measurement.
@@ -121,6 +125,7 @@ mod tests {
                 round: 2,
                 services: None,
                 subsets: None,
+                ports: None,
             },
             concurrency: 4,
             result: RateResult {

@@ -158,8 +158,10 @@ pub struct BulkRow {
     pub mib_per_s: Figure,
     /// CPU microseconds of all benchmark processes per echoed MiB.
     pub cpu_us_per_mib: Option<Figure>,
-    /// Failed connections over all rounds.
+    /// Failed connections over all rounds (an echo that differed from what was sent counts).
     pub errors: u64,
+    /// Whether every measured echoed byte was checked against what was sent.
+    pub echo_verified: bool,
 }
 
 /// Split accuracy of one target: each round counts its own connections.
@@ -186,15 +188,20 @@ pub struct ScaleRow {
     pub services: u32,
     /// Subsets per service.
     pub subsets: u32,
-    /// Connections per second (closed loop).
-    pub rate: Spread,
+    /// Service ports the connections went to: 1 for the map-size comparison (the same port
+    /// and listeners whatever the number of services), more for the port-spread row.
+    pub ports: u32,
+    /// Connections per second (closed loop); `None` when no round measured any.
+    pub rate: Option<Spread>,
     /// Cost per connection, µs: CPU time of all benchmark processes when measured
     /// (`cost_from_cpu`), else the wall time per connection (1 / rate).
-    pub us_per_connection: Spread,
-    /// Whether `us_per_connection` is CPU time.
+    pub us_per_connection: Option<Spread>,
+    /// Whether `us_per_connection` is CPU time (else wall time).
     pub cost_from_cpu: bool,
-    /// Cost relative to one service with the same number of subsets, same round.
+    /// Cost relative to one service with the same subsets and the same ports, same round.
     pub cost_vs_one_service: Option<Spread>,
+    /// For a port-spread row: cost relative to the same map with the traffic on one port.
+    pub cost_vs_one_port: Option<Spread>,
     /// The sk_lookup program's mean run time, ns.
     pub bpf_ns_per_run: Option<Spread>,
     /// Writing all services (ms).
@@ -218,8 +225,12 @@ pub struct FlipRow {
     pub stale_after: u64,
     /// Connections started after the changes returned (all changes).
     pub after: u64,
-    /// When stale connections started, µs after their change returned.
-    pub stale_at_us: Vec<f64>,
+    /// Connections on the old subset whose connect was under way when a change returned
+    /// (SYNs in flight at the flip; all changes).
+    pub in_flight_old: u64,
+    /// Connections on the old subset that finished their handshake after a change returned,
+    /// with their timing and whether their SYN was in flight at the flip.
+    pub old_subset: Vec<crate::steer::OldSubsetConnection>,
 }
 
 /// One goal of the benchmark and whether this run met it.
@@ -313,13 +324,16 @@ pub fn summarise(records: &[Record]) -> Summary {
     let mut lat_extra: BTreeMap<&str, (f64, u64, u64)> = BTreeMap::new();
     // (c) bulk.
     let mut bulk: BTreeMap<&str, PerRound> = BTreeMap::new();
-    let mut bulk_errors: BTreeMap<&str, u64> = BTreeMap::new();
+    // Errors, bytes measured, bytes whose echo was checked.
+    let mut bulk_errors: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     // (d) split: per round (connections, v2 share), prefixes summed, expected share.
     type SplitAcc = (Vec<(u64, f64)>, BTreeMap<String, u64>, f64);
     let mut split: BTreeMap<&str, SplitAcc> = BTreeMap::new();
-    // (e) scale: (services, subsets) -> per-round rate, bpf, apply, register.
-    type ScaleAcc = (PerRound, PerRound, PerRound, PerRound, PerRound);
-    let mut scale: BTreeMap<(u32, u32), ScaleAcc> = BTreeMap::new();
+    // (e) scale: (services, subsets, ports) -> per-round rate, bpf, cpu; populate by
+    // (services, subsets) -> per-round apply, register.
+    type ScaleAcc = (PerRound, PerRound, PerRound);
+    let mut scale: BTreeMap<(u32, u32, u32), ScaleAcc> = BTreeMap::new();
+    let mut populated: BTreeMap<(u32, u32), (PerRound, PerRound)> = BTreeMap::new();
     // (f) flips by kind.
     let mut flips: BTreeMap<String, Vec<crate::steer::FlipSample>> = BTreeMap::new();
 
@@ -333,21 +347,27 @@ pub fn summarise(records: &[Record]) -> Summary {
                 cpu,
             } => {
                 if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
-                    let acc = scale.entry((n, s)).or_default();
-                    acc.0.insert(labels.round, result.rate);
+                    // Records of the previous method spread the load over every service.
+                    let ports = labels.ports.unwrap_or(n);
+                    let acc = scale.entry((n, s, ports)).or_default();
+                    if result.connections > 0 {
+                        acc.0.insert(labels.round, result.rate);
+                    }
                     if let Some(b) = bpf {
                         acc.1.insert(labels.round, b.ns_per_run);
                     }
-                    if let Some(c) = cpu {
-                        acc.4.insert(labels.round, c.per_unit_us);
+                    if let Some(c) = cpu.filter(|_| result.connections > 0) {
+                        acc.2.insert(labels.round, c.per_unit_us);
                     }
                 } else {
-                    rates
+                    let by_round = rates
                         .entry(&labels.target)
                         .or_default()
                         .entry(*concurrency)
-                        .or_default()
-                        .insert(labels.round, result.rate);
+                        .or_default();
+                    if result.connections > 0 {
+                        by_round.insert(labels.round, result.rate);
+                    }
                     *rate_errors.entry(&labels.target).or_default() += result.errors;
                     if let Some(c) = cpu {
                         rate_cpu
@@ -377,10 +397,13 @@ pub fn summarise(records: &[Record]) -> Summary {
                         .or_default()
                         .insert(labels.round, c.per_unit_us);
                 }
-                let e = lat.entry(&labels.target).or_default();
-                e[0].insert(labels.round, result.response.p50_us);
-                e[1].insert(labels.round, result.response.p99_us);
-                e[2].insert(labels.round, result.response.p999_us);
+                // No sample is no latency (not 0 µs): the round is left out.
+                if result.response.samples > 0 {
+                    let e = lat.entry(&labels.target).or_default();
+                    e[0].insert(labels.round, result.response.p50_us);
+                    e[1].insert(labels.round, result.response.p99_us);
+                    e[2].insert(labels.round, result.response.p999_us);
+                }
                 let x = lat_extra.entry(&labels.target).or_default();
                 x.0 = result.offered_rate;
                 x.1 += result.late;
@@ -398,10 +421,15 @@ pub fn summarise(records: &[Record]) -> Summary {
                         .or_default()
                         .insert(labels.round, c.per_unit_us);
                 }
-                bulk.entry(&labels.target)
-                    .or_default()
-                    .insert(labels.round, result.mib_per_s);
-                *bulk_errors.entry(&labels.target).or_default() += result.errors;
+                if result.bytes > 0 {
+                    bulk.entry(&labels.target)
+                        .or_default()
+                        .insert(labels.round, result.mib_per_s);
+                }
+                let e = bulk_errors.entry(&labels.target).or_default();
+                e.0 += result.errors;
+                e.1 += result.bytes;
+                e.2 += result.verified_bytes;
             }
             Record::Split {
                 labels,
@@ -423,9 +451,9 @@ pub fn summarise(records: &[Record]) -> Summary {
             }
             Record::Populate { labels, result } => {
                 if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
-                    let acc = scale.entry((n, s)).or_default();
-                    acc.2.insert(labels.round, result.apply_ms);
-                    acc.3.insert(labels.round, result.register_ms);
+                    let acc = populated.entry((n, s)).or_default();
+                    acc.0.insert(labels.round, result.apply_ms);
+                    acc.1.insert(labels.round, result.register_ms);
                 }
             }
             Record::WeightChange { samples, .. } => {
@@ -516,12 +544,15 @@ pub fn summarise(records: &[Record]) -> Summary {
     let bulk_rows: Vec<BulkRow> = order(&|t| bulk.contains_key(t))
         .into_iter()
         .filter_map(|t| {
+            let (errors, bytes, verified_bytes) =
+                bulk_errors.get(t.as_str()).copied().unwrap_or_default();
             Some(BulkRow {
                 mib_per_s: figure(&bulk[t.as_str()], bulk.get(BASELINE))?,
                 cpu_us_per_mib: bulk_cpu
                     .get(t.as_str())
                     .and_then(|v| figure(v, bulk_cpu.get(BASELINE))),
-                errors: bulk_errors.get(t.as_str()).copied().unwrap_or(0),
+                errors,
+                echo_verified: verified_bytes >= bytes,
                 target: t,
             })
         })
@@ -544,52 +575,47 @@ pub fn summarise(records: &[Record]) -> Summary {
         .collect();
 
     // (e)
+    // The CPU time per connection when it was measured (robust against other load on the
+    // machine), else the wall time per connection at saturation.
+    let per_conn = |(rate, _, cpu): &ScaleAcc| -> (PerRound, bool) {
+        if !cpu.is_empty() {
+            return (cpu.clone(), true);
+        }
+        let wall = rate
+            .iter()
+            .filter(|(_, r)| **r > 0.0)
+            .map(|(k, r)| (*k, 1e6 / r))
+            .collect();
+        (wall, false)
+    };
+    let vs = |cost: &PerRound, other: Option<&ScaleAcc>| {
+        other
+            .and_then(|o| figure(cost, Some(&per_conn(o).0)))
+            .and_then(|f| f.ratio)
+    };
     let scale_rows: Vec<ScaleRow> = scale
         .iter()
-        .map(
-            |(&(services, subsets), (rate, bpf, apply, register, cpu))| {
-                // The CPU time per connection when it was measured (robust against other load
-                // on the machine), else the wall time per connection at saturation.
-                let per_conn = |rate: &PerRound, cpu: &PerRound| -> PerRound {
-                    if !cpu.is_empty() {
-                        return cpu.clone();
-                    }
-                    rate.iter()
-                        .filter(|(_, r)| **r > 0.0)
-                        .map(|(k, r)| (*k, 1e6 / r))
-                        .collect()
-                };
-                let cost = per_conn(rate, cpu);
-                let one: Option<PerRound> = scale
-                    .get(&(1, subsets))
-                    .map(|(r, _, _, _, c)| per_conn(r, c));
-                let cost_from_cpu = !cpu.is_empty();
-                ScaleRow {
-                    services,
-                    subsets,
-                    rate: Spread::of(rate.values().copied()).unwrap_or(Spread {
-                        min: 0.0,
-                        median: 0.0,
-                        max: 0.0,
-                        n: 0,
-                    }),
-                    us_per_connection: Spread::of(cost.values().copied()).unwrap_or(Spread {
-                        min: f64::NAN,
-                        median: f64::NAN,
-                        max: f64::NAN,
-                        n: 0,
-                    }),
-                    cost_vs_one_service: one
-                        .as_ref()
-                        .and_then(|one| figure(&cost, Some(one)))
-                        .and_then(|f| f.ratio),
-                    bpf_ns_per_run: Spread::of(bpf.values().copied()),
-                    cost_from_cpu,
-                    apply_ms: Spread::of(apply.values().copied()),
-                    register_ms: Spread::of(register.values().copied()),
-                }
-            },
-        )
+        .map(|(&(services, subsets, ports), acc)| {
+            let (cost, cost_from_cpu) = per_conn(acc);
+            let pop = populated.get(&(services, subsets));
+            ScaleRow {
+                services,
+                subsets,
+                ports,
+                rate: Spread::of(acc.0.values().copied()),
+                us_per_connection: Spread::of(cost.values().copied()),
+                cost_from_cpu,
+                cost_vs_one_service: vs(&cost, scale.get(&(1, subsets, ports))),
+                cost_vs_one_port: if ports > 1 {
+                    vs(&cost, scale.get(&(services, subsets, 1)))
+                } else {
+                    None
+                },
+                bpf_ns_per_run: Spread::of(acc.1.values().copied()),
+                apply_ms: pop.and_then(|p| Spread::of(p.0.values().copied())),
+                register_ms: pop.and_then(|p| Spread::of(p.1.values().copied())),
+            }
+        })
         .collect();
 
     // (f)
@@ -602,9 +628,10 @@ pub fn summarise(records: &[Record]) -> Summary {
                 first_follow_us: Spread::of(s.iter().filter_map(|x| x.first_follow_us)),
                 stale_after: s.iter().map(|x| x.stale_after).sum(),
                 after: s.iter().map(|x| x.after).sum(),
-                stale_at_us: s
+                in_flight_old: s.iter().map(|x| x.in_flight_old).sum(),
+                old_subset: s
                     .iter()
-                    .flat_map(|x| x.stale_at_us.iter().copied())
+                    .flat_map(|x| x.old_subset.iter().copied())
                     .collect(),
                 how,
             })
@@ -638,21 +665,40 @@ pub fn summarise(records: &[Record]) -> Summary {
     summary
 }
 
-/// Findings worth a look that do not fail the run: connections that started after a weight
-/// change returned but followed the old weights.
+/// Findings worth a look that do not fail the run: connections that followed the old
+/// weights after a weight change returned, each with its timing and whether its SYN was in
+/// flight at the flip.
 fn warnings(s: &Summary) -> Vec<String> {
     let mut out = Vec::new();
     for f in &s.weight_change {
-        if f.stale_after > 0 {
-            let at: Vec<String> = f.stale_at_us.iter().map(|t| format!("{t:.0}")).collect();
-            out.push(format!(
-                "weight change ({}): {} connections started after the change returned went to \
-                 the old subset (at +{} µs)",
-                f.how,
-                f.stale_after,
-                at.join(", +")
-            ));
+        if f.stale_after == 0 && f.in_flight_old == 0 {
+            continue;
         }
+        let list: Vec<String> = f
+            .old_subset
+            .iter()
+            .map(|c| {
+                format!(
+                    "connect {:+.0}…{:+.0} µs{}",
+                    c.connect_start_us,
+                    c.connected_us,
+                    if c.syn_in_flight {
+                        " (SYN in flight at the flip)"
+                    } else {
+                        " (started after the change returned)"
+                    }
+                )
+            })
+            .collect();
+        out.push(format!(
+            "weight change ({}): {} connection(s) started after the change returned and {} \
+             whose SYN was in flight at the flip went to the old subset; times relative to the \
+             return: {}",
+            f.how,
+            f.stale_after,
+            f.in_flight_old,
+            list.join("; ")
+        ));
     }
     out
 }
@@ -683,6 +729,13 @@ fn problems(s: &Summary) -> Vec<String> {
                 b.target, b.errors
             ));
         }
+        if !b.echo_verified {
+            out.push(format!(
+                "{}: the bulk echo was not checked against what was sent (record of an older \
+                 tcpshift-load?)",
+                b.target
+            ));
+        }
     }
     for x in &s.split {
         if x.connections == 0 || !x.prefixes.contains_key("one") || !x.prefixes.contains_key("two")
@@ -694,10 +747,10 @@ fn problems(s: &Summary) -> Vec<String> {
         }
     }
     for x in &s.scale {
-        if x.rate.n == 0 || x.rate.median <= 0.0 {
+        if x.rate.is_none_or(|r| r.median <= 0.0) {
             out.push(format!(
-                "tcpshift with {} services × {} subsets: no connection succeeded",
-                x.services, x.subsets
+                "tcpshift with {} services × {} subsets ({} ports): no connection succeeded",
+                x.services, x.subsets, x.ports
             ));
         }
     }
@@ -707,6 +760,11 @@ fn problems(s: &Summary) -> Vec<String> {
                 "weight change ({}): no connection followed the new weights",
                 f.how
             ));
+        }
+    }
+    for g in &s.goals {
+        if g.measured.is_none() {
+            out.push(format!("goal not measured: {}", g.name));
         }
     }
     out
@@ -730,28 +788,39 @@ fn goals(s: &Summary) -> Vec<Goal> {
         shown: v.map_or("not measured".into(), |v| v.show(3)),
         met: v.is_some_and(|v| v.median <= goal),
     };
-    if let Some(row) = s.rate.iter().find(|r| r.target == ts) {
-        for (c, f) in &row.by_concurrency {
-            out.push(at_least(
-                format!("connection rate × direct, concurrency {c}"),
-                0.95,
-                f.ratio,
-            ));
-        }
-        if s.rate.iter().any(|r| r.target == "haproxy") {
-            let mut goal = at_least(
-                "peak connection rate × HAProxy's peak".into(),
-                2.0,
-                s.tcpshift_vs_haproxy,
-            );
-            // Clients and servers share the machine's CPUs: nothing can beat HAProxy by more
-            // than direct connections do.
-            if let Some(d) = s.direct_vs_haproxy {
-                goal.shown = format!("{}; bound: direct ÷ HAProxy = {}", goal.shown, d.show(3));
-            }
-            out.push(goal);
-        }
+    // Every concurrency any target was measured at: a goal whose row is missing reads
+    // "not measured" instead of disappearing.
+    let mut concurrencies: Vec<usize> = s
+        .rate
+        .iter()
+        .flat_map(|r| r.by_concurrency.keys().copied())
+        .collect();
+    concurrencies.sort_unstable();
+    concurrencies.dedup();
+    if concurrencies.is_empty() {
+        out.push(at_least("connection rate × direct".into(), 0.95, None));
     }
+    let ts_rate = s.rate.iter().find(|r| r.target == ts);
+    for c in concurrencies {
+        out.push(at_least(
+            format!("connection rate × direct, concurrency {c}"),
+            0.95,
+            ts_rate
+                .and_then(|r| r.by_concurrency.get(&c))
+                .and_then(|f| f.ratio),
+        ));
+    }
+    let mut goal = at_least(
+        "peak connection rate × HAProxy's peak".into(),
+        2.0,
+        s.tcpshift_vs_haproxy,
+    );
+    // Clients and servers share the machine's CPUs: nothing can beat HAProxy by more than
+    // direct connections do.
+    if let Some(d) = s.direct_vs_haproxy {
+        goal.shown = format!("{}; bound: direct ÷ HAProxy = {}", goal.shown, d.show(3));
+    }
+    out.push(goal);
     let bulk = s
         .bulk
         .iter()
@@ -768,17 +837,28 @@ fn goals(s: &Summary) -> Vec<Goal> {
         let v = s
             .scale
             .iter()
-            .find(|r| r.services == 10_000 && r.subsets == subsets)
+            .find(|r| r.services == 10_000 && r.subsets == subsets && r.ports == 1)
             .and_then(|r| r.cost_vs_one_service);
-        if v.is_some() || s.scale.iter().any(|r| r.subsets == subsets) {
-            out.push(at_most(
-                format!("cost per connection, 10 000 services ÷ 1 service ({subsets} subsets)"),
-                1.05,
-                v,
-            ));
-        }
+        out.push(at_most(
+            format!(
+                "cost per connection, 10 000 services ÷ 1 service ({subsets} subsets, same \
+                 port and listeners)"
+            ),
+            1.05,
+            v,
+        ));
     }
-    if let Some(row) = s.split.iter().find(|r| r.target == ts) {
+    let split = s.split.iter().find(|r| r.target == ts);
+    if split.is_none() {
+        out.push(Goal {
+            name: "split error (points)".into(),
+            goal: "≤ 1".into(),
+            measured: None,
+            shown: "not measured".into(),
+            met: false,
+        });
+    }
+    if let Some(row) = split {
         out.push(Goal {
             name: format!(
                 "split error over {} connections (points; worst round {:.2})",
@@ -854,6 +934,14 @@ fn ratio_median(f: Option<&Figure>) -> String {
     }
 }
 
+/// Rows saying "not measured" for the targets of the run that `has` no figure for, so that a
+/// missing measurement shows instead of disappearing (`cells` columns after the target).
+fn not_measured(o: &mut String, s: &Summary, cells: usize, has: &dyn Fn(&str) -> bool) {
+    for t in s.targets.iter().filter(|t| !has(t)) {
+        let _ = writeln!(o, "| {t} |{}", " not measured |".repeat(cells));
+    }
+}
+
 /// The Markdown report: machine, headline table, goals, then every workload in detail.
 pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
     let mut o = String::new();
@@ -891,7 +979,10 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
     let _ = writeln!(
         o,
         "{} round(s); figures are medians over rounds, [min–max] where shown; ratios are taken \
-         against `direct` within the same round, then summarised.\n",
+         against `direct` within the same round, then summarised. `direct`: the client itself \
+         picks v1 or v2 at 80/20 (the same two backends, no steering at all); `direct-v1`: \
+         every connection to v1. Targets are interleaved within every round; – in the \
+         headline: not measured (or the baseline itself).\n",
         s.rounds
     );
 
@@ -974,13 +1065,16 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
             let cells: Vec<String> = concs
                 .iter()
                 .map(|c| {
-                    r.by_concurrency.get(c).map_or("–".into(), |f| {
+                    r.by_concurrency.get(c).map_or("not measured".into(), |f| {
                         format!("{} {}", spread(&f.value, 0), ratio(Some(f)))
                     })
                 })
                 .collect();
             let _ = writeln!(o, "| {} | {} | {} |", r.target, cells.join(" | "), r.errors);
         }
+        not_measured(&mut o, s, concs.len() + 1, &|t| {
+            s.rate.iter().any(|r| r.target == t && r.peak.is_some())
+        });
         if s.rate.iter().any(|r| !r.cpu_us.is_empty()) {
             let _ = writeln!(
                 o,
@@ -1043,6 +1137,7 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 l.errors
             );
         }
+        not_measured(&mut o, s, 6, &|t| s.latency.iter().any(|l| l.target == t));
     }
 
     // (c)
@@ -1068,6 +1163,7 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 b.errors
             );
         }
+        not_measured(&mut o, s, 3, &|t| s.bulk.iter().any(|b| b.target == t));
     }
 
     // (d)
@@ -1090,32 +1186,51 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
                 spread(&x.error_points, 2)
             );
         }
+        // direct-v1 sends everything to v1 by design: it has no split to measure.
+        not_measured(&mut o, s, 5, &|t| {
+            t == "direct-v1" || s.split.iter().any(|x| x.target == t)
+        });
     }
 
     // (e)
     if !s.scale.is_empty() {
         let _ = writeln!(
             o,
-            "\n### (e) Scale — tcpshift with many services (connections spread over all of them)\n"
+            "\n### (e) Scale — tcpshift with 1 to 10 000 services in the maps\n\n\
+             Rows with 1 port send the same traffic to the same service port and listeners \
+             whatever the number of services (sizes interleaved within each round): they \
+             measure the map size alone. A row with more ports spreads the connections over \
+             that many services (one listener each), and × 1 port compares it with the same \
+             map and all traffic on one port. The cost is the CPU time of all benchmark \
+             processes per connection, or the wall time per connection where marked (wall) \
+             (cgroup CPU time unavailable).\n"
         );
         let _ = writeln!(
             o,
-            "| services | subsets | conn/s | cost µs/conn (CPU) | × 1 service | sk_lookup ns/run | apply ms | register ms |"
+            "| services | subsets | ports | conn/s | cost µs/conn | × 1 service | × 1 port | sk_lookup ns/run | apply ms | register ms |"
         );
-        let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let nm = || "not measured".to_string();
         for x in &s.scale {
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 num(f64::from(x.services), 0),
                 x.subsets,
-                spread(&x.rate, 0),
-                spread(&x.us_per_connection, 2),
+                num(f64::from(x.ports), 0),
+                x.rate.map_or_else(nm, |r| spread(&r, 0)),
+                x.us_per_connection.map_or_else(nm, |c| format!(
+                    "{} ({})",
+                    spread(&c, 2),
+                    if x.cost_from_cpu { "CPU" } else { "wall" }
+                )),
                 x.cost_vs_one_service
                     .map_or("–".into(), |r| format!("×{}", spread(&r, 3))),
-                x.bpf_ns_per_run.map_or("–".into(), |v| spread(&v, 0)),
-                x.apply_ms.map_or("–".into(), |v| spread(&v, 0)),
-                x.register_ms.map_or("–".into(), |v| spread(&v, 0)),
+                x.cost_vs_one_port
+                    .map_or("–".into(), |r| format!("×{}", spread(&r, 3))),
+                x.bpf_ns_per_run.map_or_else(nm, |v| spread(&v, 0)),
+                x.apply_ms.map_or_else(nm, |v| spread(&v, 0)),
+                x.register_ms.map_or_else(nm, |v| spread(&v, 0)),
             );
         }
     }
@@ -1128,9 +1243,9 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
         );
         let _ = writeln!(
             o,
-            "| change | changes | duration µs | first connection on the new subset after return, µs | connections after return still on the old subset |"
+            "| change | changes | duration µs | first connection on the new subset after return, µs | connections after return still on the old subset | old subset, SYN in flight at the flip |"
         );
-        let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
         for f in &s.weight_change {
             let how = match f.how.as_str() {
                 "cli" => "`tcpshiftctl set-weight` (process)",
@@ -1139,12 +1254,14 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
             };
             let _ = writeln!(
                 o,
-                "| {how} | {} | {} | {} | {} of {} |",
+                "| {how} | {} | {} | {} | {} of {} | {} |",
                 f.changes,
                 spread(&f.update_us, 0),
-                f.first_follow_us.map_or("–".into(), |v| spread(&v, 0)),
+                f.first_follow_us
+                    .map_or("not measured".into(), |v| spread(&v, 0)),
                 f.stale_after,
-                f.after
+                f.after,
+                f.in_flight_old
             );
         }
     }
@@ -1165,6 +1282,7 @@ mod tests {
             round,
             services: None,
             subsets: None,
+            ports: None,
         }
     }
 
@@ -1174,6 +1292,7 @@ mod tests {
             concurrency: c,
             result: RateResult {
                 rate: r,
+                connections: 100,
                 ..RateResult::default()
             },
             bpf: None,
@@ -1234,6 +1353,8 @@ mod tests {
             line_bytes: 100,
             result: BulkResult {
                 mib_per_s: v,
+                bytes: 1 << 20,
+                verified_bytes: 1 << 20,
                 ..BulkResult::default()
             },
             cpu: None,
@@ -1253,10 +1374,12 @@ mod tests {
                 round: 1,
                 services: Some(n),
                 subsets: Some(2),
+                ports: Some(1),
             },
             concurrency: 4,
             result: RateResult {
                 rate: r,
+                connections: 100,
                 ..RateResult::default()
             },
             bpf: None,
@@ -1278,9 +1401,50 @@ mod tests {
         assert!(g("split").met);
         assert!((s.split[0].v2_percent.median - 20.5).abs() < 1e-9);
         assert_eq!(s.split[0].connections, 10_000);
-        let cost = g("10 000 services");
+        let cost = g("10 000 services ÷ 1 service (2 subsets");
         assert!(!cost.met, "{cost:?}");
         assert!((cost.measured.unwrap() - 1000.0 / 940.0).abs() < 1e-9);
+        // Not measured: shown, not met, and a problem for --check; never 0 µs.
+        let sixteen = g("(16 subsets");
+        assert_eq!((sixteen.measured, sixteen.met), (None, false));
+        assert_eq!(sixteen.shown, "not measured");
+        assert!(s.problems.iter().any(|p| p.contains("not measured: cost")));
+        let md = markdown(&s, &Value::Null, "cargo xtask bench --quick");
+        assert!(md.contains("(wall)"), "{md}");
+    }
+
+    #[test]
+    fn empty_samples_are_not_measured_rather_than_zero() {
+        let recs = vec![
+            Record::Latency {
+                labels: labels("direct", 1),
+                workers: 4,
+                result: PacedResult::default(),
+                cpu: None,
+            },
+            Record::Bulk {
+                labels: labels("tcpshift", 1),
+                connections: 2,
+                line_bytes: 100,
+                result: BulkResult {
+                    mib_per_s: 5.0,
+                    bytes: 100,
+                    ..BulkResult::default()
+                },
+                cpu: None,
+            },
+        ];
+        let s = summarise(&recs);
+        assert!(s.latency.is_empty(), "{:?}", s.latency);
+        let p99 = s.goals.iter().find(|g| g.name.contains("p99")).unwrap();
+        assert_eq!(p99.shown, "not measured");
+        assert!(
+            s.problems
+                .iter()
+                .any(|p| p.contains("bulk echo was not checked"))
+        );
+        let md = markdown(&s, &Value::Null, "x");
+        assert!(md.contains("| direct | not measured |"), "{md}");
         // Scale runs are not targets of the main comparison.
         assert_eq!(s.targets, ["direct", "tcpshift"]);
     }

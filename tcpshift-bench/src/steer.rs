@@ -250,9 +250,28 @@ pub struct FlipSample {
     pub stale_after: u64,
     /// Connections started after the change returned (until the next change).
     pub after: u64,
-    /// When the first stale connections started, µs after the change returned (at most 5).
+    /// Connections that went to the old subset and whose connect was under way when the
+    /// change returned (started before, handshake done after: a SYN possibly in flight at the
+    /// flip, steered before the maps changed). Not counted in `stale_after`.
+    #[serde(default)]
+    pub in_flight_old: u64,
+    /// Every connection that went to the old subset and finished its handshake after the
+    /// change returned (at most 20 per change): its timing and whether its SYN was in flight.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stale_at_us: Vec<f64>,
+    pub old_subset: Vec<OldSubsetConnection>,
+}
+
+/// A connection that reached the old subset although its handshake ended after the weight
+/// change returned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OldSubsetConnection {
+    /// Connect started, µs after the change returned (negative: before).
+    pub connect_start_us: f64,
+    /// Connect returned (handshake done), µs after the change returned.
+    pub connected_us: f64,
+    /// The connect started before the change returned: its SYN may have been steered before
+    /// the maps changed (in flight at the flip), so it says nothing against the change.
+    pub syn_in_flight: bool,
 }
 
 /// Flips a two-subset service between 100/0 and 0/100 `iterations` times each way, once with
@@ -264,8 +283,8 @@ pub fn weight_change(p: &FlipParams) -> Result<Vec<FlipSample>> {
     let to_a = [(p.a.0.clone(), 100), (p.b.0.clone(), 0)];
     state.set_weights(Some(&p.service), &to_a)?;
     let stop = AtomicBool::new(false);
-    // (connect start, went to b?) per probe.
-    let events: Mutex<Vec<(Instant, bool)>> = Mutex::new(Vec::new());
+    // (connect start, connect end, went to b?) per probe.
+    let events: Mutex<Vec<Event>> = Mutex::new(Vec::new());
     let prefix_b = p.b.1.as_bytes();
     let prefix_a = p.a.1.as_bytes();
     let mut flips: Vec<(String, Instant, Instant, bool)> = Vec::new();
@@ -279,7 +298,7 @@ pub fn weight_change(p: &FlipParams) -> Result<Vec<FlipSample>> {
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let t0 = Instant::now();
-                    let n = load::exchange(p.addr, &mut buf)
+                    let (n, connected) = load::exchange_timed(p.addr, &mut buf)
                         .with_context(|| format!("probe connection to {}", p.addr))?;
                     let prefix = &buf[..n];
                     if prefix != prefix_a && prefix != prefix_b {
@@ -289,7 +308,7 @@ pub fn weight_change(p: &FlipParams) -> Result<Vec<FlipSample>> {
                             String::from_utf8_lossy(LINE).trim_end()
                         );
                     }
-                    mine.push((t0, prefix == prefix_b));
+                    mine.push((t0, connected, prefix == prefix_b));
                 }
                 events.lock().map_err(|_| anyhow!("poisoned"))?.extend(mine);
                 Ok(())
@@ -340,38 +359,64 @@ pub fn weight_change(p: &FlipParams) -> Result<Vec<FlipSample>> {
     Ok(analyse_flips(&flips, &events))
 }
 
-/// For each flip `(how, before, after, to_b)`, looks at the connections started between its
-/// end and the next flip's start.
-fn analyse_flips(
-    flips: &[(String, Instant, Instant, bool)],
-    events: &[(Instant, bool)],
-) -> Vec<FlipSample> {
+/// A probe connection: connect start, connect end, whether it went to subset b.
+type Event = (Instant, Instant, bool);
+
+/// Most connections on the old subset listed per change.
+const OLD_LISTED: usize = 20;
+
+/// For each flip `(how, before, after, to_b)`, looks at the connections whose handshake ended
+/// after it returned and that started before the next flip did. Those started after the
+/// return are judged (`after`, `stale_after`); those started before are SYNs in flight at the
+/// flip, counted apart when they went to the old subset.
+fn analyse_flips(flips: &[(String, Instant, Instant, bool)], events: &[Event]) -> Vec<FlipSample> {
     let mut out = Vec::new();
+    let us = |t: Instant, at: Instant| {
+        if t >= at {
+            (t - at).as_secs_f64() * 1e6
+        } else {
+            -((at - t).as_secs_f64() * 1e6)
+        }
+    };
     for (i, (how, before, after, to_b)) in flips.iter().enumerate() {
         let until = flips.get(i + 1).map(|f| f.1);
         let window = events
             .iter()
-            .filter(|(t, _)| *t >= *after && until.is_none_or(|u| *t < u));
-        let (mut n, mut stale, mut first, mut stale_at_us) = (0, 0, None, Vec::new());
-        for (t, b) in window {
-            n += 1;
-            if b == to_b {
-                first.get_or_insert(*t);
-            } else {
-                stale += 1;
-                if stale_at_us.len() < 5 {
-                    stale_at_us.push((*t - *after).as_secs_f64() * 1e6);
-                }
-            }
-        }
-        out.push(FlipSample {
+            .filter(|(t, done, _)| *done >= *after && until.is_none_or(|u| *t < u));
+        let mut s = FlipSample {
             how: how.clone(),
             update_us: (*after - *before).as_secs_f64() * 1e6,
-            first_follow_us: first.map(|t: Instant| (t - *after).as_secs_f64() * 1e6),
-            stale_after: stale,
-            after: n,
-            stale_at_us,
-        });
+            first_follow_us: None,
+            stale_after: 0,
+            after: 0,
+            in_flight_old: 0,
+            old_subset: Vec::new(),
+        };
+        for (t, done, b) in window {
+            let in_flight = *t < *after;
+            if !in_flight {
+                s.after += 1;
+            }
+            if b == to_b {
+                if !in_flight {
+                    s.first_follow_us.get_or_insert(us(*t, *after));
+                }
+                continue;
+            }
+            if in_flight {
+                s.in_flight_old += 1;
+            } else {
+                s.stale_after += 1;
+            }
+            if s.old_subset.len() < OLD_LISTED {
+                s.old_subset.push(OldSubsetConnection {
+                    connect_start_us: us(*t, *after),
+                    connected_us: us(*done, *after),
+                    syn_in_flight: in_flight,
+                });
+            }
+        }
+        out.push(s);
     }
     out
 }
@@ -388,24 +433,40 @@ mod tests {
             ("cli".to_string(), at(100), at(200), true),
             ("library".to_string(), at(1000), at(1010), false),
         ];
+        // (start, connected, went to b)
+        let c = |us: u64, b: bool| (at(us), at(us + 5), b);
         let events = vec![
-            (at(150), false), // during the first change: ignored
-            (at(210), true),
-            (at(300), true),
-            (at(990), true),
-            (at(1005), true), // during the second change: ignored
-            (at(1020), true), // stale
-            (at(1050), false),
+            c(150, false),             // during the first change, done before it returned
+            (at(190), at(205), false), // SYN in flight at the first change's return
+            c(210, true),
+            c(300, true),
+            c(990, true),
+            c(1005, true), // in flight at the second change's return, on the old subset
+            c(1020, true), // stale
+            c(1050, false),
         ];
         let s = analyse_flips(&flips, &events);
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].how, "cli");
         assert_eq!(s[0].after, 3);
         assert_eq!(s[0].stale_after, 0);
+        assert_eq!(s[0].in_flight_old, 1);
+        assert_eq!(
+            s[0].old_subset,
+            [OldSubsetConnection {
+                connect_start_us: -10.0,
+                connected_us: 5.0,
+                syn_in_flight: true
+            }]
+        );
         assert!((s[0].first_follow_us.unwrap() - 10.0).abs() < 1e-6);
         assert!((s[0].update_us - 100.0).abs() < 1e-6);
         assert_eq!(s[1].after, 2);
         assert_eq!(s[1].stale_after, 1);
+        assert_eq!(s[1].in_flight_old, 1);
+        assert!(s[1].old_subset[0].syn_in_flight);
+        assert!(!s[1].old_subset[1].syn_in_flight);
+        assert!((s[1].old_subset[1].connect_start_us - 10.0).abs() < 1e-6);
         assert!((s[1].first_follow_us.unwrap() - 40.0).abs() < 1e-6);
     }
 }

@@ -77,15 +77,45 @@ fn check_message(message: &str) -> Result<(), TestCaseError> {
 fn check_config_error(e: &ConfigError) -> Result<(), TestCaseError> {
     let message = e.to_string();
     check_message(&message)?;
+    // The location must be known and shown in the message, not only claimed.
     let located = match e {
-        ConfigError::Invalid(l) => {
-            l.line.is_some() || l.field.as_ref().is_some_and(|f| !f.is_empty())
-        }
+        ConfigError::Invalid(l) => located_in(&message, l),
         // The whole (empty) text is the location.
         ConfigError::Empty { .. } => true,
-        ConfigError::Read { .. } | ConfigError::NotUtf8 { .. } => true,
+        ConfigError::NotUtf8 { line, .. } => message.contains(&format!(":{line}: ")),
+        ConfigError::Read { .. } => true,
     };
     prop_assert!(located, "no location in {message:?} ({e:?})");
+    Ok(())
+}
+
+/// Whether a located error shows its location in the message: `FILE:LINE[:COLUMN]: ` at the
+/// start when the line is known, else the object or the field path (its first characters).
+fn located_in(message: &str, l: &tcpshift::yaml::Located) -> bool {
+    match (l.line, l.column) {
+        (Some(line), Some(c)) => message.starts_with(&format!("{}:{line}:{c}: ", l.file)),
+        (Some(line), None) => message.starts_with(&format!("{}:{line}: ", l.file)),
+        (None, _) => {
+            let shown = |x: &Option<String>| {
+                x.as_deref().is_some_and(|x| {
+                    let head: String = x.chars().take(16).collect();
+                    !x.is_empty() && message.contains(&head)
+                })
+            };
+            shown(&l.field) || shown(&l.object)
+        }
+    }
+}
+
+/// A line an error points at must be in the input (or just past its end).
+fn check_line_in(text: &str, line: Option<usize>, message: &str) -> Result<(), TestCaseError> {
+    if let Some(l) = line {
+        let lines = text.lines().count();
+        prop_assert!(
+            (1..=lines + 1).contains(&l),
+            "line {l} of a {lines}-line input in {message:?}"
+        );
+    }
     Ok(())
 }
 
@@ -94,8 +124,9 @@ fn check_apply_error(e: &ApplyError) -> Result<(), TestCaseError> {
     let message = e.to_string();
     check_message(&message)?;
     let located = match e {
-        ApplyError::Invalid(l) => l.line.is_some() || l.field.is_some() || l.object.is_some(),
-        ApplyError::Empty { .. } | ApplyError::Read { .. } | ApplyError::NotUtf8 { .. } => true,
+        ApplyError::Invalid(l) => located_in(&message, l),
+        ApplyError::NotUtf8 { line, .. } => message.contains(&format!(":{line}: ")),
+        ApplyError::Empty { .. } | ApplyError::Read { .. } => true,
     };
     prop_assert!(located, "no location in {message:?} ({e:?})");
     Ok(())
@@ -114,20 +145,23 @@ fn parse_all_inner(text: &str) -> Result<Result<Config, ConfigError>, TestCaseEr
     let loader = Config::from_yaml_str(text, SOURCE);
     match &loader {
         Ok(c) => check_config_invariants(c)?,
-        Err(e) => check_config_error(e)?,
+        Err(e) => {
+            check_config_error(e)?;
+            check_line_in(text, e.location().map(|l| l.0), &e.to_string())?;
+        }
     }
     if let Err(e) = config::specs_from_yaml_str(text, SOURCE) {
         check_config_error(&e)?;
+        check_line_in(text, e.location().map(|l| l.0), &e.to_string())?;
     }
-    match Manifest::parse(text, SOURCE) {
-        Ok(m) => {
-            if !m.is_empty()
-                && let Err(e) = m.resolve(&[])
-            {
-                check_apply_error(&e)?;
-            }
-        }
-        Err(e) => check_apply_error(&e)?,
+    let applied = match Manifest::parse(text, SOURCE) {
+        Ok(m) if !m.is_empty() => m.resolve(&[]).err(),
+        Ok(_) => None,
+        Err(e) => Some(e),
+    };
+    if let Some(e) = applied {
+        check_apply_error(&e)?;
+        check_line_in(text, e.location().map(|l| l.0), &e.to_string())?;
     }
     Ok(loader)
 }

@@ -26,12 +26,38 @@ pub mod chaos;
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
 pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";
 
+/// Environment variable naming a file to which every skipped privileged test appends its
+/// name (one a line), so that a summary reports them as skipped rather than passed.
+pub const SKIPPED_FILE_VAR: &str = "TCPSHIFT_SKIPPED_FILE";
+
 /// Checks that privileged tests can run. Returns `false` (the test should return early) only
 /// when the user opted out with `TCPSHIFT_SKIP_PRIVILEGED=1`; otherwise a missing privilege
 /// fails the test with the reason.
+///
+/// A skipped test still counts as passed for `cargo test`; so that a summary can say it was
+/// skipped, its name is appended to the file named by [`SKIPPED_FILE_VAR`] when that is set
+/// (`cargo xtask test` does).
 pub fn privileged() -> bool {
     if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
-        eprintln!("skipped: {SKIP_VAR}=1 (privileged tests explicitly disabled)");
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("(unnamed test)")
+            .to_string();
+        eprintln!("skipped: {test}: {SKIP_VAR}=1 (privileged tests explicitly disabled)");
+        if let Some(path) = std::env::var_os(SKIPPED_FILE_VAR) {
+            use std::io::Write as _;
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{test}"));
+            if let Err(e) = written {
+                panic!(
+                    "cannot note the skipped test in {}: {e}",
+                    std::path::Path::new(&path).display()
+                );
+            }
+        }
         return false;
     }
     // SAFETY: geteuid has no preconditions.

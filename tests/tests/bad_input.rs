@@ -535,6 +535,118 @@ fn cases(ns: &TestNs) -> Result<Vec<Case>> {
     ])
 }
 
+/// What each case's error must say: a fragment of its reason (any non-zero exit with any
+/// message is not enough: the right check must have refused the input).
+const REASONS: &[(&str, &str)] = &[
+    ("sw: not a number", "is not a non-negative integer"),
+    ("sw: negative", "cannot be negative"),
+    ("sw: exponent", "is not a non-negative integer"),
+    ("sw: fraction", "is not a non-negative integer"),
+    ("sw: full-width digits", "is not a non-negative integer"),
+    ("sw: unknown subset", "unknown subset \"v3\""),
+    ("sw: empty argument", "missing '='"),
+    ("sw: no assignment", "required arguments were not provided"),
+    ("sw: unknown service", "no service named \"nope\""),
+    ("sw: above u64", "too large"),
+    ("sw: above max weight", "too large"),
+    ("sw: percent above 100", "percentages from 0 to 100"),
+    ("sw: all zero", "all weights are 0"),
+    ("sw: subset twice", "named twice"),
+    ("sw: non-UTF-8 bytes", "invalid UTF-8"),
+    ("sw: 100 000-byte subset name", "unknown subset"),
+    ("apply: truncated YAML", "truncated.yaml:"),
+    ("apply: 64 KiB binary garbage", "not valid UTF-8"),
+    ("apply: NUL bytes", "control characters"),
+    ("apply: UTF-16 file", "not valid UTF-8"),
+    ("apply: 10 MB service name", "10mb-name.yaml:"),
+    ("apply: 100 MB sparse file", "larger than 64 MiB"),
+    ("apply: /dev/zero", "larger than 64 MiB"),
+    ("apply: alias bomb", "repetition limit"),
+    ("apply: 200 000 nested [", "nested deeper than"),
+    ("apply: 3000 nested mappings", "recursion limit"),
+    ("apply: unknown field", "unknown-field.yaml:"),
+    ("apply: weight as string", "wrong-types.yaml:"),
+    ("apply: negative weight", "bad-weight.yaml:"),
+    ("apply: unknown subset", "unknown-subset.yaml:"),
+    ("apply: port mismatch", "port"),
+    ("apply: HTTP route", "HTTP routes are not supported"),
+    ("apply: all weights 0", "all weights are 0"),
+    ("apply: weight above max", "too large"),
+    ("apply: fractional weights", "79.5"),
+    ("apply: unknown kind", "Deployment"),
+    ("apply: duplicate service", "duplicate entry"),
+    ("apply: duplicate key", "duplicate entry"),
+    ("apply: listen conflict", "31400"),
+    ("apply: host name address", "localhost"),
+    ("apply: weights given twice", "weights both here and"),
+    ("apply: 17 subsets", "at most 16"),
+    ("apply: tab indentation", "tab-indent.yaml:2"),
+    ("apply: empty file", "no YAML documents"),
+    ("apply: only comments", "no YAML documents"),
+    ("apply: a directory", "Is a directory"),
+    ("apply: nonexistent path", "No such file or directory"),
+    ("apply: non-UTF-8 path", "invalid UTF-8"),
+    (
+        "apply: good file then garbage",
+        "garbage.bin:1: not valid UTF-8",
+    ),
+    ("apply --dry-run: garbage", "not valid UTF-8"),
+    ("apply: garbage on stdin", "<stdin>:1: not valid UTF-8"),
+    ("delete: unknown service", "not found: service/nope"),
+    ("delete: known and unknown", "not found: service/nope"),
+    (
+        "delete: unknown VirtualService",
+        "not found: virtualservice/nope",
+    ),
+    ("delete: unknown kind", "cannot delete \"pod\""),
+    ("delete: nothing named", "nothing to delete"),
+    ("delete -f: garbage", "not valid UTF-8"),
+    ("get: unknown service", "no service named \"nope\""),
+    ("get: unknown format", "'xml'"),
+    ("top: interval 0", "--interval 0"),
+    ("top: interval NaN", "--interval NaN"),
+    ("ctl: unknown command", "frobnicate"),
+    ("netns: nonexistent", "/run/netns/nonexistent"),
+    ("netns: a mount namespace", "is not a network namespace"),
+    ("netns: a regular file", "is not a network namespace"),
+    ("netns: a FIFO", "is not a network namespace"),
+    ("d: truncated YAML", "truncated.yaml:"),
+    ("d: binary garbage", "not valid UTF-8"),
+    ("d: 10 MB service name", "10mb-name.yaml:"),
+    ("d: 100 MB sparse file", "larger than 64 MiB"),
+    ("d: /dev/zero", "larger than 64 MiB"),
+    ("d: alias bomb", "alias-bomb.yaml:"),
+    ("d: all weights 0", "all weights are 0"),
+    ("d: unknown field", "unknown field `wieghts`"),
+    ("d: negative weight", "is negative"),
+    ("d: Istio manifest", "unknown field `apiVersion`"),
+    ("d: empty file", "the configuration is empty"),
+    ("d: a directory", "Is a directory"),
+    ("d: nonexistent", "No such file or directory"),
+    ("d: non-UTF-8 path", "No such file or directory"),
+    ("d: valid config, bad netns", "/run/netns/nonexistent"),
+    (
+        "d: valid config, mnt namespace",
+        "is not a network namespace",
+    ),
+    ("d: bad log level", "'loud'"),
+    ("d: bad metrics address", "'localhost'"),
+    (
+        "d: valid config, unbindable metrics address",
+        "cannot listen on 192.0.2.1:9464",
+    ),
+    (
+        "d: valid config, debug, unbindable metrics address",
+        "cannot listen on 192.0.2.1:9464",
+    ),
+    ("d: negative scan interval", "'-5'"),
+];
+
+/// The fragment of the reason `case` must give.
+fn expected_reason(case: &str) -> Option<&'static str> {
+    REASONS.iter().find(|(n, _)| *n == case).map(|(_, r)| *r)
+}
+
 #[test]
 fn malformed_inputs_fail_clearly_and_change_nothing() -> Result<()> {
     if !privileged() {
@@ -587,6 +699,13 @@ fn malformed_inputs_fail_clearly_and_change_nothing() -> Result<()> {
         }
         if outcome.stderr.trim().is_empty() {
             problems.push("no message".into());
+        }
+        match expected_reason(case.name) {
+            Some(reason) if !outcome.stderr.contains(reason) => {
+                problems.push(format!("the message does not say {reason:?}"));
+            }
+            Some(_) => {}
+            None => problems.push("no expected reason for this case in REASONS".into()),
         }
         if outcome.stderr.contains("panicked at") || outcome.stderr.contains("RUST_BACKTRACE") {
             problems.push("panic".into());
@@ -679,8 +798,39 @@ fn a_backend_listening_in_another_namespace_is_not_registered() -> Result<()> {
     poll_until(Duration::from_secs(10), "v1 live", || {
         Ok((subset(&ns.status()?, "v1").context("v1")?["live"] == true).then_some(()))
     })?;
-    // Several scans of tcpshiftd later, v2 is still not registered.
-    std::thread::sleep(scaled(Duration::from_millis(1500)));
+    // Several scans of tcpshiftd later, v2 is still not registered. A scan is observed by
+    // what it does: a backend started after the apply (of a marker service) can only be
+    // registered by tcpshiftd's scan, and that scan looked at v2 too. Two markers, one after
+    // the other: at least two scans.
+    for (k, port) in [(1u16, 9011u16), (2, 9012)] {
+        let marker = ns.file(&format!("marker-{k}.yaml"));
+        std::fs::write(
+            &marker,
+            format!(
+                "services:\n  marker-{k}:\n    listen: {}\n    subsets: {{marker{k}: \
+                 127.0.0.1:{port}}}\n",
+                31410 + k
+            ),
+        )?;
+        let out = ns.ctl(&["apply", "-f", &marker.display().to_string()])?;
+        ensure!(
+            out.status.success(),
+            "apply marker {k}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ns.echo("127.0.0.1", port, &format!("marker{k}"))?;
+        poll_until(
+            scaled(Duration::from_secs(10)),
+            &format!("tcpshiftd's scan registered marker{k}"),
+            || {
+                Ok(
+                    (subset(&ns.status()?, &format!("marker{k}")).context("marker")?["live"]
+                        == true)
+                        .then_some(()),
+                )
+            },
+        )?;
+    }
     let status = ns.status()?;
     assert_eq!(
         subset(&status, "v2").context("v2")?["live"],

@@ -15,9 +15,13 @@ fn short_fault_suite_loses_no_connection() -> Result<()> {
     }
     let report = chaos::run(&Options::short(), &mut |line| eprintln!("chaos: {line}"))?;
     eprintln!("{}", report.table());
-    // Every phase carried load: a table of zeros without connections would prove nothing.
-    for row in &report.rows {
+    // Every fault's phase carried load: a table of zeros without connections would prove
+    // nothing (goal_met fails such a row too; this names it).
+    for row in report.rows.iter().filter(|r| r.is_fault) {
         assert!(row.attempted > 0, "no connection during {:?}", row.fault);
     }
+    // Every record of the load is counted in exactly one row.
+    assert_eq!(report.counted(), report.records, "{}", report.table());
+    assert!(report.records > 0);
     chaos::check(&report)
 }

@@ -536,6 +536,15 @@ fn eight_processes_applying_concurrently_lose_nothing() -> Result<()> {
             files.push((k, r, path));
         }
     }
+    // The shared service exists before the writers start, so that every concurrent
+    // set-weight on it has something to change and must succeed.
+    let initial = ns.file("shared.yaml");
+    std::fs::write(
+        &initial,
+        "services:\n  shared:\n    listen: 31400\n    subsets: {v1: 127.0.0.2:9000, v2: \
+         127.0.0.3:9000}\n    weights: {v1: 1, v2: 1}\n",
+    )?;
+    apply(&ns, &[&initial.display().to_string()])?;
     for r in 0..ROUNDS {
         let mut children = Vec::new();
         for (k, _, path) in files.iter().filter(|(_, fr, _)| *fr == r) {
@@ -546,17 +555,24 @@ fn eight_processes_applying_concurrently_lose_nothing() -> Result<()> {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()?;
-            children.push((k, child));
+            children.push((format!("apply by writer {k}, round {r}"), child));
         }
-        // set-weight runs in between: it too takes the lock.
-        for _ in 0..4 {
-            ns.ctl(&["set-weight", "--service", "shared", "v1=1", "v2=1"])?;
+        // set-weight processes run at the same time: they too take the lock, and each must
+        // succeed.
+        for i in 0..4 {
+            let child = Command::new(bin_dir().join("tcpshiftctl"))
+                .args(["set-weight", "--service", "shared", "v1=1", "v2=1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            children.push((format!("set-weight {i}, round {r}"), child));
         }
-        for (k, child) in children {
+        for (what, child) in children {
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!(
-                    "writer {k} round {r} failed: {}",
+                    "{what} failed ({}): {}",
+                    out.status,
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
@@ -573,7 +589,8 @@ fn eight_processes_applying_concurrently_lose_nothing() -> Result<()> {
         }
     }
     assert_eq!(map.len(), usize::from(WRITERS * ROUNDS) + 1);
-    // The shared service is exactly one writer's version: its weights and the VirtualService
+    // No write was lost: the last round's set-weights and applies all succeeded, so the
+    // shared service is exactly one writer's version: its weights and the VirtualService
     // recorded with them come from the same file (or from the last set-weight, 1/1).
     let w = weights(&services, "shared");
     let vs: Value = get_json(&ns, &["services"])?;

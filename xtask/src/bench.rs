@@ -3,9 +3,11 @@
 //!
 //! Everything runs in `tcpshift-bench-<pid>`: one tcp-echo per backend (v1 "one" on 9001,
 //! v2 "two" on 9002) that every target shares, HAProxy and nginx (idle unless measured), and
-//! per round, for one target at a time: tcpshift (tcpshiftd, uninstalled afterwards) or the
-//! nftables table (deleted afterwards, with the connection tracking table emptied), so that
-//! nothing of one target is in the path of another. The load generator is `tcpshift-load`
+//! per round and workload, for one target at a time: tcpshift (tcpshiftd, uninstalled
+//! afterwards) or the nftables table (deleted afterwards, with the connection tracking table
+//! emptied), so that nothing of one target is in the path of another. The baseline, `direct`,
+//! is the client itself picking v1 or v2 at 80/20 (no steering, the same two backends);
+//! `direct-v1` sends everything to v1. The load generator is `tcpshift-load`
 //! (crate `tcpshift-bench`); it prints one JSON record per measurement into
 //! `target/bench/raw.jsonl`, and `tcpshift-load report` turns them into `results.json`,
 //! `results.md` and `chart.png`.
@@ -43,7 +45,7 @@ pub struct BenchArgs {
     latency_rate: f64,
 }
 
-/// Service ports of the targets (direct goes to v1 itself).
+/// Service ports of the targets (direct goes to the backends themselves).
 const TCPSHIFT_PORT: u16 = 31400;
 const NFT_PORT: u16 = 31401;
 const HAPROXY_PORT: u16 = 31402;
@@ -57,7 +59,11 @@ const MAX_FAILURES: usize = 10;
 /// One compared target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
+    /// The baseline: the client itself picks v1 or v2 at 80/20 (the same two backends as
+    /// every other target, no steering at all).
     Direct,
+    /// Every connection straight to v1 (one backend: a secondary row).
+    DirectV1,
     Tcpshift,
     Nftables,
     Haproxy,
@@ -65,8 +71,9 @@ enum Target {
 }
 
 impl Target {
-    const ALL: [Target; 5] = [
+    const ALL: [Target; 6] = [
         Target::Direct,
+        Target::DirectV1,
         Target::Tcpshift,
         Target::Nftables,
         Target::Haproxy,
@@ -76,6 +83,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::DirectV1 => "direct-v1",
             Target::Tcpshift => "tcpshift",
             Target::Nftables => "nftables",
             Target::Haproxy => "haproxy",
@@ -85,7 +93,8 @@ impl Target {
 
     fn addr(self) -> String {
         match self {
-            Target::Direct => peers::V1.to_string(),
+            Target::Direct => format!("{}*80,{}*20", peers::V1, peers::V2),
+            Target::DirectV1 => peers::V1.to_string(),
             Target::Tcpshift => format!("127.0.0.1:{TCPSHIFT_PORT}"),
             Target::Nftables => format!("127.0.0.1:{NFT_PORT}"),
             Target::Haproxy => format!("127.0.0.1:{HAPROXY_PORT}"),
@@ -148,9 +157,6 @@ struct Plan {
     scale_rounds: u32,
     scale_concurrency: usize,
     flips: usize,
-    /// Measure every workload of a target in one go (one setup per target and round)
-    /// instead of every target for each workload (closer pairs, more setups).
-    group_by_target: bool,
 }
 
 impl Plan {
@@ -170,11 +176,10 @@ impl Plan {
                 bulk_duration: 0.3,
                 split_connections: 2_000,
                 scale_services: vec![1, 100, 10_000],
-                scale_subsets: vec![2],
                 scale_rounds: 1,
                 scale_concurrency: 4,
+                scale_subsets: vec![2, 16],
                 flips: 3,
-                group_by_target: true,
             }
         } else {
             let rounds = args.rounds.unwrap_or(5);
@@ -193,7 +198,6 @@ impl Plan {
                 scale_rounds: rounds.min(3),
                 scale_concurrency: 4,
                 flips: 10,
-                group_by_target: false,
             }
         };
         if plan.rounds == 0 || plan.rounds > 100 {
@@ -339,25 +343,17 @@ impl Bench {
         let nft_conf = self.out.join("nftables.conf");
         peers::write(&nft_conf, &peers::nftables_conf(NFT_PORT))?;
         let workloads = self.plan.workloads();
+        // Targets are interleaved within every round (with --quick too): each workload
+        // measures every target back to back, so that a change of the machine's load over
+        // the run hits all of them alike.
         for round in 1..=self.plan.rounds {
-            if self.plan.group_by_target {
-                for target in rotated(round as usize - 1) {
+            for (wi, w) in workloads.iter().enumerate() {
+                // A different target goes first each time, so that none is always measured
+                // right after a setup.
+                for target in rotated(round as usize - 1 + wi) {
                     self.with_target(target, &main_config, &nft_conf, |b| {
-                        for w in &workloads {
-                            b.workload(*w, target, round)?;
-                        }
-                        Ok(())
+                        b.workload(*w, target, round)
                     })?;
-                }
-            } else {
-                for (wi, w) in workloads.iter().enumerate() {
-                    // A different target goes first each time, so that none is always
-                    // measured right after a setup.
-                    for target in rotated(round as usize - 1 + wi) {
-                        self.with_target(target, &main_config, &nft_conf, |b| {
-                            b.workload(*w, target, round)
-                        })?;
-                    }
                 }
             }
         }
@@ -514,8 +510,8 @@ impl Bench {
                 ],
                 p.warmup + p.bulk_duration,
             )?,
-            // Direct goes to v1 only: its split says nothing.
-            Workload::Split if target == Target::Direct => true,
+            // direct-v1 goes to v1 only: its split says nothing.
+            Workload::Split if target == Target::DirectV1 => true,
             Workload::Split => self.measure_one(
                 &labels,
                 &[
@@ -535,78 +531,108 @@ impl Bench {
         Ok(())
     }
 
-    /// (e) tcpshift with 1 to 10 000 services: each map size is set up once (10 000
-    /// services × 16 subsets take a minute) and measured `scale_rounds` times.
+    /// (e) tcpshift with 1 to 10 000 services. The map size alone: every size gets the same
+    /// traffic (all connections to the first service's port, the same listeners), and the
+    /// sizes are interleaved within each round (each is set up afresh per round: 10 000
+    /// services × 16 subsets take a minute). The port-spread effect is measured apart: with
+    /// the largest map, connections spread over every service's port as well.
     fn scale(&mut self) -> Result<()> {
         let p = self.plan.clone();
-        for &n in &p.scale_services {
-            for &s in &p.scale_subsets {
-                check_interrupted()?;
-                let path = self.out.join(format!("scale-{n}x{s}.yaml"));
-                peers::write(
-                    &path,
-                    &peers::scale_yaml(n, s, SCALE_FIRST_PORT, SCALE_BACKEND_PORT),
-                )?;
-                let labels = |round: u32| {
-                    [
-                        "--target",
-                        "tcpshift",
-                        "--round",
-                        &round.to_string(),
-                        "--services",
-                        &n.to_string(),
-                        "--subsets",
-                        &s.to_string(),
-                    ]
-                    .map(str::to_string)
-                };
-                let cpu: Vec<String> = self.cpu.iter().flatten().cloned().collect();
-                step(format_args!("scale: {n} services × {s} subsets: set up"));
-                self.env.load(
-                    &self.load,
-                    &["uninstall".to_string()],
-                    Duration::from_secs(60),
-                )?;
-                let populated = self.measure_one(
-                    &labels(1),
-                    &["populate", "--config", &path.display().to_string()],
-                    100.0,
-                )?;
-                if populated {
-                    let last = u32::from(SCALE_FIRST_PORT) + n - 1;
-                    let addrs = format!("127.0.0.1:{SCALE_FIRST_PORT}-{last}");
-                    for round in 1..=p.scale_rounds {
-                        step(format_args!(
-                            "scale: {n} services × {s} subsets: round {round}/{}",
-                            p.scale_rounds
-                        ));
-                        let mut l = labels(round).to_vec();
-                        l.extend(cpu.iter().cloned());
-                        self.measure_one(
-                            &l,
-                            &[
-                                "rate",
-                                "--addr",
-                                &addrs,
-                                "--concurrency",
-                                &p.scale_concurrency.to_string(),
-                                "--warmup",
-                                &p.warmup.to_string(),
-                                "--duration",
-                                &p.duration.to_string(),
-                                "--bpf-stats",
-                            ],
-                            p.warmup + p.duration,
-                        )?;
-                    }
+        let largest = p.scale_services.iter().copied().max().unwrap_or(0);
+        for round in 1..=p.scale_rounds {
+            let sizes = p.scale_services.len();
+            for i in 0..sizes {
+                let n = p.scale_services[(i + round as usize - 1) % sizes];
+                for &s in &p.scale_subsets {
+                    check_interrupted()?;
+                    self.scale_one(n, s, round, n == largest)?;
                 }
-                self.env.load(
-                    &self.load,
-                    &["uninstall".to_string()],
-                    Duration::from_secs(60),
+            }
+        }
+        Ok(())
+    }
+
+    /// One map size in one round: set up, measure on one port (and over all ports when
+    /// `spread`), tear down.
+    fn scale_one(&mut self, n: u32, s: u32, round: u32, spread: bool) -> Result<()> {
+        let p = self.plan.clone();
+        let path = self.out.join(format!("scale-{n}x{s}.yaml"));
+        if !path.exists() {
+            peers::write(
+                &path,
+                &peers::scale_yaml(n, s, SCALE_FIRST_PORT, SCALE_BACKEND_PORT),
+            )?;
+        }
+        let labels = |ports: Option<u32>| {
+            let mut l: Vec<String> = [
+                "--target",
+                "tcpshift",
+                "--round",
+                &round.to_string(),
+                "--services",
+                &n.to_string(),
+                "--subsets",
+                &s.to_string(),
+            ]
+            .map(str::to_string)
+            .to_vec();
+            if let Some(ports) = ports {
+                l.extend(["--ports".to_string(), ports.to_string()]);
+            }
+            l
+        };
+        let cpu: Vec<String> = self.cpu.iter().flatten().cloned().collect();
+        step(format_args!(
+            "scale, round {round}/{}: {n} services × {s} subsets: set up",
+            p.scale_rounds
+        ));
+        self.env.load(
+            &self.load,
+            &["uninstall".to_string()],
+            Duration::from_secs(60),
+        )?;
+        let populated = self.measure_one(
+            &labels(None),
+            &["populate", "--config", &path.display().to_string()],
+            100.0,
+        )?;
+        if populated {
+            let last = u32::from(SCALE_FIRST_PORT) + n - 1;
+            let mut runs = vec![(1, format!("127.0.0.1:{SCALE_FIRST_PORT}"))];
+            if spread && n > 1 {
+                runs.push((n, format!("127.0.0.1:{SCALE_FIRST_PORT}-{last}")));
+            }
+            for (ports, addrs) in runs {
+                step(format_args!(
+                    "scale, round {round}/{}: {n} services × {s} subsets, traffic on {ports} \
+                     port(s)",
+                    p.scale_rounds
+                ));
+                let mut l = labels(Some(ports));
+                l.extend(cpu.iter().cloned());
+                self.measure_one(
+                    &l,
+                    &[
+                        "rate",
+                        "--addr",
+                        &addrs,
+                        "--concurrency",
+                        &p.scale_concurrency.to_string(),
+                        "--warmup",
+                        &p.warmup.to_string(),
+                        "--duration",
+                        &p.duration.to_string(),
+                        "--bpf-stats",
+                    ],
+                    p.warmup + p.duration,
                 )?;
             }
         }
+        self.env.load(
+            &self.load,
+            &["uninstall".to_string()],
+            Duration::from_secs(60),
+        )?;
         Ok(())
     }
 

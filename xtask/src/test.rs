@@ -15,6 +15,9 @@ use crate::{
 
 /// Variable that makes the privileged integration tests return early (see `tests/src/lib.rs`).
 const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";
+/// File to which each skipped privileged test appends its name (see `tests/src/lib.rs`):
+/// cargo counts them as passed, the summary reports them as skipped.
+const SKIPPED_FILE_VAR: &str = "TCPSHIFT_SKIPPED_FILE";
 
 /// The cargo feature that tcpshift-user's `commit` test needs (it is skipped without it).
 const FAILPOINTS: &str = "tcpshift-user/failpoints";
@@ -41,8 +44,19 @@ pub fn test(unprivileged: bool, extra: &[String]) -> Result<()> {
     if skip {
         cargo.env(SKIP_VAR, "1");
     }
+    let skipped_file = cmd::target_dir()?.join("test-skipped.txt");
+    if skipped_file.exists() {
+        std::fs::remove_file(&skipped_file)
+            .with_context(|| format!("cannot remove {}", skipped_file.display()))?;
+    }
+    cargo.env(SKIPPED_FILE_VAR, &skipped_file);
     let (status, outcomes) = run_collecting(cargo)?;
-    summarize(status, &outcomes, &skip_note)
+    let skipped: Vec<String> = std::fs::read_to_string(&skipped_file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    summarize(status, &outcomes, &skipped, &skip_note)
 }
 
 /// Says up front whether privileged tests run; returns the note for the final line.
@@ -120,8 +134,14 @@ fn describe(running: &str) -> String {
     format!("{what} [{name}]")
 }
 
-/// Prints one line per test binary and a total; fails when cargo test failed.
-fn summarize(status: ExitStatus, outcomes: &[Outcome], skip_note: &str) -> Result<()> {
+/// Prints one line per test binary and a total, with the privileged tests that returned
+/// early (`skipped`: cargo counted them as passed) as skipped; fails when cargo test failed.
+fn summarize(
+    status: ExitStatus,
+    outcomes: &[Outcome],
+    skipped: &[String],
+    skip_note: &str,
+) -> Result<()> {
     println!();
     say("test summary");
     let mut totals = [0u64; 3];
@@ -132,8 +152,17 @@ fn summarize(status: ExitStatus, outcomes: &[Outcome], skip_note: &str) -> Resul
         }
     }
     let [passed, failed, ignored] = totals;
+    let skipped_n = skipped.len() as u64;
+    if !skipped.is_empty() {
+        println!(
+            "  skipped (privileged, counted as passed by cargo): {}",
+            skipped.join(", ")
+        );
+    }
     let line = format!(
-        "{passed} passed, {failed} failed, {ignored} ignored in {} test binaries{skip_note}",
+        "{} passed, {skipped_n} skipped, {failed} failed, {ignored} ignored in {} test \
+         binaries{skip_note}",
+        passed.saturating_sub(skipped_n),
         outcomes.len()
     );
     if !status.success() {

@@ -50,12 +50,16 @@ struct LabelArgs {
     /// Subsets per service (scale runs), recorded with the result.
     #[arg(long, global = true)]
     subsets: Option<u32>,
+    /// Service ports the load is spread over (scale runs), recorded with the result.
+    #[arg(long, global = true)]
+    ports: Option<u32>,
 }
 
 /// Where the load goes.
 #[derive(Args, Debug)]
 struct Addrs {
-    /// Comma-separated IP:PORT or IP:FIRST-LAST; each connection picks one at random.
+    /// Comma-separated IP:PORT or IP:FIRST-LAST, each optionally followed by *WEIGHT; each
+    /// connection picks one at random, in proportion to the weights (default 1).
     #[arg(long, value_parser = parse_addr_list)]
     addr: AddrList,
 }
@@ -235,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         round: cli.labels.round,
         services: cli.labels.services,
         subsets: cli.labels.subsets,
+        ports: cli.labels.ports,
     };
     let mut meter = cli
         .cpu_cgroup

@@ -339,4 +339,4 @@ impl State {
 }
 
 /// Name of the userspace-only map of per-service annotations (see [`Annotation`]).
-const ROUTES: &str = "TS_ROUTES";
+const ROUTES: &str = tcpshift_common::map_names::ROUTES;

@@ -2,10 +2,7 @@
 //! changed all or nothing (see [`tcpshift::istio`]); then the new subsets' sockets are
 //! registered.
 
-use std::{
-    collections::{HashMap, HashSet},
-    fmt,
-};
+use std::collections::HashSet;
 
 use anyhow::Result;
 use clap::Args;
@@ -32,49 +29,6 @@ pub struct ApplyArgs {
     pub dry_run: bool,
 }
 
-/// Returned by the resolver of a dry run so that nothing is written.
-#[derive(Debug)]
-struct DryRun;
-
-impl fmt::Display for DryRun {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("dry run")
-    }
-}
-
-impl std::error::Error for DryRun {}
-
-/// What applying `plan` would do to each service, without writing (for `--dry-run`).
-fn predicted(plan: &Plan, views: &[ServiceView]) -> Vec<(String, Change)> {
-    let by_name: HashMap<&str, &ServiceView> =
-        views.iter().map(|v| (v.config.name.as_str(), v)).collect();
-    plan.services
-        .iter()
-        .map(|s| {
-            let change = match by_name.get(s.config.name.as_str()) {
-                None => Change::Created,
-                Some(v) => {
-                    let same_definition = v.config.listen.same_key(&s.config.listen)
-                        && v.config.subsets.len() == s.config.subsets.len()
-                        && v.config
-                            .subsets
-                            .iter()
-                            .zip(&s.config.subsets)
-                            .all(|(a, b)| a.name == b.name && a.addr == b.addr);
-                    if !same_definition {
-                        Change::Redefined
-                    } else if v.config.weights() != s.config.weights() {
-                        Change::Reweighted
-                    } else {
-                        Change::Unchanged
-                    }
-                }
-            };
-            (s.config.name.clone(), change)
-        })
-        .collect()
-}
-
 /// The objects of every file (`-`: standard input) together; an error if there are none.
 pub fn read_manifest(files: &[String]) -> Result<Manifest> {
     let mut manifest = Manifest::default();
@@ -92,22 +46,18 @@ pub fn run(netns: &Netns, args: ApplyArgs) -> Result<()> {
     let manifest = read_manifest(&args.files)?;
     let mut state = State::open(netns)?;
     let mut planned: Option<Plan> = None;
-    let mut dry: Vec<(String, Change)> = Vec::new();
-    let result = state.apply_with(|views: &[ServiceView]| -> Result<Desired> {
+    // The dry run is the plan the real apply would commit, computed by the library under the
+    // same lock, with nothing written.
+    let resolve = |views: &[ServiceView]| -> Result<Desired> {
         let plan = manifest.resolve(views)?;
         let desired = plan.desired();
-        if args.dry_run {
-            dry = predicted(&plan, views);
-            planned = Some(plan);
-            return Err(DryRun.into());
-        }
         planned = Some(plan);
         Ok(desired)
-    });
-    let changes = match result {
-        Ok(changes) => changes,
-        Err(e) if e.downcast_ref::<DryRun>().is_some() => dry,
-        Err(e) => return Err(e),
+    };
+    let changes = if args.dry_run {
+        state.plan_with(resolve)?
+    } else {
+        state.apply_with(resolve)?
     };
     let plan = planned.unwrap_or_default();
     for w in &plan.warnings {
