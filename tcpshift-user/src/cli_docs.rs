@@ -102,9 +102,20 @@ pub fn try_parse<T: Parser>() -> Result<T, clap::Error> {
 pub fn try_parse_from<T: Parser>(
     args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
 ) -> Result<T, clap::Error> {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    // Named after the program as invoked (`tcpshiftd`, not the crate), as in its usage line.
+    let program = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     let mut cmd = with_doc_commands(T::command());
+    if let Some(program) = program {
+        cmd = cmd.name(program);
+    }
+    // The documentation is made from the definition before parsing adds `help` to it.
+    let unparsed = cmd.clone();
     let mut matches = cmd.try_get_matches_from_mut(args)?;
-    if let Some(outcome) = doc_command(&cmd, &matches) {
+    if let Some(outcome) = doc_command(&unparsed, &matches) {
         let name = cmd.get_name().to_owned();
         match outcome {
             Ok(()) => std::process::exit(0),
