@@ -12,6 +12,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader},
+    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -280,6 +281,36 @@ fn tcpshiftd_as_a_non_root_user_with_only_the_documented_capabilities_runs_the_s
     assert!(text.contains("adopted pinned state"), "{text}");
     let counts = count_prefixes(seed_addr(), 100)?;
     assert_eq!(counts.get("two"), Some(&100), "{counts:?}");
+
+    // Root's `tcpshiftctl apply` pins a map of its own (the annotations) into the daemon's
+    // state; the daemon keeps working with it: a restarted backend is registered again.
+    let services = ns.file("services.yaml");
+    fs::write(
+        &services,
+        "services:\n  extra:\n    listen: 31401\n    subsets: {v1: 127.0.0.1:9003}\n",
+    )?;
+    bpffs.ctl(&["apply", "-f", &services.display().to_string()])?;
+    ns.echo("127.0.0.1", 9003, "three")?;
+    poll_until(
+        Duration::from_secs(15),
+        "extra's backend registered",
+        || {
+            if let Some(status) = daemon.0.try_wait()? {
+                bail!(
+                    "tcpshiftd exited ({status}); its log:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let status = bpffs.status()?;
+            Ok(subsets(&status).all(|s| s["live"] == true).then_some(()))
+        },
+    )?;
+    let counts = count_prefixes(SocketAddr::from(([127, 0, 0, 1], 31401)), 20)?;
+    assert_eq!(counts.get("three"), Some(&20), "{counts:?}");
+    // ... and after a restart, which applies the configuration next to it.
+    daemon.stop()?;
+    let mut daemon = bpffs.daemon(&caps, &config, &log)?;
+    bpffs.wait_ready(&mut daemon, &log)?;
     daemon.stop()?;
     Ok(())
 }
