@@ -15,6 +15,7 @@
 //! - [`metrics`]: the status as Prometheus text (`tcpshiftd --metrics`, `tcpshiftctl metrics`);
 //! - [`report`]: the status as `tcpshiftctl status` and `top` print it.
 
+pub mod cli_docs;
 pub mod config;
 pub mod discovery;
 pub mod istio;

@@ -16,6 +16,7 @@ mod chaos;
 mod cmd;
 mod demo;
 mod lint;
+mod package;
 mod test;
 mod vm;
 
@@ -109,6 +110,9 @@ enum Task {
     /// succeeded, refused, broken, mismatched, re-registration time) and fails when a goal
     /// is missed; writes target/chaos/results.json.
     Chaos(chaos::ChaosArgs),
+    /// Build a Debian package (target/debian/tcpshift_VERSION_ARCH.deb) with dpkg-deb: the
+    /// three programs, the systemd unit, the default configuration, man pages, completions.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -148,5 +152,6 @@ fn run(task: Task) -> Result<()> {
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Chaos(args) => chaos::run(&args),
+        Task::Package => package::run().map(drop),
     }
 }

@@ -41,6 +41,9 @@ pub fn test(unprivileged: bool, extra: &[String]) -> Result<()> {
         cargo.args(["--workspace", "--features", FAILPOINTS]);
     }
     cargo.args(extra).env("TCPSHIFT_BIN_DIR", &bin_dir);
+    // tests/tests/package.rs checks the package built from these binaries.
+    let deb = crate::package::package(&bin_dir, &cmd::target_dir()?.join("debian"))?;
+    cargo.env("TCPSHIFT_DEB", deb);
     if skip {
         cargo.env(SKIP_VAR, "1");
     }

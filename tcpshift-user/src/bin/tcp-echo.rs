@@ -282,7 +282,7 @@ fn usage_error(err: clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match tcpshift::cli_docs::try_parse::<Cli>() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };

@@ -94,7 +94,7 @@ enum Command {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = tcpshift::cli_docs::parse();
     if let Err(e) = run(args) {
         // Values from the command line or files are cut short: one message, not a dump.
         eprintln!("tcpshiftctl: error: {}", config::clip(&format!("{e:#}")));

@@ -99,7 +99,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = tcpshift::cli_docs::parse();
     // aya's own debug output (BTF fix-ups, relocations) drowns the kernel events at debug:
     // RUST_LOG=aya=debug brings it back.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
