@@ -561,9 +561,16 @@ const REASONS: &[(&str, &str)] = &[
     ("apply: 10 MB service name", "10mb-name.yaml:"),
     ("apply: 100 MB sparse file", "larger than 64 MiB"),
     ("apply: /dev/zero", "larger than 64 MiB"),
-    ("apply: alias bomb", "repetition limit"),
+    // The typed parse refuses the bomb at its first value, before any alias is expanded.
+    (
+        "apply: alias bomb",
+        "alias-bomb.yaml:1:11: services: invalid type: sequence",
+    ),
     ("apply: 200 000 nested [", "nested deeper than"),
-    ("apply: 3000 nested mappings", "recursion limit"),
+    (
+        "apply: 3000 nested mappings",
+        "services.k1: unknown field `k2`",
+    ),
     ("apply: unknown field", "unknown-field.yaml:"),
     ("apply: weight as string", "wrong-types.yaml:"),
     ("apply: negative weight", "bad-weight.yaml:"),
@@ -574,7 +581,7 @@ const REASONS: &[(&str, &str)] = &[
     ("apply: weight above max", "too large"),
     ("apply: fractional weights", "79.5"),
     ("apply: unknown kind", "Deployment"),
-    ("apply: duplicate service", "duplicate entry"),
+    ("apply: duplicate service", "duplicate key \"tcp-echo\""),
     ("apply: duplicate key", "duplicate entry"),
     ("apply: listen conflict", "31400"),
     ("apply: host name address", "localhost"),
@@ -631,13 +638,16 @@ const REASONS: &[(&str, &str)] = &[
     ),
     ("d: bad log level", "'loud'"),
     ("d: bad metrics address", "'localhost'"),
+    // These run beside the seed's tcpshiftd, so the one-daemon-per-namespace check refuses
+    // them first; the unbindable address alone is `an_unbindable_metrics_address_installs_nothing`
+    // in daemon.rs.
     (
         "d: valid config, unbindable metrics address",
-        "cannot listen on 192.0.2.1:9464",
+        "another tcpshiftd runs in this network namespace",
     ),
     (
         "d: valid config, debug, unbindable metrics address",
-        "cannot listen on 192.0.2.1:9464",
+        "another tcpshiftd runs in this network namespace",
     ),
     ("d: negative scan interval", "'-5'"),
 ];
