@@ -22,6 +22,7 @@ pub mod netns;
 pub mod report;
 pub mod sockdiag;
 pub mod state;
+pub mod store;
 pub mod weights;
 
 /// The eBPF object built from `tcpshift-ebpf` (see `build.rs`).
