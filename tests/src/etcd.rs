@@ -38,9 +38,12 @@ pub struct EtcdCluster {
 
 /// Fails with a clear message when `etcd` or `etcdctl` is missing.
 pub fn require_etcd() {
-    for (bin, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
+    for (bin, arg, package) in [
+        ("etcd", "--version", "etcd-server"),
+        ("etcdctl", "version", "etcd-client"),
+    ] {
         let found = Command::new(bin)
-            .arg("--version")
+            .arg(arg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
