@@ -213,8 +213,8 @@ fn commit_and_load_round_trip() -> Result<()> {
         // set-weight, then delete, as the CLI will do them.
         let (snap, (name, ws)) = store
             .update(|s| {
-                let (next, name, ws) = s.with_weights(Some("echo"), &[("v2".into(), 20)])?;
-                Ok::<_, StoreError>((next, (name, ws)))
+                let r = s.with_weights(Some("echo"), &[("v2".into(), 20)])?;
+                Ok::<_, StoreError>((r.state, (r.service, r.weights)))
             })
             .await?;
         assert_eq!(name, "echo");

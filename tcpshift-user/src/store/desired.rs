@@ -26,6 +26,17 @@ pub struct FleetService {
     pub annotation: Option<String>,
 }
 
+/// What [`DesiredState::with_weights`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reweighted {
+    /// The state with the new weights.
+    pub state: DesiredState,
+    /// The service whose weights changed.
+    pub service: String,
+    /// Its subsets and their new weights, in order.
+    pub weights: Vec<(String, u32)>,
+}
+
 /// The fleet's complete desired state: every service, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
@@ -164,12 +175,12 @@ impl DesiredState {
 
     /// The state after `set-weight` as [`crate::state::State::set_weights`] does it
     /// locally (same rules, same errors): `service` may be `None` when there is one
-    /// service. Returns the new state, the service's name and its new weights.
+    /// service.
     pub fn with_weights(
         &self,
         service: Option<&str>,
         requested: &[(String, u32)],
-    ) -> Result<(DesiredState, String, Vec<(String, u32)>), StateError> {
+    ) -> Result<Reweighted, StateError> {
         let known = || self.services.keys().cloned().collect::<Vec<_>>().join(", ");
         let current = match service {
             Some(name) => self
@@ -214,7 +225,11 @@ impl DesiredState {
             .collect();
         let mut next = self.clone();
         next.services.insert(name.clone(), service);
-        Ok((next, name, result))
+        Ok(Reweighted {
+            state: next,
+            service: name,
+            weights: result,
+        })
     }
 
     /// What a node passes to [`crate::state::State::apply_with`] to reach this state: every
@@ -429,10 +444,10 @@ mod tests {
         let base = DesiredState::new()
             .applied(&change(vec![svc("a", "31400", &[100, 0])]))
             .unwrap();
-        let (next, name, ws) = base.with_weights(None, &[("v2".into(), 20)]).unwrap();
-        assert_eq!(name, "a");
-        assert_eq!(ws, [("v1".into(), 80), ("v2".into(), 20)]);
-        assert_eq!(next.get("a").unwrap().config.weights(), [80, 20]);
+        let r = base.with_weights(None, &[("v2".into(), 20)]).unwrap();
+        assert_eq!(r.service, "a");
+        assert_eq!(r.weights, [("v1".into(), 80), ("v2".into(), 20)]);
+        assert_eq!(r.state.get("a").unwrap().config.weights(), [80, 20]);
         let e = base
             .with_weights(Some("b"), &[("v2".into(), 20)])
             .unwrap_err();

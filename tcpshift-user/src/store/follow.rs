@@ -334,20 +334,28 @@ impl Follower {
     }
 }
 
+/// What [`apply_to_state`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Services deleted because the store no longer has them.
+    pub deleted: Vec<String>,
+    /// What happened to each of the store's services.
+    pub changed: Vec<(String, crate::model::Change)>,
+}
+
 /// The apply step tcpshiftd uses: makes the kernel of `state` hold `snapshot`'s services
 /// (the services the store no longer has are deleted first, so that a listen address can
 /// move from one service to another; then every service is created or changed in one
-/// [`State::apply_with`], which checks everything before writing). Returns the names
-/// deleted and what happened to each service.
+/// [`State::apply_with`], which checks everything before writing).
 ///
 /// The fleet's hash seed ([`Snapshot::seed`]) is not written here: the public `State` API
 /// has no setter for it yet (the binaries wire it when they follow a store).
 pub fn apply_to_state(
     state: &mut State,
     snapshot: &Snapshot,
-) -> std::result::Result<(Vec<String>, Vec<(String, crate::model::Change)>), StateError> {
+) -> std::result::Result<Applied, StateError> {
     let deleted =
         state.delete_with(|current| Ok::<_, StateError>(snapshot.state.extra_in(current)))?;
     let changed = state.apply_with(|_| Ok::<_, StateError>(snapshot.state.to_change()))?;
-    Ok((deleted, changed))
+    Ok(Applied { deleted, changed })
 }

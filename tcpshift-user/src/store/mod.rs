@@ -27,8 +27,8 @@ pub mod report;
 pub mod url;
 
 pub use client::{Commit, Snapshot, Store};
-pub use desired::{DesiredState, FleetService};
-pub use follow::{FollowOptions, FollowStatus, Follower};
+pub use desired::{DesiredState, FleetService, Reweighted};
+pub use follow::{Applied, FollowOptions, FollowStatus, Follower, apply_to_state};
 pub use layout::Layout;
 pub use report::{NodeReport, NodeView, Reporter, ServiceReport, SubsetReport};
 pub use url::{StoreOptions, StoreUrl};
