@@ -26,6 +26,7 @@ pub mod procfs;
 pub mod report;
 pub mod sockdiag;
 pub mod state;
+pub mod store;
 pub mod weights;
 pub mod yaml;
 

@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 pub mod chaos;
+pub mod etcd;
 
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
 pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";

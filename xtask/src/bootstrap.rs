@@ -18,8 +18,16 @@ use crate::{
 /// bpf-linker release known to build against the toolchain's LLVM (see toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and the demo need (`ip`, `nc`).
-const REQUIRED_PACKAGES: &[&str] = &["iproute2", "netcat-openbsd"];
+/// Debian packages the build, the tests and the demo need: `ip`, `nc`, `protoc` (the etcd
+/// client crate compiles etcd's protobuf definitions at build time) and etcd itself (the
+/// fleet-store tests start real `etcd` processes and use `etcdctl`).
+const REQUIRED_PACKAGES: &[&str] = &[
+    "iproute2",
+    "netcat-openbsd",
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
+];
 
 /// Debian packages that help but are not needed (bpftool for inspecting programs).
 const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
@@ -141,7 +149,10 @@ fn link_llvm(prefix: &Path, library: &Path, soname: &str) -> Result<()> {
 fn ensure_packages() -> Result<()> {
     let all = || REQUIRED_PACKAGES.iter().chain(OPTIONAL_PACKAGES);
     if Command::new("dpkg").arg("--version").output().is_err() {
-        say("Debian packages ... skipped (no dpkg here; the tests need `ip` and `nc`)");
+        say(
+            "Debian packages ... skipped (no dpkg here; the build needs `protoc`, the tests `ip`, \
+             `nc`, `etcd` and `etcdctl`)",
+        );
         return Ok(());
     }
     let missing: Vec<&str> = all().copied().filter(|p| !installed(p)).collect();
