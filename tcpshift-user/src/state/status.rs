@@ -8,6 +8,7 @@ use serde::Serialize;
 use tcpshift_common::{Counters, MAX_SUBSETS, global_flags, mode, slot, tag};
 
 use crate::{
+    discovery::ShadowedListener,
     sockdiag,
     weights::{self},
 };
@@ -74,6 +75,9 @@ pub struct ServiceStatus {
     pub mode: &'static str,
     /// The subsets, in configuration order.
     pub subsets: Vec<SubsetStatus>,
+    /// Listeners on its listen address that are not its subsets (their new connections go to
+    /// the subsets), read from `/proc` when the status is taken.
+    pub shadows: Vec<ShadowedListener>,
 }
 
 /// The whole namespace as shown by `status`.
@@ -232,7 +236,19 @@ impl State {
                     _ => "hash",
                 },
                 subsets,
+                shadows: Vec::new(),
             });
+        }
+        let mut warnings = warnings;
+        match self.shadowed() {
+            Ok(mut shadowed) => {
+                for svc in &mut services {
+                    svc.shadows = shadowed.remove(&svc.name).unwrap_or_default();
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "which listeners the services shadow is unknown: {e}"
+            )),
         }
         Ok(Status {
             netns_inode: self.netns_inode,

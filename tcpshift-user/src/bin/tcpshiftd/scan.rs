@@ -13,7 +13,7 @@ use tcpshift::{
     state::State,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{notify, reload::Reloader};
 
@@ -29,6 +29,9 @@ struct Scans {
     /// began.
     seen: HashMap<SubsetId, Instant>,
     ready_logged: bool,
+    /// Socket inodes of the listeners a service shadows that were seen at the last scan (each
+    /// warned about once).
+    shadowed: HashSet<u64>,
 }
 
 impl Scans {
@@ -74,10 +77,42 @@ impl Scans {
         }
         self.waiting = still;
         self.seen = seen;
+        if let Err(e) = self.warn_shadowed(state) {
+            debug!("cannot check which listeners the services shadow: {e:#}");
+        }
         if self.waiting.is_empty() && !self.ready_logged {
             info!("ready: every subset has a registered socket");
             self.ready_logged = true;
         }
+        Ok(())
+    }
+}
+
+impl Scans {
+    /// Warns once per listener socket about each listener a service shadows (one that started
+    /// after the service was steered, or one taken over with `takeOver: true`): its new
+    /// connections go to the service's subsets.
+    fn warn_shadowed(&mut self, state: &State) -> Result<()> {
+        let all = discovery::listeners()?;
+        let mut now = HashSet::new();
+        let mut new = Vec::new();
+        for view in state.services()? {
+            for l in discovery::shadowed_by(&view.config, &all) {
+                now.insert(l.inode);
+                if !self.shadowed.contains(&l.inode) {
+                    new.push((view.config.name.clone(), view.config.listen, l));
+                }
+            }
+        }
+        if !new.is_empty() {
+            let listeners: Vec<_> = new.iter().map(|(_, _, l)| *l).collect();
+            for ((service, listen, _), d) in new.iter().zip(discovery::describe(&listeners)?) {
+                warn!(service = %service, listen = %listen, listener = %d.address,
+                    pid = d.pid, process = %d.process, user = %d.user,
+                    "service {service} shadows the listener {d}: its new connections go to the service's subsets, never to it");
+            }
+        }
+        self.shadowed = now;
         Ok(())
     }
 }
