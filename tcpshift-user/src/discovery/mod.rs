@@ -34,7 +34,9 @@ use std::{
 
 pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp};
 pub use register::{Registration, register_missing};
-pub use shadowed::{ShadowedListener, describe, overlaps, shadowed_by};
+pub use shadowed::{
+    ListenersByPort, ShadowedListener, describe, overlaps, shadowed_by, shadowed_in,
+};
 pub use snapshot::Snapshot;
 pub use take::take_socket;
 

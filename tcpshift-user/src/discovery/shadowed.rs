@@ -77,14 +77,52 @@ pub fn overlaps(listen: &Listen, local: SocketAddr) -> bool {
 /// ([`overlaps`]) that are not the socket a subset is served by (the best of
 /// [`candidates`] for its address). Sorted as `all` is.
 pub fn shadowed_by(svc: &ServiceConfig, all: &[Listener]) -> Vec<Listener> {
+    shadowed_in(svc, &ListenersByPort::new(all))
+}
+
+/// Listeners indexed by port, so that checking many services costs one pass over the
+/// listeners, not one per service.
+#[derive(Debug, Default)]
+pub struct ListenersByPort(HashMap<u16, Vec<Listener>>);
+
+impl ListenersByPort {
+    /// Indexes `all` (each port's listeners keep the order of `all`).
+    pub fn new(all: &[Listener]) -> Self {
+        let mut by_port: HashMap<u16, Vec<Listener>> = HashMap::new();
+        for l in all {
+            by_port.entry(l.local.port()).or_default().push(*l);
+        }
+        Self(by_port)
+    }
+
+    fn on(&self, port: u16) -> &[Listener] {
+        self.0.get(&port).map_or(&[][..], Vec::as_slice)
+    }
+}
+
+/// [`shadowed_by`] over indexed listeners.
+pub fn shadowed_in(svc: &ServiceConfig, listeners: &ListenersByPort) -> Vec<Listener> {
+    let overlapping: Vec<Listener> = listeners
+        .on(svc.listen.port())
+        .iter()
+        .filter(|l| overlaps(&svc.listen, l.local))
+        .copied()
+        .collect();
+    if overlapping.is_empty() {
+        return overlapping;
+    }
     let own: HashSet<u64> = svc
         .subsets
         .iter()
-        .filter_map(|s| candidates(s.addr, all).first().map(|l| l.inode))
+        .filter_map(|s| {
+            candidates(s.addr, listeners.on(s.addr.port()))
+                .first()
+                .map(|l| l.inode)
+        })
         .collect();
-    all.iter()
-        .filter(|l| overlaps(&svc.listen, l.local) && !own.contains(&l.inode))
-        .copied()
+    overlapping
+        .into_iter()
+        .filter(|l| !own.contains(&l.inode))
         .collect()
 }
 

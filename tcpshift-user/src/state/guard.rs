@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use crate::discovery::{self, ShadowedListener};
+use crate::discovery::{self, ListenersByPort, ShadowedListener};
 
 use super::{State, error::*, plan::Plan, plan::Step};
 
@@ -37,9 +37,9 @@ impl State {
         if steps.is_empty() {
             return Ok(());
         }
-        let all = discovery::listeners()?;
+        let all = ListenersByPort::new(&discovery::listeners()?);
         for step in steps {
-            let shadowed = discovery::shadowed_by(&step.config, &all);
+            let shadowed = discovery::shadowed_in(&step.config, &all);
             if !shadowed.is_empty() {
                 return Err(StateError::ListenerShadowed {
                     name: step.config.name.clone(),
@@ -56,13 +56,13 @@ impl State {
     /// `/proc`.
     pub fn shadowed(&self) -> Result<HashMap<String, Vec<ShadowedListener>>> {
         let views = self.services()?;
-        let all = discovery::listeners()?;
+        let all = ListenersByPort::new(&discovery::listeners()?);
         let per_service: Vec<(String, Vec<discovery::Listener>)> = views
             .into_iter()
             .map(|v| {
                 (
                     v.config.name.clone(),
-                    discovery::shadowed_by(&v.config, &all),
+                    discovery::shadowed_in(&v.config, &all),
                 )
             })
             .filter(|(_, l)| !l.is_empty())

@@ -32,6 +32,9 @@ struct Scans {
     /// Socket inodes of the listeners a service shadows that were seen at the last scan (each
     /// warned about once).
     shadowed: HashSet<u64>,
+    /// The namespace's listening sockets at the last [`Scans::warn_shadowed`]: while
+    /// they stay the same, no new listener can be shadowed and the services are not read.
+    listeners: Vec<discovery::Listener>,
 }
 
 impl Scans {
@@ -93,11 +96,15 @@ impl Scans {
     /// after the service was steered, or one taken over with `takeOver: true`): its new
     /// connections go to the service's subsets.
     fn warn_shadowed(&mut self, state: &State) -> Result<()> {
-        let all = discovery::listeners()?;
+        let listeners = discovery::listeners()?;
+        if listeners == self.listeners {
+            return Ok(());
+        }
+        let all = discovery::ListenersByPort::new(&listeners);
         let mut now = HashSet::new();
         let mut new = Vec::new();
         for view in state.services()? {
-            for l in discovery::shadowed_by(&view.config, &all) {
+            for l in discovery::shadowed_in(&view.config, &all) {
                 now.insert(l.inode);
                 if !self.shadowed.contains(&l.inode) {
                     new.push((view.config.name.clone(), view.config.listen, l));
@@ -105,14 +112,15 @@ impl Scans {
             }
         }
         if !new.is_empty() {
-            let listeners: Vec<_> = new.iter().map(|(_, _, l)| *l).collect();
-            for ((service, listen, _), d) in new.iter().zip(discovery::describe(&listeners)?) {
+            let found: Vec<_> = new.iter().map(|(_, _, l)| *l).collect();
+            for ((service, listen, _), d) in new.iter().zip(discovery::describe(&found)?) {
                 warn!(service = %service, listen = %listen, listener = %d.address,
                     pid = d.pid, process = %d.process, user = %d.user,
                     "service {service} shadows the listener {d}: its new connections go to the service's subsets, never to it");
             }
         }
         self.shadowed = now;
+        self.listeners = listeners;
         Ok(())
     }
 }
