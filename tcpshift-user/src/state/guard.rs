@@ -14,7 +14,10 @@
 
 use std::collections::HashMap;
 
-use crate::discovery::{self, ListenersByPort, ShadowedListener};
+use crate::{
+    discovery::{self, ListenersByPort, ShadowedListener},
+    model::ServiceConfig,
+};
 
 use super::{State, error::*, plan::Plan, plan::Step};
 
@@ -55,35 +58,37 @@ impl State {
     /// are left out), from one read of the namespace's listening sockets and one walk over
     /// `/proc`.
     pub fn shadowed(&self) -> Result<HashMap<String, Vec<ShadowedListener>>> {
-        let views = self.services()?;
-        let all = ListenersByPort::new(&discovery::listeners()?);
-        let per_service: Vec<(String, Vec<discovery::Listener>)> = views
-            .into_iter()
-            .map(|v| {
-                (
-                    v.config.name.clone(),
-                    discovery::shadowed_in(&v.config, &all),
-                )
-            })
-            .filter(|(_, l)| !l.is_empty())
-            .collect();
-        let flat: Vec<discovery::Listener> = per_service
-            .iter()
-            .flat_map(|(_, l)| l.iter().copied())
-            .collect();
-        let described: HashMap<u64, ShadowedListener> = discovery::describe(&flat)?
-            .into_iter()
-            .map(|d| (d.inode, d))
-            .collect();
-        Ok(per_service
-            .into_iter()
-            .map(|(name, listeners)| {
-                let found = listeners
-                    .iter()
-                    .filter_map(|l| described.get(&l.inode).cloned())
-                    .collect();
-                (name, found)
-            })
-            .collect())
+        let configs: Vec<ServiceConfig> = self.services()?.into_iter().map(|v| v.config).collect();
+        shadowed_among(&configs)
     }
+}
+
+/// [`State::shadowed`] for the services `configs` (as the maps hold them).
+pub(super) fn shadowed_among(
+    configs: &[ServiceConfig],
+) -> Result<HashMap<String, Vec<ShadowedListener>>> {
+    let all = ListenersByPort::new(&discovery::listeners()?);
+    let per_service: Vec<(String, Vec<discovery::Listener>)> = configs
+        .iter()
+        .map(|v| (v.name.clone(), discovery::shadowed_in(v, &all)))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    let flat: Vec<discovery::Listener> = per_service
+        .iter()
+        .flat_map(|(_, l)| l.iter().copied())
+        .collect();
+    let described: HashMap<u64, ShadowedListener> = discovery::describe(&flat)?
+        .into_iter()
+        .map(|d| (d.inode, d))
+        .collect();
+    Ok(per_service
+        .into_iter()
+        .map(|(name, listeners)| {
+            let found = listeners
+                .iter()
+                .filter_map(|l| described.get(&l.inode).cloned())
+                .collect();
+            (name, found)
+        })
+        .collect())
 }

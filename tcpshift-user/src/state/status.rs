@@ -9,6 +9,7 @@ use tcpshift_common::{Counters, MAX_SUBSETS, global_flags, mode, slot, tag};
 
 use crate::{
     discovery::ShadowedListener,
+    model::{ServiceConfig, SubsetConfig},
     sockdiag,
     weights::{self},
 };
@@ -201,6 +202,7 @@ impl State {
             .collect();
         let (mut counters, warnings) = self.accounted(&slots)?;
         let mut services = Vec::new();
+        let mut configs = Vec::new();
         for (id, meta) in all {
             let entry = self.entry(&meta)?.unwrap_or_default();
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
@@ -226,6 +228,18 @@ impl State {
                         Some(s.counters.steered_recent as f64 * 100.0 / recent as f64);
                 }
             }
+            configs.push(ServiceConfig {
+                name: name_str(&meta.name),
+                listen: listen_of(&meta),
+                subsets: (subsets.iter())
+                    .map(|s| SubsetConfig {
+                        name: s.name.clone(),
+                        addr: s.backend,
+                        weight: s.weight,
+                    })
+                    .collect(),
+                take_over: false,
+            });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
                 id,
@@ -240,7 +254,7 @@ impl State {
             });
         }
         let mut warnings = warnings;
-        match self.shadowed() {
+        match super::guard::shadowed_among(&configs) {
             Ok(mut shadowed) => {
                 for svc in &mut services {
                     svc.shadows = shadowed.remove(&svc.name).unwrap_or_default();
