@@ -5,7 +5,8 @@
 //! `tcpshiftctl metrics`. Nothing is cached: each rendering is built from a [`Status`] read just
 //! before, so the values are the kernel's at scrape time.
 //!
-//! Every series has the labels `service` and `subset`; names follow Istio's
+//! Every series has the labels `service` and `subset` (but `tcpshift_shadowed_listeners`, the
+//! listeners a service shadows, which has only `service`); names follow Istio's
 //! (`istio_tcp_connections_opened_total` → `tcpshift_tcp_connections_opened_total`).
 
 use prometheus_client::{
@@ -148,6 +149,16 @@ impl Collector for Snapshot {
                 ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
             }
         }
+        let mut family = encoder.encode_descriptor(
+            "tcpshift_shadowed_listeners",
+            "Sockets listening on the service's address that are not its subsets: their new connections go to the subsets.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for svc in &self.0.services {
+            let n = i64::try_from(svc.shadows.len()).unwrap_or(i64::MAX);
+            ConstGauge::new(n).encode(family.encode_family(&[("service", svc.name.as_str())])?)?;
+        }
         Ok(())
     }
 }
@@ -209,6 +220,13 @@ mod tests {
                         },
                     ),
                 ],
+                shadows: vec![crate::discovery::ShadowedListener {
+                    address: "0.0.0.0:31400".parse().expect("addr"),
+                    inode: 7,
+                    pid: Some(42),
+                    process: "legacy".into(),
+                    user: "root".into(),
+                }],
             }],
             warnings: vec![],
         }
@@ -228,6 +246,8 @@ mod tests {
             "tcpshift_lookups_total{service=\"tcp-echo\",subset=\"v2\"} 1",
             "tcpshift_fallbacks_total{service=\"tcp-echo\",subset=\"v2\",direction=\"out\"} 1",
             "tcpshift_fallbacks_total{service=\"tcp-echo\",subset=\"v1\",direction=\"in\"} 1",
+            "# TYPE tcpshift_shadowed_listeners gauge",
+            "tcpshift_shadowed_listeners{service=\"tcp-echo\"} 1",
             "tcpshift_misses_total{service=\"tcp-echo\",subset=\"v1\"} 0",
             "tcpshift_subset_weight{service=\"tcp-echo\",subset=\"v2\"} 20",
             "tcpshift_subset_socket_live{service=\"tcp-echo\",subset=\"v2\"} 0",

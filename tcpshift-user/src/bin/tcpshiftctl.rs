@@ -81,7 +81,9 @@ enum Command {
     /// A VirtualService route's destination host is a tcpshift service, its subsets are the
     /// service's subsets (addresses from a `services:` document of the same apply or from the
     /// kernel), the matched port (or the Gateway's server port) is the listen port, and its
-    /// weights are the new weights. Everything is checked before anything changes.
+    /// weights are the new weights. Everything is checked before anything changes. A service
+    /// is not created (nor its listen address moved) where another server already listens,
+    /// unless its `services:` entry says `takeOver: true`.
     Apply(apply::ApplyArgs),
     /// Show the services (`get services`) or the routing as Istio VirtualServices
     /// (`get virtualservice tcp-echo -o yaml`), read from the kernel.

@@ -113,13 +113,16 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
 )]
 struct RawService {
     listen: Listen,
     subsets: Entries<SubsetAddr>,
     #[serde(default)]
     weights: Option<Entries<Weight>>,
+    /// `takeOver: true`: the service may shadow a server already listening on its address.
+    #[serde(default, rename = "takeOver")]
+    take_over: bool,
 }
 
 impl EntryKind for RawService {
@@ -147,6 +150,7 @@ impl RawConfig {
                 name,
                 listen: raw.listen,
                 subsets,
+                take_over: raw.take_over,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -231,6 +235,7 @@ mod tests {
                             weight: 0,
                         },
                     ],
+                    take_over: false,
                 }],
             }
         );

@@ -28,6 +28,9 @@ pub struct ServiceSpec {
     pub subsets: Vec<SubsetConfig>,
     /// Whether the document has a `weights` key for this service.
     pub weights_given: bool,
+    /// `takeOver: true`: the service may take over a listen address another server listens on
+    /// (see [`crate::model::ServiceConfig::take_over`]).
+    pub take_over: bool,
 }
 
 impl ServiceSpec {
@@ -49,7 +52,7 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -57,6 +60,9 @@ struct RawSpec {
     subsets: Entries<SubsetAddr>,
     #[serde(default)]
     weights: Option<Entries<Weight>>,
+    /// `takeOver: true`: the service may shadow a server already listening on its address.
+    #[serde(default, rename = "takeOver")]
+    take_over: bool,
 }
 
 impl EntryKind for RawSpec {
@@ -93,6 +99,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             listen: raw.listen,
             subsets,
             weights_given,
+            take_over: raw.take_over,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

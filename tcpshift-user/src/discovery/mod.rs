@@ -21,6 +21,7 @@
 
 mod listeners;
 mod register;
+mod shadowed;
 mod snapshot;
 mod take;
 
@@ -33,6 +34,9 @@ use std::{
 
 pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp};
 pub use register::{Registration, register_missing};
+pub use shadowed::{
+    ListenersByPort, ShadowedListener, describe, overlaps, shadowed_by, shadowed_in,
+};
 pub use snapshot::Snapshot;
 pub use take::take_socket;
 

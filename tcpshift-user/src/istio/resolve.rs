@@ -838,6 +838,7 @@ fn plan_service(
             name: name.to_owned(),
             listen,
             subsets,
+            take_over: spec.is_some_and(|(_, s)| s.take_over),
         },
         route: route.map(|r| r.info.clone()),
     })

@@ -28,6 +28,10 @@ pub struct ServiceConfig {
     /// The subsets, in the order written in the YAML (1 to [`MAX_SUBSETS`] of them). Their
     /// indices are the subset indices used in the kernel maps.
     pub subsets: Vec<SubsetConfig>,
+    /// Whether the service may take over a listen address on which another server (not one of
+    /// its subsets) already listens (`takeOver: true`). Only checked when the service is
+    /// created or its listen address changes; not stored in the kernel (read back as `false`).
+    pub take_over: bool,
 }
 
 /// One subset (version) of a service.

@@ -56,6 +56,15 @@ pub fn status_table(status: &Status) -> String {
         }
     }
     let mut out = table(&rows, status.services.is_empty(), "no services");
+    for svc in &status.services {
+        for l in &svc.shadows {
+            let _ = writeln!(
+                out,
+                "note: {} shadows the listener {l}: its new connections go to {}'s subsets",
+                svc.name, svc.name
+            );
+        }
+    }
     if status.accounting_program_id.is_none() {
         out.push_str(
             "note: connection accounting is off (no cgroup2 mount when tcpshift was installed): OPENED, ACTIVE, CLOSED and bytes stay 0\n",
@@ -210,6 +219,7 @@ mod tests {
                 listen: "*:31400".into(),
                 mode: "hash",
                 subsets: vec![subset("v1", 80, 80.0, v1), subset("v2", 20, 20.0, v2)],
+                shadows: vec![],
             }],
             warnings: vec![],
         }

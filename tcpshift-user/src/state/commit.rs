@@ -88,7 +88,9 @@ impl State {
         let _lock = self.lock()?;
         let views = self.services()?;
         let desired = resolve(&views)?;
-        Ok(plan(&views, &desired, Weights::FromConfig)?.changes())
+        let plan = plan(&views, &desired, Weights::FromConfig)?;
+        self.guard(&plan)?;
+        Ok(plan.changes())
     }
 
     /// [`State::apply_with`] with a weights policy.
@@ -105,6 +107,7 @@ impl State {
         let views = self.services()?;
         let desired = resolve(&views)?;
         let plan = plan(&views, &desired, policy)?;
+        self.guard(&plan)?;
         self.commit(&plan)?;
         for s in plan.steps.iter().filter(|s| s.change != Change::Unchanged) {
             info!(service = %s.config.name, listen = %s.config.listen, change = ?s.change, "applied");

@@ -8,7 +8,11 @@ use std::{
 use aya::maps::MapError;
 use tcpshift_common::MAX_SERVICES;
 
-use crate::{netns::NetnsError, weights::WeightError};
+use crate::{
+    discovery::{DiscoveryError, ShadowedListener},
+    netns::NetnsError,
+    weights::WeightError,
+};
 
 /// Errors of the pinned state.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +150,34 @@ pub enum StateError {
         /// The error.
         error: io::Error,
     },
+    /// A new or moved service would shadow a server already listening on its address.
+    #[error(
+        "service {name:?} would listen on {listen}, where another server already listens: {}; \
+         once steered, its new connections would all go to the service's subsets. Choose another \
+         listen address, declare that server as a subset, or take the address over on purpose \
+         with `takeOver: true` in the service's definition",
+        shadowed_list(listeners)
+    )]
+    ListenerShadowed {
+        /// The service.
+        name: String,
+        /// Its listen address.
+        listen: String,
+        /// The listeners it would shadow (at least one).
+        listeners: Vec<ShadowedListener>,
+    },
+    /// The namespace's listening sockets could not be read.
+    #[error("cannot check which servers listen in this network namespace: {0}")]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// The listeners' descriptions, comma-separated.
+fn shadowed_list(listeners: &[ShadowedListener]) -> String {
+    listeners
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(super) type Result<T, E = StateError> = std::result::Result<T, E>;

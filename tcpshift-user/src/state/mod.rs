@@ -60,6 +60,7 @@ use crate::{
 mod commit;
 mod encode;
 mod error;
+mod guard;
 mod lifecycle;
 mod lock;
 mod plan;
@@ -302,6 +303,7 @@ impl State {
                     name: name_str(&meta.name),
                     listen: listen_of(meta),
                     subsets,
+                    take_over: false,
                 },
                 live: (0..n as u32)
                     .map(|i| live.contains(&slot(*id, i)))

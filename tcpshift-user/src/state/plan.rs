@@ -449,6 +449,7 @@ mod tests {
                     weight,
                 })
                 .collect(),
+            take_over: false,
         }
     }
 

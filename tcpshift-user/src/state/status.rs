@@ -8,6 +8,8 @@ use serde::Serialize;
 use tcpshift_common::{Counters, MAX_SUBSETS, global_flags, mode, slot, tag};
 
 use crate::{
+    discovery::ShadowedListener,
+    model::{ServiceConfig, SubsetConfig},
     sockdiag,
     weights::{self},
 };
@@ -74,6 +76,9 @@ pub struct ServiceStatus {
     pub mode: &'static str,
     /// The subsets, in configuration order.
     pub subsets: Vec<SubsetStatus>,
+    /// Listeners on its listen address that are not its subsets (their new connections go to
+    /// the subsets), read from `/proc` when the status is taken.
+    pub shadows: Vec<ShadowedListener>,
 }
 
 /// The whole namespace as shown by `status`.
@@ -197,6 +202,7 @@ impl State {
             .collect();
         let (mut counters, warnings) = self.accounted(&slots)?;
         let mut services = Vec::new();
+        let mut configs = Vec::new();
         for (id, meta) in all {
             let entry = self.entry(&meta)?.unwrap_or_default();
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
@@ -222,6 +228,18 @@ impl State {
                         Some(s.counters.steered_recent as f64 * 100.0 / recent as f64);
                 }
             }
+            configs.push(ServiceConfig {
+                name: name_str(&meta.name),
+                listen: listen_of(&meta),
+                subsets: (subsets.iter())
+                    .map(|s| SubsetConfig {
+                        name: s.name.clone(),
+                        addr: s.backend,
+                        weight: s.weight,
+                    })
+                    .collect(),
+                take_over: false,
+            });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
                 id,
@@ -232,7 +250,19 @@ impl State {
                     _ => "hash",
                 },
                 subsets,
+                shadows: Vec::new(),
             });
+        }
+        let mut warnings = warnings;
+        match super::guard::shadowed_among(&configs) {
+            Ok(mut shadowed) => {
+                for svc in &mut services {
+                    svc.shadows = shadowed.remove(&svc.name).unwrap_or_default();
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "which listeners the services shadow is unknown: {e}"
+            )),
         }
         Ok(Status {
             netns_inode: self.netns_inode,

@@ -13,7 +13,7 @@ use tcpshift::{
     state::State,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{notify, reload::Reloader};
 
@@ -29,6 +29,12 @@ struct Scans {
     /// began.
     seen: HashMap<SubsetId, Instant>,
     ready_logged: bool,
+    /// Socket inodes of the listeners a service shadows that were seen at the last scan (each
+    /// warned about once).
+    shadowed: HashSet<u64>,
+    /// The namespace's listening sockets at the last [`Scans::warn_shadowed`]: while
+    /// they stay the same, no new listener can be shadowed and the services are not read.
+    listeners: Vec<discovery::Listener>,
 }
 
 impl Scans {
@@ -74,10 +80,47 @@ impl Scans {
         }
         self.waiting = still;
         self.seen = seen;
+        if let Err(e) = self.warn_shadowed(state) {
+            debug!("cannot check which listeners the services shadow: {e:#}");
+        }
         if self.waiting.is_empty() && !self.ready_logged {
             info!("ready: every subset has a registered socket");
             self.ready_logged = true;
         }
+        Ok(())
+    }
+}
+
+impl Scans {
+    /// Warns once per listener socket about each listener a service shadows (one that started
+    /// after the service was steered, or one taken over with `takeOver: true`): its new
+    /// connections go to the service's subsets.
+    fn warn_shadowed(&mut self, state: &State) -> Result<()> {
+        let listeners = discovery::listeners()?;
+        if listeners == self.listeners {
+            return Ok(());
+        }
+        let all = discovery::ListenersByPort::new(&listeners);
+        let mut now = HashSet::new();
+        let mut new = Vec::new();
+        for view in state.services()? {
+            for l in discovery::shadowed_in(&view.config, &all) {
+                now.insert(l.inode);
+                if !self.shadowed.contains(&l.inode) {
+                    new.push((view.config.name.clone(), view.config.listen, l));
+                }
+            }
+        }
+        if !new.is_empty() {
+            let found: Vec<_> = new.iter().map(|(_, _, l)| *l).collect();
+            for ((service, listen, _), d) in new.iter().zip(discovery::describe(&found)?) {
+                warn!(service = %service, listen = %listen, listener = %d.address,
+                    pid = d.pid, process = %d.process, user = %d.user,
+                    "service {service} shadows the listener {d}: its new connections go to the service's subsets, never to it");
+            }
+        }
+        self.shadowed = now;
+        self.listeners = listeners;
         Ok(())
     }
 }
