@@ -75,11 +75,8 @@ pub fn populate(config_path: &Path) -> Result<PopulateResult> {
     // again continues where it stopped.
     let (mut apply_retries, mut apply_error) = (0, None);
     for chunk in config.services.chunks(APPLY_CHUNK) {
-        let part = Config {
-            services: chunk.to_vec(),
-        };
         loop {
-            match state.apply(&part, Weights::FromConfig) {
+            match state.apply(chunk, Weights::FromConfig) {
                 Ok(_) => break,
                 Err(e) if apply_retries < APPLY_ATTEMPTS => {
                     apply_retries += 1;

@@ -154,7 +154,7 @@ fn run(args: Args) -> Result<()> {
         }
     };
     state
-        .apply(&config, policy)
+        .apply(&config.services, policy)
         .context("cannot apply the configuration")?;
     let debug_events = args.log_level >= tracing::Level::DEBUG;
     state

@@ -16,8 +16,7 @@ use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, ServiceMeta, slot, ta
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
-    model::{Annotation, Change, Desired, DesiredService, ServiceView, Weights},
+    model::{Annotation, Change, Desired, DesiredService, ServiceConfig, ServiceView, Weights},
     weights,
 };
 
@@ -32,13 +31,17 @@ use super::{
 type Before = StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)>;
 
 impl State {
-    /// Makes the kernel state match `config`: creates new services, redefines changed ones and,
-    /// with [`Weights::FromConfig`], sets the weights of the others. Services absent from
-    /// `config` are left alone. Everything is validated before the first map is written.
-    pub fn apply(&mut self, config: &Config, policy: Weights) -> Result<Vec<(String, Change)>> {
+    /// Makes the kernel state match `services` (e.g. a loader configuration's): creates new
+    /// services, redefines changed ones and, with [`Weights::FromConfig`], sets the weights of
+    /// the others. Services absent from `services` are left alone. Everything is validated
+    /// before the first map is written.
+    pub fn apply(
+        &mut self,
+        services: &[ServiceConfig],
+        policy: Weights,
+    ) -> Result<Vec<(String, Change)>> {
         let desired = Desired {
-            services: config
-                .services
+            services: services
                 .iter()
                 .map(|svc| DesiredService {
                     config: svc.clone(),

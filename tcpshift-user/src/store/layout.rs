@@ -195,6 +195,9 @@ impl ServiceRecord {
                 name: name.to_string(),
                 listen,
                 subsets,
+                // A take-over is a local decision, checked when a node applies: the fleet's
+                // desired state does not carry it.
+                take_over: false,
             },
             self.annotation.clone(),
         ))
