@@ -46,6 +46,7 @@ fn service(name: &str, port: u16, weights: &[u32]) -> ServiceConfig {
                 weight: *w,
             })
             .collect(),
+        take_over: false,
     }
 }
 
