@@ -233,7 +233,7 @@ impl RolloutSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.stable == self.canary {
             return Err(spec_err(
-                "spec.canary",
+                "spec.canarySubset",
                 format!(
                     "the canary subset {:?} is also the stable subset: name two different subsets",
                     self.canary

@@ -146,6 +146,9 @@ pub enum StateError {
         /// The error.
         error: io::Error,
     },
+    /// A rollout cannot be stored, found or changed; the message says why and what to do.
+    #[error("{0}")]
+    Rollout(String),
 }
 
 pub(super) type Result<T, E = StateError> = std::result::Result<T, E>;

@@ -63,6 +63,7 @@ mod error;
 mod lifecycle;
 mod lock;
 mod plan;
+mod rollouts;
 mod sockets;
 mod status;
 mod sys;
@@ -83,6 +84,7 @@ mod failpoints {
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
 

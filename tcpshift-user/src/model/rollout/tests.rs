@@ -196,7 +196,7 @@ fn validation_names_the_field() {
     assert_eq!(s.validate().expect_err("no traffic").field, "spec.steps");
     let mut s = short();
     s.canary = "v1".into();
-    assert_eq!(s.validate().expect_err("same").field, "spec.canary");
+    assert_eq!(s.validate().expect_err("same").field, "spec.canarySubset");
     assert_eq!(short().validate(), Ok(()));
 }
 
