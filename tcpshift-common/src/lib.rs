@@ -22,6 +22,7 @@
 //! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
@@ -75,6 +76,10 @@ pub mod map_names {
     /// Per-service annotations: userspace-only, created by the first `tcpshiftctl apply` that
     /// stores one (not declared in the eBPF object).
     pub const ROUTES: &str = "TS_ROUTES";
+    /// Progressive rollouts (spec, state, history as JSON): userspace-only, created by the
+    /// first `tcpshiftctl rollout start` or `apply` of a `Rollout` (not declared in the eBPF
+    /// object, never read by the programs).
+    pub const ROLLOUTS: &str = "TS_ROLLOUTS";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
     pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
@@ -91,8 +96,9 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::META,
     map_names::SOCKTAG,
     map_names::ROUTES,
+    map_names::ROLLOUTS,
 ];
-const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 1);
+const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
 
 /// Name of the sk_lookup program in the eBPF object.
 pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";

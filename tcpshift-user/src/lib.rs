@@ -24,6 +24,7 @@ pub mod model;
 pub mod netns;
 pub mod procfs;
 pub mod report;
+pub mod rollout;
 pub mod sockdiag;
 pub mod state;
 pub mod store;

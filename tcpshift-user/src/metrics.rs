@@ -11,10 +11,12 @@
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet, prometheus_text},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
+
+use tcpshift_common::{SRTT_BUCKETS, srtt_bucket_floor_us};
 
 use crate::state::{ServiceStatus, Status, SubsetStatus};
 
@@ -108,7 +110,45 @@ const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
         MetricType::Gauge,
         |_, s| u64::from(s.live),
     ),
+    (
+        "tcpshift_tcp_connections_reset_by_backend",
+        "Closed connections of the subset reset by the backend (a RST from the client is not counted).",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.reset_by_backend,
+    ),
+    (
+        "tcpshift_tcp_connections_closed_without_reply",
+        "Closed connections the backend closed first without a payload byte acknowledged by the client.",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.closed_without_reply,
+    ),
+    (
+        "tcpshift_tcp_retransmit_timeouts",
+        "Retransmission timeouts on the subset's connections (one per expiry of the timer).",
+        None,
+        MetricType::Counter,
+        |_, s| s.counters.retransmit_timeouts,
+    ),
 ];
+
+/// `(upper bound in seconds, count)` of each bucket of a subset's smoothed-RTT histogram, not
+/// cumulative (the encoder sums them); the last bound is `+Inf`.
+fn srtt_buckets(histogram: &[u64; SRTT_BUCKETS]) -> Vec<(f64, u64)> {
+    histogram
+        .iter()
+        .enumerate()
+        .map(|(b, &n)| {
+            let upper = if b + 1 < SRTT_BUCKETS {
+                f64::from(srtt_bucket_floor_us(b + 1)) / 1e6
+            } else {
+                f64::INFINITY
+            };
+            (upper, n)
+        })
+        .collect()
+}
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -159,6 +199,20 @@ impl Collector for Snapshot {
             let n = i64::try_from(svc.shadows.len()).unwrap_or(i64::MAX);
             ConstGauge::new(n).encode(family.encode_family(&[("service", svc.name.as_str())])?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "tcpshift_tcp_srtt_at_close",
+            "Smoothed RTT of the subset's closed connections at close (log2 buckets; the sum is not tracked and is always 0).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (svc, s) in subsets() {
+            let labels = [("service", svc.name.as_str()), ("subset", s.name.as_str())];
+            let buckets = srtt_buckets(&s.counters.srtt_histogram);
+            let count = buckets.iter().map(|(_, n)| n).sum();
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(0.0, count, &buckets, None)?;
+        }
         Ok(())
     }
 }
@@ -206,6 +260,15 @@ mod tests {
                             bytes_received: 1234,
                             bytes_sent: 5678,
                             fallback_in: 1,
+                            reset_by_backend: 2,
+                            closed_without_reply: 1,
+                            retransmit_timeouts: 4,
+                            srtt_histogram: {
+                                let mut h = [0; SRTT_BUCKETS];
+                                h[0] = 3;
+                                h[2] = 4;
+                                h
+                            },
                             ..Default::default()
                         },
                     ),
@@ -252,6 +315,15 @@ mod tests {
             "tcpshift_subset_weight{service=\"tcp-echo\",subset=\"v2\"} 20",
             "tcpshift_subset_socket_live{service=\"tcp-echo\",subset=\"v2\"} 0",
             "tcpshift_subset_socket_live{service=\"tcp-echo\",subset=\"v1\"} 1",
+            "tcpshift_tcp_connections_reset_by_backend_total{service=\"tcp-echo\",subset=\"v1\"} 2",
+            "tcpshift_tcp_connections_closed_without_reply_total{service=\"tcp-echo\",subset=\"v1\"} 1",
+            "tcpshift_tcp_retransmit_timeouts_total{service=\"tcp-echo\",subset=\"v1\"} 4",
+            "# TYPE tcpshift_tcp_srtt_at_close_seconds histogram",
+            "tcpshift_tcp_srtt_at_close_seconds_count{service=\"tcp-echo\",subset=\"v1\"} 7",
+            "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"3.2e-05\"} 3",
+            "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"6.4e-05\"} 3",
+            "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"0.000128\"} 7",
+            "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"+Inf\"} 7",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -487,6 +487,14 @@ Then shift 20% of new connections to v2, check, and send the traffic again
     {ctl} set-weight v2=20
     {ctl} status
 
+Or let tcpshiftd roll v2 out by itself, 5 % -> 20 % -> 50 % -> 100 %, each step held
+10 s and judged by the kernel's TCP signals (keep the traffic loop running: a canary
+without traffic is not promoted), rolled back at once if v2 fails:
+
+    {ctl} rollout start tcp-echo --canary v2 --steps 5,20,50,100 --interval 10s
+    {ctl} rollout status        # phase, step, weights, last values, why
+    {ctl} rollout abort         # or pause / resume / promote; then: rollout history
+
 The split is shown below when it changes. Press Ctrl-C to stop and clean up.
 "#
     );

@@ -60,6 +60,58 @@ struct Cli {
     /// tell apart the ports of one process.
     #[arg(long)]
     port_in_prefix: bool,
+
+    /// Fault injection: reset this percentage of connections (0-100) after reading their first
+    /// line, without a reply (SO_LINGER 0, so the kernel sends a RST). Spread evenly: with 30,
+    /// 3 connections of every 10.
+    #[arg(long, value_name = "PERCENT", default_value = "0", value_parser = clap::value_parser!(u8).range(0..=100))]
+    fault_reset_percent: u8,
+
+    /// Fault injection: close this percentage of connections (0-100) after reading their
+    /// first line, without a reply (a FIN, no byte sent).
+    #[arg(long, value_name = "PERCENT", default_value = "0", value_parser = clap::value_parser!(u8).range(0..=100))]
+    fault_close_percent: u8,
+
+    /// Fault injection: wait this many milliseconds before each reply.
+    #[arg(long, value_name = "MS", default_value = "0")]
+    fault_delay_ms: u64,
+}
+
+/// The faults to inject (see the `--fault-*` flags).
+#[derive(Debug, Default)]
+struct Faults {
+    reset_percent: u64,
+    close_percent: u64,
+    delay: Duration,
+    /// Connections accepted so far, to spread the faults evenly.
+    count: std::sync::atomic::AtomicU64,
+}
+
+/// What to do with one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Reset,
+    Close,
+}
+
+impl Faults {
+    /// The fault of the next connection: connection `k` gets a fault of `p` % when
+    /// `floor(k p / 100)` moves, so `p` of every 100 connections do, evenly spread.
+    fn next(&self) -> Fault {
+        let k = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let hit = |p: u64| p > 0 && k * p / 100 != (k - 1) * p / 100;
+        if hit(self.reset_percent) {
+            Fault::Reset
+        } else if hit(self.close_percent) {
+            Fault::Close
+        } else {
+            Fault::None
+        }
+    }
 }
 
 /// The parsed PORTS argument.
@@ -118,14 +170,15 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
 }
 
 /// Accepts connections forever, one task per connection.
-async fn accept_loop(listener: TcpListener, prefix: Arc<[u8]>) {
+async fn accept_loop(listener: TcpListener, prefix: Arc<[u8]>, faults: Arc<Faults>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let prefix = Arc::clone(&prefix);
+                let faults = Arc::clone(&faults);
                 tokio::spawn(async move {
                     tracing::debug!(%peer, "connection");
-                    if let Err(e) = serve(stream, &prefix).await {
+                    if let Err(e) = serve(stream, &prefix, &faults).await {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
                 });
@@ -141,9 +194,27 @@ async fn accept_loop(listener: TcpListener, prefix: Arc<[u8]>) {
 }
 
 /// Echoes every line of one connection with the prefix.
-async fn serve(stream: TcpStream, prefix: &[u8]) -> io::Result<()> {
+async fn serve(mut stream: TcpStream, prefix: &[u8], faults: &Faults) -> io::Result<()> {
     // Like Go's net package (Istio's server): replies go out at once.
     stream.set_nodelay(true)?;
+    let fault = faults.next();
+    if fault != Fault::None {
+        let mut first = Vec::new();
+        BufReader::new(&mut stream)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut first)
+            .await?;
+        if fault == Fault::Reset {
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+            drop(stream);
+        } else {
+            stream.shutdown().await?;
+            // Wait for the client's FIN so that the backend's FIN came first.
+            let mut rest = [0u8; 512];
+            while stream.read(&mut rest).await? > 0 {}
+        }
+        return Ok(());
+    }
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
@@ -163,6 +234,9 @@ async fn serve(stream: TcpStream, prefix: &[u8]) -> io::Result<()> {
                 io::ErrorKind::InvalidData,
                 format!("line longer than {MAX_LINE} bytes"),
             ));
+        }
+        if !faults.delay.is_zero() {
+            tokio::time::sleep(faults.delay).await;
         }
         wr.write_all(prefix).await?;
         wr.write_all(b" ").await?;
@@ -221,13 +295,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     drop(out);
 
     let prefix: Arc<[u8]> = Arc::from(cli.prefix.as_bytes());
+    let faults = Arc::new(Faults {
+        reset_percent: u64::from(cli.fault_reset_percent),
+        close_percent: u64::from(cli.fault_close_percent),
+        delay: Duration::from_millis(cli.fault_delay_ms),
+        ..Faults::default()
+    });
     for (listener, local) in listeners {
         let prefix = if cli.port_in_prefix {
             Arc::from(format!("{}:{}", cli.prefix, local.port()).into_bytes())
         } else {
             Arc::clone(&prefix)
         };
-        tokio::spawn(accept_loop(listener, prefix));
+        tokio::spawn(accept_loop(listener, prefix, Arc::clone(&faults)));
     }
 
     tokio::select! {

@@ -9,6 +9,8 @@ mod delete;
 mod get;
 #[path = "tcpshiftctl/metrics.rs"]
 mod metrics;
+#[path = "tcpshiftctl/rollout.rs"]
+mod rollout;
 #[path = "tcpshiftctl/set_weight.rs"]
 mod set_weight;
 #[path = "tcpshiftctl/status.rs"]
@@ -93,6 +95,10 @@ enum Command {
     Delete(delete::DeleteArgs),
     /// Detach tcpshift from this namespace and remove everything it pinned.
     Uninstall,
+    /// Progressive rollouts: `rollout start SERVICE --canary v2 --steps 5,20,50,100
+    /// --interval 30s`, then `rollout status|promote|pause|resume|abort|history [NAME]`.
+    /// tcpshiftd judges each step by the kernel's TCP signals and rolls back on failure.
+    Rollout(rollout::RolloutArgs),
 }
 
 fn main() {
@@ -123,5 +129,6 @@ fn run(args: Args) -> Result<()> {
         Command::Get(a) => get::run(&netns, a),
         Command::Delete(a) => delete::run(&netns, a),
         Command::Uninstall => uninstall::run(&netns),
+        Command::Rollout(a) => rollout::run(&netns, a),
     }
 }

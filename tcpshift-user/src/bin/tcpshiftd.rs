@@ -16,6 +16,8 @@ mod instance;
 mod notify;
 #[path = "tcpshiftd/reload.rs"]
 mod reload;
+#[path = "tcpshiftd/rollouts.rs"]
+mod rollouts;
 #[path = "tcpshiftd/scan.rs"]
 mod scan;
 #[path = "tcpshiftd/upgrade.rs"]
@@ -169,6 +171,7 @@ fn run(args: Args) -> Result<()> {
         if let Some(listener) = metrics {
             http::spawn(listener, State::open(&netns)?)?;
         }
+        rollouts::spawn(State::open(&netns)?);
         if debug_events {
             match aya_log::EbpfLogger::init_from_id(state.program_id()?) {
                 Ok(logger) => {

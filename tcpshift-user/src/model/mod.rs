@@ -7,9 +7,11 @@
 //! - [`service`]: [`ServiceConfig`], [`SubsetConfig`], [`Listen`], the listen key and the
 //!   rule that no two services share one;
 //! - [`plan`]: what the kernel holds ([`ServiceView`]) and what a change wants
-//!   ([`Desired`]), and what a change did to a service ([`Change`]).
+//!   ([`Desired`]), and what a change did to a service ([`Change`]);
+//! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
 
 pub mod plan;
+pub mod rollout;
 pub mod service;
 
 pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};

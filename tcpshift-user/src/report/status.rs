@@ -180,6 +180,16 @@ pub fn top_frame(status: &Status, prev: Option<&Status>, elapsed: Duration) -> S
                 c.fallback_in,
                 name_w = name_w,
             );
+            let _ = writeln!(
+                out,
+                "  {:<name_w$}  failures reset {}  no-reply {}  refused {}  rto {}",
+                "",
+                c.reset_by_backend,
+                c.closed_without_reply,
+                c.misses,
+                c.retransmit_timeouts,
+                name_w = name_w,
+            );
         }
         let _ = writeln!(out, "  (observed: share of new connections, {window})");
     }

@@ -169,6 +169,9 @@ pub enum StateError {
     /// The namespace's listening sockets could not be read.
     #[error("cannot check which servers listen in this network namespace: {0}")]
     Discovery(#[from] DiscoveryError),
+    /// A rollout cannot be stored, found or changed; the message says why and what to do.
+    #[error("{0}")]
+    Rollout(String),
 }
 
 /// The listeners' descriptions, comma-separated.

@@ -64,6 +64,7 @@ mod guard;
 mod lifecycle;
 mod lock;
 mod plan;
+mod rollouts;
 mod sockets;
 mod status;
 mod sys;
@@ -84,6 +85,7 @@ mod failpoints {
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
 

@@ -5,7 +5,7 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddr, os::fd::AsFd, pat
 
 use aya::maps::{Map, MapError, PerCpuValues};
 use serde::Serialize;
-use tcpshift_common::{Counters, MAX_SUBSETS, global_flags, mode, slot, tag};
+use tcpshift_common::{Counters, MAX_SUBSETS, SRTT_BUCKETS, global_flags, mode, slot, tag};
 
 use crate::{
     discovery::ShadowedListener,
@@ -61,6 +61,26 @@ pub struct CounterStatus {
     pub bytes_sent: u64,
     /// New connections steered here during the last [`OBSERVED_WINDOW_SECS`] seconds.
     pub steered_recent: u64,
+    /// Closed connections reset by the backend (it closed with unread data, with `SO_LINGER`
+    /// 0, or shut down); a RST from the client is not counted.
+    pub reset_by_backend: u64,
+    /// Closed connections the backend closed first without a payload byte acknowledged by
+    /// the client ("closed without a reply").
+    pub closed_without_reply: u64,
+    /// Retransmission timeouts on this subset's connections (one per expiry of the timer).
+    pub retransmit_timeouts: u64,
+    /// Smoothed RTT of closed connections at close, a log2 histogram (not cumulative):
+    /// bucket `b` counts RTTs from [`tcpshift_common::srtt_bucket_floor_us`]`(b)` µs up to the
+    /// next bucket's floor; the last bucket is open-ended.
+    pub srtt_histogram: [u64; SRTT_BUCKETS],
+}
+
+impl CounterStatus {
+    /// Connections that failed: reset by the backend, closed by it without a reply, or
+    /// refused for lack of a live socket ([`CounterStatus::misses`]).
+    pub fn failed(&self) -> u64 {
+        self.reset_by_backend + self.closed_without_reply + self.misses
+    }
 }
 
 /// One service as shown by `status`.
@@ -127,6 +147,12 @@ impl State {
             c.closed += v.closed;
             c.bytes_received += v.bytes_received;
             c.bytes_sent += v.bytes_sent;
+            c.reset_by_backend += v.reset_by_backend;
+            c.closed_without_reply += v.closed_without_reply;
+            c.retransmit_timeouts += v.retransmit_timeouts;
+            for (sum, n) in c.srtt_histogram.iter_mut().zip(v.srtt_histogram.iter()) {
+                *sum += n;
+            }
         }
         c.active = c.opened.saturating_sub(c.closed);
         Ok(c)

@@ -9,10 +9,11 @@ use clap::Args;
 use tcpshift::{
     discovery::{self, Registration},
     istio::{Manifest, Plan},
-    model::{Change, Desired, ServiceView},
+    model::{Change, Desired, ServiceView, rollout::RolloutSpec},
     netns::Netns,
     procfs, report,
     state::State,
+    yaml,
 };
 
 /// Arguments of `tcpshiftctl apply`.
@@ -31,20 +32,39 @@ pub struct ApplyArgs {
 
 /// The objects of every file (`-`: standard input) together; an error if there are none.
 pub fn read_manifest(files: &[String]) -> Result<Manifest> {
-    let mut manifest = Manifest::default();
-    for file in files {
-        manifest.extend(Manifest::from_file(file)?);
-    }
+    let (manifest, _) = read_manifest_and_rollouts(files)?;
     if manifest.is_empty() {
         return Err(manifest.empty_error().into());
     }
     Ok(manifest)
 }
 
+/// The objects and the `Rollout` documents of every file (`-`: standard input) together; an
+/// error if there are none at all.
+fn read_manifest_and_rollouts(files: &[String]) -> Result<(Manifest, Vec<RolloutSpec>)> {
+    let mut manifest = Manifest::default();
+    let mut rollouts = Vec::new();
+    for file in files {
+        let (text, name) = yaml::read_text(file)?;
+        rollouts.extend(tcpshift::rollout::parse_rollouts(&text, &name)?);
+        manifest.extend(Manifest::parse(
+            &tcpshift::rollout::without_rollouts(&text),
+            &name,
+        )?);
+    }
+    if manifest.is_empty() && rollouts.is_empty() {
+        return Err(manifest.empty_error().into());
+    }
+    Ok((manifest, rollouts))
+}
+
 /// `tcpshiftctl apply -f FILE...`.
 pub fn run(netns: &Netns, args: ApplyArgs) -> Result<()> {
-    let manifest = read_manifest(&args.files)?;
+    let (manifest, rollouts) = read_manifest_and_rollouts(&args.files)?;
     let mut state = State::open(netns)?;
+    if manifest.is_empty() {
+        return start_rollouts(&mut state, rollouts, args.dry_run);
+    }
     let mut planned: Option<Plan> = None;
     // The dry run is the plan the real apply would commit, computed by the library under the
     // same lock, with nothing written.
@@ -68,10 +88,31 @@ pub fn run(netns: &Netns, args: ApplyArgs) -> Result<()> {
     }
     let services: Vec<_> = plan.services.iter().map(|s| &s.config).collect();
     print!("{}", report::applied(&changes, &services, args.dry_run));
-    if args.dry_run {
-        return Ok(());
+    if !args.dry_run {
+        register_now(netns, &mut state, &changes)?;
     }
-    register_now(netns, &mut state, &changes)
+    start_rollouts(&mut state, rollouts, args.dry_run)
+}
+
+/// Starts the rollouts of an apply (after its services were applied).
+fn start_rollouts(state: &mut State, rollouts: Vec<RolloutSpec>, dry_run: bool) -> Result<()> {
+    for spec in rollouts {
+        if dry_run {
+            println!("rollout/{} would start (dry run)", spec.name);
+            continue;
+        }
+        let name = spec.name.clone();
+        let record = tcpshift::rollout::drive::start(state, spec)?;
+        println!(
+            "rollout/{name} started: {}={} {}={} ({})",
+            record.spec.stable,
+            100 - record.state.canary_weight,
+            record.spec.canary,
+            record.state.canary_weight,
+            record.state.phase
+        );
+    }
+    Ok(())
 }
 
 /// Registers the sockets of the subsets just applied (so that they are served at once) and
