@@ -354,6 +354,7 @@ mod tests {
                     weight: *w,
                 })
                 .collect(),
+            take_over: false,
         }
     }
 

@@ -242,6 +242,7 @@ mod tests {
                     weight: 20,
                 },
             ],
+            take_over: false,
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();
