@@ -183,6 +183,55 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("the connection thread panicked"))?
 }
 
+/// One exchange with the seed's address from 127.0.0.1:`port`; the reply's prefix.
+fn from_port(port: u16) -> Result<String> {
+    use std::{
+        io::{Read, Write},
+        os::fd::FromRawFd,
+    };
+    // SAFETY: a new socket; the fd is owned by the TcpStream below (or closed on error).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned only here.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let addr = |port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let local = addr(port);
+    let remote = addr(seed_addr().port());
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: setsockopt/bind/connect on our socket with live, correctly sized arguments.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            bail!("bind {port}: {}", std::io::Error::last_os_error());
+        }
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            bail!("connect from {port}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let mut stream = stream;
+    stream.write_all(b"seed\n")?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply.split(' ').next().unwrap_or_default().to_string())
+}
+
 /// `tcpshiftctl --store URL ARGS`.
 fn store_ctl(url: &str, args: &[&str]) -> Result<Output> {
     Command::new(bin_dir().join("tcpshiftctl"))
@@ -256,18 +305,15 @@ fn seed_all_v1_then_20_v2_applied_once_reaches_every_node() -> Result<()> {
     })
     .with_context(|| format!("{nodes_json}"))?;
     assert_eq!(listed.len(), 3);
-    // The fleet's hash seed is every node's kernel seed: the same 4-tuple, the same subset.
-    let status: Value = serde_json::from_str(&store_ctl_ok(&url, &["status", "--json"])?)?;
-    let seed = status["seed"].as_u64().context("the store has a seed")?;
-    for n in &nodes {
-        let local: Value = serde_json::from_slice(&n.ctl(&["status", "--json"])?.stdout)?;
-        assert_eq!(
-            local["hash_seed"].as_u64(),
-            Some(seed),
-            "node {}: {local}",
-            n.name
-        );
-    }
+    // One hash seed for the fleet: the same 4-tuple (fixed source ports above the ephemeral
+    // range, so no earlier connection holds them) reaches the same
+    // subset on every node.
+    let picks = nodes
+        .iter()
+        .map(|n| in_netns(&n.path, || (0..64).map(|k| from_port(62000 + k)).collect()))
+        .collect::<Result<Vec<Vec<String>>>>()?;
+    assert!(picks[0].iter().any(|p| p == "two"), "{picks:?}");
+    assert!(picks.iter().all(|p| *p == picks[0]), "{picks:?}");
     // A local change on a following host is refused, naming the store; --local overrides.
     let refused = nodes[0].ctl(&["set-weight", "v2=50"])?;
     assert!(!refused.status.success());
