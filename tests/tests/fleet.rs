@@ -438,3 +438,78 @@ fn eight_concurrent_writers_lose_nothing_and_bad_input_is_refused() -> Result<()
     assert_eq!(before["revision"], after["revision"]);
     Ok(())
 }
+
+#[test]
+fn hundred_changes_while_the_leader_is_killed_and_restarted_every_node_ends_on_the_last()
+-> Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    if !privileged() {
+        return Ok(());
+    }
+    let (mut cluster, nodes, _) = fleet("leader")?;
+    let url = cluster.url();
+    // Clients on every node for the whole run: every connection must be answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let made = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (stop, failed, made) = (stop.clone(), failed.clone(), made.clone());
+            let path = n.path.clone();
+            std::thread::spawn(move || {
+                in_netns(&path, move || {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        match exchange(seed_addr(), &format!("c{i}")) {
+                            Ok(_) => made.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                        i += 1;
+                    }
+                    Ok(())
+                })
+            })
+        })
+        .collect();
+    let mut killed = None;
+    for v2 in 1..=100u32 {
+        if v2 == 30 {
+            let leader = cluster.leader()?;
+            cluster.kill(leader)?;
+            killed = Some(leader);
+        }
+        if v2 == 60
+            && let Some(leader) = killed.take()
+        {
+            cluster.restart(leader)?;
+        }
+        poll_until(
+            Duration::from_secs(30),
+            &format!("set-weight v2={v2}"),
+            || {
+                Ok(store_ctl(&url, &["set-weight", &format!("v2={v2}")])?
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )?;
+    }
+    for n in &nodes {
+        n.wait_weights(0, 100)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    assert!(made.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connections");
+    for n in &nodes {
+        let counts = n.count(50)?;
+        assert_eq!(counts.get("two"), Some(&50), "node {}: {counts:?}", n.name);
+    }
+    Ok(())
+}
