@@ -513,3 +513,107 @@ fn hundred_changes_while_the_leader_is_killed_and_restarted_every_node_ends_on_t
     }
     Ok(())
 }
+
+/// A TCP relay on loopback to `upstream` that the test can break (every connection closed,
+/// new ones refused at once) and mend.
+struct Relay {
+    port: u16,
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(upstream: std::net::SocketAddr) -> Result<Self> {
+        use std::{
+            net::{TcpListener, TcpStream},
+            sync::{Arc, Mutex, atomic::AtomicBool},
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let broken = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (b, o) = (broken.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if b.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let pairs = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                if let Ok(mut all) = o.lock() {
+                    all.extend(client.try_clone());
+                    all.extend(server.try_clone());
+                }
+                for (from, to) in pairs {
+                    if let (Ok(mut from), Ok(mut to)) = (from, to) {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Self { port, broken, open })
+    }
+
+    fn set_broken(&self, broken: bool) {
+        self.broken
+            .store(broken, std::sync::atomic::Ordering::SeqCst);
+        if broken && let Ok(mut all) = self.open.lock() {
+            for s in all.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_cut_from_the_store_falls_behind_keeps_steering_and_catches_up() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, mut nodes, _) = fleet("cut")?;
+    let url = cluster.url();
+    // Node 2 reaches the store only through a relay to member 0.
+    let member0: std::net::SocketAddr = url
+        .trim_start_matches("etcd://")
+        .split(',')
+        .next()
+        .context("a member")?
+        .parse()?;
+    let relay = Relay::start(member0)?;
+    nodes[2].kill_daemon()?;
+    nodes[2].start(&format!("etcd://127.0.0.1:{}", relay.port))?;
+    store_ctl_ok(&url, &["set-weight", "v2=20"])?;
+    for n in &nodes {
+        n.wait_weights(80, 20)?;
+    }
+    relay.set_broken(true);
+    poll_until(
+        Duration::from_secs(40),
+        "node 2 sees the store down",
+        || {
+            let out = nodes[2].ctl(&["status"])?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .contains("UNREACHABLE")
+                .then_some(()))
+        },
+    )
+    .with_context(|| nodes[2].log())?;
+    store_ctl_ok(&url, &["set-weight", "v2=50"])?;
+    nodes[0].wait_weights(50, 50)?;
+    nodes[1].wait_weights(50, 50)?;
+    // Behind, failing static: still 80/20, every connection answered.
+    let counts = nodes[2].count(200)?;
+    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+    assert_eq!(nodes[2].weights()?, Some((80, 20)));
+    relay.set_broken(false);
+    nodes[2].wait_weights(50, 50)?;
+    Ok(())
+}
