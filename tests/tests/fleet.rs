@@ -617,3 +617,24 @@ fn a_node_cut_from_the_store_falls_behind_keeps_steering_and_catches_up() -> Res
     nodes[2].wait_weights(50, 50)?;
     Ok(())
 }
+
+#[test]
+fn a_node_killed_while_changes_happen_converges_when_started_again() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, mut nodes, _) = fleet("restart")?;
+    let url = cluster.url();
+    nodes[1].kill_daemon()?;
+    for v2 in [10, 20, 30, 40, 45] {
+        store_ctl_ok(&url, &["set-weight", &format!("v2={v2}")])?;
+    }
+    nodes[0].wait_weights(55, 45)?;
+    // The kernel of the stopped node kept steering with what it had.
+    assert_eq!(nodes[1].weights()?, Some((100, 0)));
+    let counts = nodes[1].count(100)?;
+    assert_eq!(counts.get("one"), Some(&100), "{counts:?}");
+    nodes[1].start(&url)?;
+    nodes[1].wait_weights(55, 45)?;
+    Ok(())
+}
