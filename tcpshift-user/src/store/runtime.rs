@@ -2,7 +2,8 @@
 //! for the network namespace of inode INODE. tcpshiftctl reads it to show the follower's
 //! state in `status` and to refuse a local change that would silently diverge from the
 //! fleet (`--local` overrides). tcpshiftd writes it when it starts following and on every
-//! change of its [`FollowStatus`], and removes it when it exits cleanly.
+//! change of its [`FollowStatus`], and removes it when it exits cleanly; a record whose
+//! tcpshiftd no longer runs is ignored.
 
 use std::{
     io,
@@ -54,11 +55,14 @@ impl Following {
         std::fs::rename(&tmp, &path)
     }
 
-    /// Reads the record of the namespace, if there is one (an unreadable one counts as
-    /// none).
+    /// Reads the record of the namespace, if there is one and the tcpshiftd that wrote it
+    /// still runs (an unreadable record, or one left by a tcpshiftd that was killed, counts
+    /// as none: a namespace's inode can be reused).
     pub fn read(netns_inode: u64) -> Option<Self> {
         let text = std::fs::read(Self::path(netns_inode)).ok()?;
-        serde_json::from_slice(&text).ok()
+        let record: Self = serde_json::from_slice(&text).ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", record.pid)).ok()?;
+        (comm.trim_end() == "tcpshiftd").then_some(record)
     }
 
     /// Removes the record of the namespace.
