@@ -5,6 +5,8 @@
 mod apply;
 #[path = "tcpshiftctl/delete.rs"]
 mod delete;
+#[path = "tcpshiftctl/fleet.rs"]
+mod fleet;
 #[path = "tcpshiftctl/get.rs"]
 mod get;
 #[path = "tcpshiftctl/metrics.rs"]
@@ -24,18 +26,24 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tcpshift::{config, netns::Netns};
+use tcpshift::{config, netns::Netns, store::StoreArgs};
 
 /// Control tcpshift: show the split, change weights live, uninstall.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml\n  tcpshiftctl apply -f tcp-echo-20-v2.yaml\n  tcpshiftctl get virtualservice tcp-echo -o yaml\n  tcpshiftctl uninstall"
+    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml\n  tcpshiftctl apply -f tcp-echo-20-v2.yaml\n  tcpshiftctl get virtualservice tcp-echo -o yaml\n  tcpshiftctl uninstall\n\nFleet (--store URL or TCPSHIFT_STORE): apply, set-weight, delete and get act on the\nfleet's desired state in etcd; status shows every node; get nodes lists them.\n  tcpshiftctl --store etcd://10.0.0.1:2379 set-weight v2=20\n  tcpshiftctl --store etcd://10.0.0.1:2379 status\nOn a host whose tcpshiftd follows a store, a local apply, set-weight or delete is refused\n(it would diverge from the fleet) unless --local is given."
 )]
 struct Args {
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
     #[arg(long, global = true, value_name = "PATH")]
     netns: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Change this host's kernel even though its tcpshiftd follows a fleet store (the
+    /// change then differs from the fleet until the store's next change overwrites it).
+    #[arg(long, global = true)]
+    local: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,7 +122,16 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.netns {
         Netns::open(path)?.enter()?;
     }
+    if let Some(options) = args.store.options()? {
+        return fleet::run(options, args.command);
+    }
     let netns = Netns::current()?;
+    if matches!(
+        args.command,
+        Command::Apply(_) | Command::SetWeight { .. } | Command::Delete(_)
+    ) {
+        fleet::guard(&netns, args.local)?;
+    }
     match args.command {
         Command::Status { json } => status::run(&netns, json),
         Command::Top {

@@ -4,10 +4,12 @@
 //! state without resetting weights.
 //!
 //! This file reads the arguments and runs the steps in order; each job has its own file:
-//! [`instance`] (one tcpshiftd per network namespace), [`http`] (the metrics and health
+//! [`instance`] (one tcpshiftd per network namespace), [`fleet`] (following the fleet store), [`http`] (the metrics and health
 //! endpoint), [`scan`] (registering backends' sockets), [`reload`] (SIGHUP), [`notify`]
 //! (systemd's readiness protocol) and [`upgrade`] (replacing adopted programs in place).
 
+#[path = "tcpshiftd/fleet.rs"]
+mod fleet;
 #[path = "tcpshiftd/http.rs"]
 mod http;
 #[path = "tcpshiftd/instance.rs"]
@@ -33,6 +35,7 @@ use tcpshift::{
     model::Weights,
     netns::Netns,
     state::{Installed, State},
+    store::StoreArgs,
 };
 use tracing::{error, info, warn};
 
@@ -57,12 +60,23 @@ systemd: with $NOTIFY_SOCKET set (Type=notify), READY=1 is sent once the program
 the configuration applied and the first scan registered the listening backends' sockets;
 RELOADING=1/READY=1 around a SIGHUP reload; STOPPING=1 on exit.
 
+Fleet (--store): the services come from the store instead of a --config file (the two cannot
+be combined; put the file in the store with `tcpshiftctl --store URL apply -f FILE`). tcpshiftd
+watches the store and applies each revision whole, in order; takes the fleet's hash seed from
+it; writes its node report under a 10 s lease; and, while the store is unreachable, keeps
+steering with the last state it applied (fail static; /metrics: tcpshift_store_connected,
+tcpshift_store_applied_revision, tcpshift_store_last_contact_seconds). A local `tcpshiftctl`
+change is then refused unless given --local.
+
 Examples:
   tcpshiftd --config tcpshift.yaml
   tcpshiftctl set-weight v2=20
 
   tcpshiftd --metrics 127.0.0.1:9464 &
-  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml"
+  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml
+
+  tcpshiftd --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379 --node gw-1
+  tcpshiftctl --store etcd://10.0.0.1:2379 set-weight v2=20"
 )]
 struct Args {
     /// YAML configuration: services, their listen port, subsets and weights. Without it,
@@ -95,6 +109,12 @@ struct Args {
     #[arg(long)]
     takeover: bool,
 
+    #[command(flatten)]
+    store: StoreArgs,
+    /// This node's name in the fleet store (with --store); default: the host name.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
     scan_interval_ms: u64,
@@ -126,6 +146,35 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    let store = args.store.options()?;
+    if store.is_some() && args.config.is_some() {
+        anyhow::bail!(
+            "--config and --store cannot be combined: with --store the services come from the \
+             store; put the file there with `tcpshiftctl --store URL apply -f FILE` and start \
+             tcpshiftd without --config"
+        );
+    }
+    let node = match (&store, &args.node) {
+        (_, Some(node)) => node.clone(),
+        (Some(_), None) => tcpshift::store::host_name()
+            .context("cannot read the host name for the node name; give --node NAME")?,
+        (None, None) => String::new(),
+    };
+    if store.is_some() {
+        tcpshift::store::report::validate_node_name(&node)?;
+    } else if args.node.is_some() {
+        anyhow::bail!("--node names this host in a fleet store: add --store URL");
+    }
+    // The store is reached from the namespace tcpshiftd was started in: its thread starts
+    // before tcpshiftd enters the served one.
+    let fleet = match store {
+        Some(options) => {
+            let url = options.url.to_string();
+            let (fleet, starter) = fleet::start(options, node.clone())?;
+            Some((fleet, starter, url))
+        }
+        None => None,
+    };
     let config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config {
@@ -168,8 +217,15 @@ fn run(args: Args) -> Result<()> {
         .context("cannot start the runtime")?;
     let result = runtime.block_on(async {
         instance.serve()?;
+        let fleet = match fleet {
+            Some((fleet, starter, url)) => {
+                starter.go(Netns::current()?, &url, &node);
+                Some(fleet)
+            }
+            None => None,
+        };
         if let Some(listener) = metrics {
-            http::spawn(listener, State::open(&netns)?)?;
+            http::spawn(listener, State::open(&netns)?, fleet.clone())?;
         }
         rollouts::spawn(State::open(&netns)?);
         if debug_events {
@@ -187,6 +243,9 @@ fn run(args: Args) -> Result<()> {
         let every = Duration::from_millis(args.scan_interval_ms.max(10));
         let result = scan::supervise(&mut state, every, reloader).await;
         notify::send("STOPPING=1");
+        if fleet.is_some() {
+            fleet::forget(netns.inode());
+        }
         result
     });
     if debug_events && state.is_installed() {

@@ -258,6 +258,26 @@ impl State {
         })
     }
 
+    /// Sets the hash seed new connections are hashed with (`Global::hash_seed`), e.g. the
+    /// fleet's seed from the store, so that a 4-tuple maps to the same subset on every node.
+    /// Connections already open are not hashed again: changing it moves only new ones.
+    pub fn set_hash_seed(&mut self, seed: u32) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut g = self
+            .maps
+            .global
+            .get(&0, 0)
+            .map_err(map_err("cannot read the global settings"))?;
+        if g.hash_seed == seed {
+            return Ok(());
+        }
+        g.hash_seed = seed;
+        self.maps
+            .global
+            .set(0, g, 0)
+            .map_err(map_err("cannot write the global settings"))
+    }
+
     /// Turns the programs' debug events on or off (`Global::flags`).
     pub fn set_debug_events(&mut self, on: bool) -> Result<()> {
         let _lock = self.lock()?;

@@ -85,6 +85,64 @@ pub struct FollowStatus {
 }
 
 impl FollowStatus {
+    /// The follower's metrics in Prometheus text: `tcpshift_store_connected`,
+    /// `tcpshift_store_applied_revision`, `tcpshift_store_revision`,
+    /// `tcpshift_store_last_contact_seconds` (seconds since the store last answered; absent
+    /// before the first answer), `tcpshift_store_in_sync` and `tcpshift_store_resyncs_total`.
+    pub fn prometheus(&self, node: &str) -> String {
+        use std::fmt::Write;
+        let label = format!("{{node=\"{}\"}}", node.replace(['\\', '"'], "_"));
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name}{label} {value}");
+        };
+        metric(
+            "tcpshift_store_connected",
+            "gauge",
+            "Whether tcpshiftd's watch of the fleet store is established and answering (1) or not (0: failing static).",
+            u8::from(self.connected).to_string(),
+        );
+        metric(
+            "tcpshift_store_applied_revision",
+            "gauge",
+            "The store revision of the desired state this node has applied (0: none yet).",
+            self.applied_revision.to_string(),
+        );
+        metric(
+            "tcpshift_store_revision",
+            "gauge",
+            "The newest store revision of the desired state this node has seen.",
+            self.store_revision.to_string(),
+        );
+        metric(
+            "tcpshift_store_in_sync",
+            "gauge",
+            "Whether this node has applied the newest desired state it has seen (1) or not (0).",
+            u8::from(self.in_sync()).to_string(),
+        );
+        metric(
+            "tcpshift_store_resyncs_total",
+            "counter",
+            "Full reads of the desired state after the watch's revision was compacted.",
+            self.resyncs.to_string(),
+        );
+        if let Some(at) = self.last_contact {
+            let ago = SystemTime::now()
+                .duration_since(at)
+                .unwrap_or_default()
+                .as_secs_f64();
+            metric(
+                "tcpshift_store_last_contact_seconds",
+                "gauge",
+                "Seconds since the fleet store last answered.",
+                format!("{ago:.3}"),
+            );
+        }
+        out
+    }
+
     /// Whether the node has applied the newest desired state it has seen.
     pub fn in_sync(&self) -> bool {
         self.applied_revision == self.store_revision && self.apply_error.is_none()
@@ -348,12 +406,16 @@ pub struct Applied {
 /// move from one service to another; then every service is created or changed in one
 /// [`State::apply_with`], which checks everything before writing).
 ///
-/// The fleet's hash seed ([`Snapshot::seed`]) is not written here: the public `State` API
-/// has no setter for it yet (the binaries wire it when they follow a store).
+/// The fleet's hash seed ([`Snapshot::seed`]), when the store has one, becomes the
+/// kernel's hash seed ([`State::set_hash_seed`]) first, so that a 4-tuple maps to the same
+/// subset on every node.
 pub fn apply_to_state(
     state: &mut State,
     snapshot: &Snapshot,
 ) -> std::result::Result<Applied, StateError> {
+    if let Some(seed) = snapshot.seed {
+        state.set_hash_seed(seed)?;
+    }
     let deleted =
         state.delete_with(|current| Ok::<_, StateError>(snapshot.state.extra_in(current)))?;
     let changed = state.apply_with(|_| Ok::<_, StateError>(snapshot.state.to_change()))?;

@@ -19,18 +19,22 @@
 //!
 //! See [`layout`] for the key layout and what each key holds.
 
+pub mod args;
 pub mod client;
 pub mod desired;
 pub mod follow;
 pub mod layout;
 pub mod report;
+pub mod runtime;
 pub mod url;
 
+pub use args::{StoreArgs, host_name};
 pub use client::{Commit, Snapshot, Store};
 pub use desired::{DesiredState, FleetService, Reweighted};
 pub use follow::{Applied, FollowOptions, FollowStatus, Follower, apply_to_state};
 pub use layout::Layout;
 pub use report::{NodeReport, NodeView, Reporter, ServiceReport, SubsetReport};
+pub use runtime::Following;
 pub use url::{StoreOptions, StoreUrl};
 
 use crate::state::StateError;

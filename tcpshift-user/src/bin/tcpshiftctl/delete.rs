@@ -28,14 +28,18 @@ pub struct DeleteArgs {
     pub ignore_not_found: bool,
 }
 
-/// `tcpshiftctl delete -f FILE...` / `delete service NAME...` / `delete virtualservice
-/// NAME...`: all or nothing.
-pub fn run(netns: &Netns, args: DeleteArgs) -> Result<()> {
-    enum Target {
-        Files(Manifest),
-        Services(Vec<String>),
-        VirtualServices(Vec<String>),
-    }
+/// What `delete` names.
+pub enum Target {
+    /// The services these files apply.
+    Files(Manifest),
+    /// Services by name.
+    Services(Vec<String>),
+    /// The services of these VirtualServices.
+    VirtualServices(Vec<String>),
+}
+
+/// Reads the arguments (and files) into what to delete.
+pub fn target(args: &DeleteArgs) -> Result<Target> {
     let target = if !args.files.is_empty() {
         Target::Files(read_manifest(&args.files)?)
     } else {
@@ -57,39 +61,57 @@ pub fn run(netns: &Netns, args: DeleteArgs) -> Result<()> {
             ),
         }
     };
+    Ok(target)
+}
+
+/// The services to delete among `views`, all or nothing: fails naming what does not exist
+/// unless `ignore`, with what was not found pushed to `missing`.
+pub fn names(
+    target: &Target,
+    views: &[ServiceView],
+    ignore: bool,
+    missing: &mut Vec<String>,
+) -> Result<Vec<String>> {
+    let exists: HashSet<&str> = views.iter().map(|v| v.config.name.as_str()).collect();
+    let names: Vec<String> = match target {
+        Target::Files(m) => m.services_to_delete(views),
+        Target::Services(names) => names.clone(),
+        Target::VirtualServices(vs) => {
+            let mut names = Vec::new();
+            for name in vs {
+                let of = istio::services_of_virtual_service(views, name);
+                if of.is_empty() {
+                    missing.push(format!("virtualservice/{name}"));
+                }
+                names.extend(of);
+            }
+            names
+        }
+    };
+    for n in &names {
+        if !exists.contains(n.as_str()) {
+            missing.push(format!("service/{n}"));
+        }
+    }
+    if !missing.is_empty() && !ignore {
+        bail!(
+            "not found: {}; nothing was deleted (use --ignore-not-found to delete the \
+             others)",
+            missing.join(", ")
+        );
+    }
+    Ok(names)
+}
+
+/// `tcpshiftctl delete -f FILE...` / `delete service NAME...` / `delete virtualservice
+/// NAME...`: all or nothing.
+pub fn run(netns: &Netns, args: DeleteArgs) -> Result<()> {
+    let target = target(&args)?;
     let mut state = State::open(netns)?;
     let ignore = args.ignore_not_found;
     let mut missing: Vec<String> = Vec::new();
     let deleted = state.delete_with(|views: &[ServiceView]| -> Result<Vec<String>> {
-        let exists: HashSet<&str> = views.iter().map(|v| v.config.name.as_str()).collect();
-        let names: Vec<String> = match &target {
-            Target::Files(m) => m.services_to_delete(views),
-            Target::Services(names) => names.clone(),
-            Target::VirtualServices(vs) => {
-                let mut names = Vec::new();
-                for name in vs {
-                    let of = istio::services_of_virtual_service(views, name);
-                    if of.is_empty() {
-                        missing.push(format!("virtualservice/{name}"));
-                    }
-                    names.extend(of);
-                }
-                names
-            }
-        };
-        for n in &names {
-            if !exists.contains(n.as_str()) {
-                missing.push(format!("service/{n}"));
-            }
-        }
-        if !missing.is_empty() && !ignore {
-            bail!(
-                "not found: {}; nothing was deleted (use --ignore-not-found to delete the \
-                 others)",
-                missing.join(", ")
-            );
-        }
-        Ok(names)
+        names(&target, views, ignore, &mut missing)
     });
     let deleted = deleted?;
     for name in &deleted {

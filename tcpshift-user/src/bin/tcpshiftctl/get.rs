@@ -14,6 +14,10 @@ pub enum GetKind {
     /// The routing as Istio VirtualServices.
     #[value(name = "virtualservice", alias = "virtualservices", alias = "vs")]
     VirtualService,
+    /// The nodes of a fleet store (with --store): reachable or not, applied revision, in
+    /// sync or behind.
+    #[value(name = "nodes", alias = "node")]
+    Nodes,
 }
 
 /// Output formats of `tcpshiftctl get`.
@@ -42,9 +46,17 @@ pub struct GetArgs {
 
 /// `tcpshiftctl get services|virtualservice [NAME] [-o FORMAT]`.
 pub fn run(netns: &Netns, args: GetArgs) -> Result<()> {
+    if args.kind == GetKind::Nodes {
+        bail!("`get nodes` lists the nodes of a fleet store: add --store URL");
+    }
     let state = State::open(netns)?;
-    let views = state.services()?;
+    show(state.services()?, &args)
+}
+
+/// Shows `views` (the kernel's services, or the fleet's desired state) as `args` asks.
+pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
     match args.kind {
+        GetKind::Nodes => bail!("`get nodes` lists the nodes of a fleet store: add --store URL"),
         GetKind::Services => {
             let views: Vec<ServiceView> = match &args.name {
                 Some(name) => match views.iter().find(|v| &v.config.name == name) {

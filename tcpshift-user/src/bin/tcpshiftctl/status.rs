@@ -9,6 +9,9 @@ pub fn run(netns: &Netns, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
+        if let Some(note) = crate::fleet::local_note(netns) {
+            println!("{note}");
+        }
         print!("{}", report::status_table(&status));
     }
     Ok(())

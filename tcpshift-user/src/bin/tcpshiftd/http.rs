@@ -60,17 +60,26 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 /// Serves the endpoint on `listener` from a task of the current runtime, reading `state`.
-pub fn spawn(listener: std::net::TcpListener, state: State) -> Result<()> {
+/// With `fleet`, /metrics also carries the store follower's metrics.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: State,
+    fleet: Option<crate::fleet::Fleet>,
+) -> Result<()> {
     let listener =
         TcpListener::from_std(listener).context("cannot serve metrics on the bound socket")?;
     if let Ok(address) = listener.local_addr() {
         info!(%address, "serving metrics at /metrics, health at /healthz and /readyz");
     }
-    tokio::spawn(serve(listener, Arc::new(Mutex::new(state))));
+    tokio::spawn(serve(listener, Arc::new(Mutex::new(state)), fleet));
     Ok(())
 }
 
-async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
+async fn serve(
+    listener: TcpListener,
+    state: Arc<Mutex<State>>,
+    fleet: Option<crate::fleet::Fleet>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -85,11 +94,13 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
             }
         };
         let state = Arc::clone(&state);
+        let fleet = fleet.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&req, &state)) }
+                let fleet = fleet.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &state, fleet.as_ref())) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -107,7 +118,11 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
 }
 
 /// The response to one request (hyper leaves the body out for `HEAD`).
-fn respond(req: &Request<Incoming>, state: &Mutex<State>) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    state: &Mutex<State>,
+    fleet: Option<&crate::fleet::Fleet>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -122,7 +137,12 @@ fn respond(req: &Request<Incoming>, state: &Mutex<State>) -> Response<Full<Bytes
         "/metrics" => match read(state, |s| {
             metrics::render(s).context("cannot encode metrics")
         }) {
-            Ok(body) => reply(StatusCode::OK, metrics::CONTENT_TYPE, body),
+            Ok(mut body) => {
+                if let Some(fleet) = fleet {
+                    body.push_str(&fleet.status.borrow().prometheus(&fleet.node));
+                }
+                reply(StatusCode::OK, metrics::CONTENT_TYPE, body)
+            }
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 TEXT,

@@ -1,0 +1,640 @@
+//! A fleet end to end: a 3-member etcd cluster on loopback and 3 nodes, each a network
+//! namespace with its own tcp-echo v1/v2 and a tcpshiftd working in it through `--netns`,
+//! whose store connection stays on the host's loopback. Changes go through
+//! `tcpshiftctl --store`; every node is checked with real connections.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tcpshift_tests::{
+    bin_dir, count_prefixes, etcd::EtcdCluster, exchange, poll_until, privileged, seed_addr,
+    seed_config,
+};
+
+/// One node: a network namespace of its own (`/run/netns/NAME`), its backends and its
+/// tcpshiftd.
+struct Node {
+    name: String,
+    path: PathBuf,
+    echoes: Vec<Child>,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    /// Creates the namespace, brings `lo` up and starts tcp-echo v1 (`one`, port 9001) and
+    /// v2 (`two`, port 9002) in it.
+    fn new(tag: &str, i: usize) -> Result<Self> {
+        let name = format!("tsfleet-{}-{tag}-{i}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let path = PathBuf::from(format!("/run/netns/{name}"));
+        let node = Self {
+            log: std::env::temp_dir().join(format!("{name}.log")),
+            name,
+            path,
+            echoes: Vec::new(),
+            daemon: None,
+        };
+        run(node.nsenter("ip").args(["link", "set", "lo", "up"]))?;
+        let mut node = node;
+        for (port, prefix) in [(9001, "one"), (9002, "two")] {
+            let child = node
+                .nsenter(&bin_dir().join("tcp-echo").to_string_lossy())
+                .args(["--bind", "127.0.0.1", &port.to_string(), prefix])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("cannot start tcp-echo")?;
+            node.echoes.push(child);
+        }
+        Ok(node)
+    }
+
+    fn nsenter(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path.display())).arg(program);
+        c
+    }
+
+    /// Starts tcpshiftd following `url` as node NAME.
+    fn start(&mut self, url: &str) -> Result<()> {
+        let log = File::create(&self.log)?;
+        let child = Command::new(bin_dir().join("tcpshiftd"))
+            .arg("--netns")
+            .arg(&self.path)
+            .args(["--store", url, "--node", &self.name, "--log-level", "info"])
+            .stderr(log)
+            .spawn()
+            .context("cannot start tcpshiftd")?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    fn kill_daemon(&mut self) -> Result<()> {
+        if let Some(mut c) = self.daemon.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `tcpshiftctl --netns PATH ARGS` (the local host's view).
+    fn ctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin_dir().join("tcpshiftctl"))
+            .arg("--netns")
+            .arg(&self.path)
+            .args(args)
+            .output()
+            .context("cannot run tcpshiftctl")
+    }
+
+    /// The kernel's weights of tcp-echo on this node (`status --json`).
+    fn weights(&self) -> Result<Option<(u64, u64)>> {
+        let out = self.ctl(&["status", "--json"])?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let status: Value = serde_json::from_slice(&out.stdout)?;
+        let Some(svc) = status["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "tcp-echo"))
+        else {
+            return Ok(None);
+        };
+        let weight = |name: &str| {
+            svc["subsets"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["name"] == name))
+                .and_then(|s| s["weight"].as_u64())
+                .unwrap_or(0)
+        };
+        let live = svc["subsets"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|s| s["live"] == true));
+        Ok(live.then(|| (weight("v1"), weight("v2"))))
+    }
+
+    /// Waits until the kernel holds weights v1/v2 with both sockets live.
+    fn wait_weights(&self, v1: u64, v2: u64) -> Result<()> {
+        poll_until(
+            Duration::from_secs(20),
+            &format!("node {} at v1={v1} v2={v2}", self.name),
+            || Ok((self.weights()? == Some((v1, v2))).then_some(())),
+        )
+        .with_context(|| format!("tcpshiftd's log:\n{}", self.log()))
+    }
+
+    /// `n` connections to the seed's address inside this node, reply prefixes counted.
+    fn count(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        in_netns(&self.path, move || count_prefixes(seed_addr(), n))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.kill_daemon();
+        for c in &mut self.echoes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.ctl(&["uninstall"]);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `path`.
+fn in_netns<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace fd we hold; affects only this new thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the connection thread panicked"))?
+}
+
+/// One exchange with the seed's address from 127.0.0.1:`port`; the reply's prefix.
+fn from_port(port: u16) -> Result<String> {
+    use std::{
+        io::{Read, Write},
+        os::fd::FromRawFd,
+    };
+    // SAFETY: a new socket; the fd is owned by the TcpStream below (or closed on error).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned only here.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let addr = |port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let local = addr(port);
+    let remote = addr(seed_addr().port());
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: setsockopt/bind/connect on our socket with live, correctly sized arguments.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            bail!("bind {port}: {}", std::io::Error::last_os_error());
+        }
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            bail!("connect from {port}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let mut stream = stream;
+    stream.write_all(b"seed\n")?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply.split(' ').next().unwrap_or_default().to_string())
+}
+
+/// `tcpshiftctl --store URL ARGS`.
+fn store_ctl(url: &str, args: &[&str]) -> Result<Output> {
+    Command::new(bin_dir().join("tcpshiftctl"))
+        .args(["--store", url])
+        .args(args)
+        .output()
+        .context("cannot run tcpshiftctl")
+}
+
+fn store_ctl_ok(url: &str, args: &[&str]) -> Result<String> {
+    let out = store_ctl(url, args)?;
+    if !out.status.success() {
+        bail!(
+            "tcpshiftctl --store {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A cluster, 3 nodes following it, and the seed (all v1) applied through the store.
+fn fleet(tag: &str) -> Result<(EtcdCluster, Vec<Node>, PathBuf)> {
+    let cluster = EtcdCluster::start(3)?;
+    let url = cluster.url();
+    let mut nodes = (0..3)
+        .map(|i| Node::new(tag, i))
+        .collect::<Result<Vec<_>>>()?;
+    for n in &mut nodes {
+        n.start(&url)?;
+    }
+    let seed = cluster.dir().join("seed.yaml");
+    std::fs::write(&seed, seed_config(100, 0))?;
+    store_ctl_ok(&url, &["apply", "-f", &seed.to_string_lossy()])?;
+    for n in &nodes {
+        n.wait_weights(100, 0)?;
+    }
+    Ok((cluster, nodes, seed))
+}
+
+#[test]
+fn seed_all_v1_then_20_v2_applied_once_reaches_every_node() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, nodes, _) = fleet("seed")?;
+    let url = cluster.url();
+    for n in &nodes {
+        let counts = n.count(200)?;
+        assert_eq!(counts.get("one"), Some(&200), "node {}: {counts:?}", n.name);
+    }
+    let out = store_ctl_ok(&url, &["set-weight", "v2=20"])?;
+    assert!(out.contains("tcp-echo: v1=80 v2=20"), "{out}");
+    for n in &nodes {
+        n.wait_weights(80, 20)?;
+        let counts = n.count(1000)?;
+        let two = *counts.get("two").unwrap_or(&0);
+        assert_eq!(counts.values().sum::<usize>(), 1000, "{counts:?}");
+        assert!(
+            (120..=280).contains(&two),
+            "node {}: about 20 % v2 expected: {counts:?}",
+            n.name
+        );
+    }
+    // Every node reports itself in sync, through the store.
+    let nodes_json: Value =
+        serde_json::from_str(&store_ctl_ok(&url, &["get", "nodes", "-o", "json"])?)?;
+    let listed = poll_until(Duration::from_secs(15), "3 nodes in sync", || {
+        let v: Value = serde_json::from_str(&store_ctl_ok(&url, &["get", "nodes", "-o", "json"])?)?;
+        let all = v.as_array().cloned().unwrap_or_default();
+        Ok((all.len() == 3 && all.iter().all(|n| n["in_sync"] == true)).then_some(all))
+    })
+    .with_context(|| format!("{nodes_json}"))?;
+    assert_eq!(listed.len(), 3);
+    // One hash seed for the fleet: the same 4-tuple (fixed source ports above the ephemeral
+    // range, so no earlier connection holds them) reaches the same
+    // subset on every node.
+    let picks = nodes
+        .iter()
+        .map(|n| in_netns(&n.path, || (0..64).map(|k| from_port(62000 + k)).collect()))
+        .collect::<Result<Vec<Vec<String>>>>()?;
+    assert!(picks[0].iter().any(|p| p == "two"), "{picks:?}");
+    assert!(picks.iter().all(|p| *p == picks[0]), "{picks:?}");
+    // A local change on a following host is refused, naming the store; --local overrides.
+    let refused = nodes[0].ctl(&["set-weight", "v2=50"])?;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("follows the fleet store") && err.contains("--local"),
+        "{err}"
+    );
+    assert_eq!(nodes[0].weights()?, Some((80, 20)));
+    Ok(())
+}
+
+#[test]
+fn all_members_stopped_nodes_keep_steering_then_changes_flow_again() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (mut cluster, nodes, _) = fleet("down")?;
+    let url = cluster.url();
+    store_ctl_ok(&url, &["set-weight", "v2=20"])?;
+    for n in &nodes {
+        n.wait_weights(80, 20)?;
+    }
+    for i in 0..cluster.len() {
+        cluster.kill(i)?;
+    }
+    // Fail static: every node notices, keeps its weights and answers every connection.
+    for n in &nodes {
+        poll_until(
+            Duration::from_secs(30),
+            "the node sees the store down",
+            || {
+                let out = n.ctl(&["status"])?;
+                Ok(String::from_utf8_lossy(&out.stdout)
+                    .contains("UNREACHABLE")
+                    .then_some(()))
+            },
+        )
+        .with_context(|| n.log())?;
+        let counts = n.count(300)?;
+        assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+        assert!(counts.contains_key("two"), "{counts:?}");
+        assert_eq!(n.weights()?, Some((80, 20)));
+    }
+    for i in 0..cluster.len() {
+        cluster.restart(i)?;
+    }
+    cluster.wait_healthy()?;
+    poll_until(
+        Duration::from_secs(30),
+        "set-weight after the restart",
+        || {
+            Ok(store_ctl(&url, &["set-weight", "v2=60"])?
+                .status
+                .success()
+                .then_some(()))
+        },
+    )?;
+    for n in &nodes {
+        n.wait_weights(40, 60)?;
+        let p = in_netns(&n.path, || exchange(seed_addr(), "after"))?;
+        assert!(p == "one" || p == "two");
+    }
+    Ok(())
+}
+
+#[test]
+fn eight_concurrent_writers_lose_nothing_and_bad_input_is_refused() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, nodes, _) = fleet("writers")?;
+    let url = cluster.url();
+    // 8 writers, each adding its own service: every one must be there afterwards.
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            let file = cluster.dir().join(format!("svc{i}.yaml"));
+            std::thread::spawn(move || -> Result<()> {
+                std::fs::write(
+                    &file,
+                    format!(
+                        "services:\n  w{i}:\n    listen: {}\n    subsets:\n      a: 127.0.0.1:{}\n    weights: {{a: 100}}\n",
+                        32000 + i,
+                        33000 + i
+                    ),
+                )?;
+                store_ctl_ok(&url, &["apply", "-f", &file.to_string_lossy()])?;
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    let listed = store_ctl_ok(&url, &["get", "services", "-o", "json"])?;
+    for i in 0..8 {
+        assert!(listed.contains(&format!("\"w{i}\"")), "w{i} lost: {listed}");
+    }
+    for n in &nodes {
+        poll_until(Duration::from_secs(20), "9 services on the node", || {
+            let out = n.ctl(&["get", "services", "-o", "json"])?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            Ok((0..8)
+                .all(|i| text.contains(&format!("\"w{i}\"")))
+                .then_some(()))
+        })
+        .with_context(|| n.log())?;
+    }
+    // Bad input: refused with the local message, nothing written (the revision stays).
+    let before: Value = serde_json::from_str(&store_ctl_ok(&url, &["status", "--json"])?)?;
+    let bad = store_ctl(&url, &["set-weight", "--service", "tcp-echo", "v3=20"])?;
+    assert!(!bad.status.success());
+    let local = nodes[0].ctl(&["--local", "set-weight", "--service", "tcp-echo", "v3=20"])?;
+    assert!(!local.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr),
+        String::from_utf8_lossy(&local.stderr),
+        "the store refuses bad input with the local message"
+    );
+    let after: Value = serde_json::from_str(&store_ctl_ok(&url, &["status", "--json"])?)?;
+    assert_eq!(before["revision"], after["revision"]);
+    Ok(())
+}
+
+#[test]
+fn hundred_changes_while_the_leader_is_killed_and_restarted_every_node_ends_on_the_last()
+-> Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    if !privileged() {
+        return Ok(());
+    }
+    let (mut cluster, nodes, _) = fleet("leader")?;
+    let url = cluster.url();
+    // Clients on every node for the whole run: every connection must be answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let made = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (stop, failed, made) = (stop.clone(), failed.clone(), made.clone());
+            let path = n.path.clone();
+            std::thread::spawn(move || {
+                in_netns(&path, move || {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        match exchange(seed_addr(), &format!("c{i}")) {
+                            Ok(_) => made.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                        i += 1;
+                    }
+                    Ok(())
+                })
+            })
+        })
+        .collect();
+    let mut killed = None;
+    for v2 in 1..=100u32 {
+        if v2 == 30 {
+            let leader = cluster.leader()?;
+            cluster.kill(leader)?;
+            killed = Some(leader);
+        }
+        if v2 == 60
+            && let Some(leader) = killed.take()
+        {
+            cluster.restart(leader)?;
+        }
+        poll_until(
+            Duration::from_secs(30),
+            &format!("set-weight v2={v2}"),
+            || {
+                Ok(store_ctl(&url, &["set-weight", &format!("v2={v2}")])?
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )?;
+    }
+    for n in &nodes {
+        n.wait_weights(0, 100)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    assert!(made.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connections");
+    for n in &nodes {
+        let counts = n.count(50)?;
+        assert_eq!(counts.get("two"), Some(&50), "node {}: {counts:?}", n.name);
+    }
+    Ok(())
+}
+
+/// A TCP relay on loopback to `upstream` that the test can break (every connection closed,
+/// new ones refused at once) and mend.
+struct Relay {
+    port: u16,
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(upstream: std::net::SocketAddr) -> Result<Self> {
+        use std::{
+            net::{TcpListener, TcpStream},
+            sync::{Arc, Mutex, atomic::AtomicBool},
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let broken = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (b, o) = (broken.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if b.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let pairs = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                if let Ok(mut all) = o.lock() {
+                    all.extend(client.try_clone());
+                    all.extend(server.try_clone());
+                }
+                for (from, to) in pairs {
+                    if let (Ok(mut from), Ok(mut to)) = (from, to) {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Self { port, broken, open })
+    }
+
+    fn set_broken(&self, broken: bool) {
+        self.broken
+            .store(broken, std::sync::atomic::Ordering::SeqCst);
+        if broken && let Ok(mut all) = self.open.lock() {
+            for s in all.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_cut_from_the_store_falls_behind_keeps_steering_and_catches_up() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, mut nodes, _) = fleet("cut")?;
+    let url = cluster.url();
+    // Node 2 reaches the store only through a relay to member 0.
+    let member0: std::net::SocketAddr = url
+        .trim_start_matches("etcd://")
+        .split(',')
+        .next()
+        .context("a member")?
+        .parse()?;
+    let relay = Relay::start(member0)?;
+    nodes[2].kill_daemon()?;
+    nodes[2].start(&format!("etcd://127.0.0.1:{}", relay.port))?;
+    store_ctl_ok(&url, &["set-weight", "v2=20"])?;
+    for n in &nodes {
+        n.wait_weights(80, 20)?;
+    }
+    relay.set_broken(true);
+    poll_until(
+        Duration::from_secs(40),
+        "node 2 sees the store down",
+        || {
+            let out = nodes[2].ctl(&["status"])?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .contains("UNREACHABLE")
+                .then_some(()))
+        },
+    )
+    .with_context(|| nodes[2].log())?;
+    store_ctl_ok(&url, &["set-weight", "v2=50"])?;
+    nodes[0].wait_weights(50, 50)?;
+    nodes[1].wait_weights(50, 50)?;
+    // Behind, failing static: still 80/20, every connection answered.
+    let counts = nodes[2].count(200)?;
+    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+    assert_eq!(nodes[2].weights()?, Some((80, 20)));
+    relay.set_broken(false);
+    nodes[2].wait_weights(50, 50)?;
+    Ok(())
+}
+
+#[test]
+fn a_node_killed_while_changes_happen_converges_when_started_again() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, mut nodes, _) = fleet("restart")?;
+    let url = cluster.url();
+    nodes[1].kill_daemon()?;
+    for v2 in [10, 20, 30, 40, 45] {
+        store_ctl_ok(&url, &["set-weight", &format!("v2={v2}")])?;
+    }
+    nodes[0].wait_weights(55, 45)?;
+    // The kernel of the stopped node kept steering with what it had.
+    assert_eq!(nodes[1].weights()?, Some((100, 0)));
+    let counts = nodes[1].count(100)?;
+    assert_eq!(counts.get("one"), Some(&100), "{counts:?}");
+    nodes[1].start(&url)?;
+    nodes[1].wait_weights(55, 45)?;
+    Ok(())
+}
