@@ -107,6 +107,13 @@ const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
         MetricType::Gauge,
         |_, s| u64::from(s.live),
     ),
+    (
+        "tcpshift_socket_registrations_refused",
+        "Listening sockets on the subset's backend address not registered because their owner may not serve it.",
+        None,
+        MetricType::Counter,
+        |_, s| s.owner.refused,
+    ),
 ];
 
 impl Collector for Snapshot {
@@ -168,6 +175,7 @@ mod tests {
             live,
             observed_share: None,
             counters,
+            owner: Default::default(),
         };
         Status {
             netns_inode: 1,

@@ -1,6 +1,8 @@
 //! `tcpshiftctl`: inspect and change tcpshift's steering. Stateless: it reads and writes the
 //! pinned kernel maps directly, whether or not `tcpshiftd` runs.
 
+#[path = "tcpshiftctl/accept_owner.rs"]
+mod accept_owner;
 #[path = "tcpshiftctl/apply.rs"]
 mod apply;
 #[path = "tcpshiftctl/delete.rs"]
@@ -91,6 +93,17 @@ enum Command {
     Delete(delete::DeleteArgs),
     /// Detach tcpshift from this namespace and remove everything it pinned.
     Uninstall,
+    /// Trust the owner of the next socket found on a subset's backend address.
+    ///
+    /// A subset serves only sockets of root or of the uid whose socket was registered for it
+    /// first; sockets of other users are refused (see `status`). Run this when the new owner
+    /// is legitimate (the service now runs as another user).
+    AcceptOwner {
+        /// The service.
+        service: String,
+        /// The subset.
+        subset: String,
+    },
 }
 
 fn main() {
@@ -121,5 +134,6 @@ fn run(args: Args) -> Result<()> {
         Command::Get(a) => get::run(&netns, a),
         Command::Delete(a) => delete::run(&netns, a),
         Command::Uninstall => uninstall::run(&netns),
+        Command::AcceptOwner { service, subset } => accept_owner::run(&netns, &service, &subset),
     }
 }

@@ -146,6 +146,16 @@ pub enum StateError {
         /// The error.
         error: io::Error,
     },
+    /// No such subset in a service.
+    #[error("service {service:?} has no subset named {subset:?} (subsets: {known})")]
+    UnknownSubset {
+        /// The service.
+        service: String,
+        /// Name asked for.
+        subset: String,
+        /// Names that exist.
+        known: String,
+    },
 }
 
 pub(super) type Result<T, E = StateError> = std::result::Result<T, E>;

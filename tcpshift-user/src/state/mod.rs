@@ -62,6 +62,7 @@ mod encode;
 mod error;
 mod lifecycle;
 mod lock;
+mod owners;
 mod plan;
 mod sockets;
 mod status;
@@ -83,6 +84,7 @@ mod failpoints {
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
 
