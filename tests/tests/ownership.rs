@@ -227,3 +227,69 @@ fn an_operator_accepts_a_new_owner() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_explicit_user_rule_registers_only_that_users_socket() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    let _v1 = ns.echo("127.0.0.1", 9001, "one")?;
+    let legit = Foreign::echo(HIJACKER_UID, 9002, "two")?;
+    let config = "services:\n  tcp-echo:\n    listen: 31400\n    subsets:\n      v1: 127.0.0.1:9001\n      v2: {address: \"127.0.0.1:9002\", user: nobody}\n    weights: {v1: 50, v2: 50}\n";
+    ns.loader_with(config, &[])?;
+    let status = ns.status()?;
+    assert_eq!(
+        v2(&status)?["owner"]["holder"]["uid"],
+        HIJACKER_UID,
+        "{status:#}"
+    );
+    assert_eq!(
+        v2(&status)?["owner"]["holder"]["pid"],
+        legit.pid(),
+        "{status:#}"
+    );
+    let counts = count_prefixes(seed_addr(), 100)?;
+    assert!(counts.get("two").is_some_and(|n| *n > 0), "{counts:?}");
+
+    // Another user's socket is refused, and so is root's: the rule names the only owner.
+    drop(legit);
+    poll_until(Duration::from_secs(5), "v2 not live", || {
+        Ok((v2(&ns.status()?)?["live"] == false).then_some(()))
+    })?;
+    let wrong = Foreign::echo(HIJACKER_UID - 1, 9002, "wrong")?;
+    poll_until(Duration::from_secs(5), "the wrong user refused", || {
+        Ok((v2(&ns.status()?)?["owner"]["refused"] == 1).then_some(()))
+    })
+    .with_context(|| format!("tcpshiftd's log:\n{}", ns.loader_log()))?;
+    let counts = count_prefixes(seed_addr(), 100)?;
+    assert_eq!(counts.get("wrong"), None, "{counts:?}");
+    drop(wrong);
+    let root = ns.echo("127.0.0.1", 9002, "root")?;
+    poll_until(Duration::from_secs(5), "root refused", || {
+        Ok((v2(&ns.status()?)?["owner"]["refused"] == 2).then_some(()))
+    })?;
+    let counts = count_prefixes(seed_addr(), 100)?;
+    assert_eq!(counts.get("root"), None, "{counts:?}");
+    ns.kill(root)?;
+
+    // The rightful owner comes back: registered again.
+    let legit = Foreign::echo(HIJACKER_UID, 9002, "two")?;
+    let status = poll_until(Duration::from_secs(5), "v2 live again", || {
+        let s = ns.status()?;
+        Ok((v2(&s)?["live"] == true).then_some(s))
+    })?;
+    assert_eq!(
+        v2(&status)?["owner"]["holder"]["pid"],
+        legit.pid(),
+        "{status:#}"
+    );
+    // `get services` and a re-apply keep the rule: it lives in the pinned state.
+    let applied = ns.ctl_ok(&[
+        "apply",
+        "-f",
+        ns.file("tcpshift.yaml").to_str().context("path")?,
+    ])?;
+    assert!(applied.contains("unchanged"), "{applied}");
+    Ok(())
+}

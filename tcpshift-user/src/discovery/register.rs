@@ -108,6 +108,7 @@ pub fn register_missing(
                     pid: owner.pid,
                     comm: owner.comm.clone(),
                     inode: listener.inode,
+                    cgroup: owner.process().cgroup().ok().flatten(),
                 };
                 let check = state.register_owned_socket(&m, fd.as_fd(), &holder)?;
                 // Our duplicate of the backend's socket is closed here: the map holds it.

@@ -296,6 +296,7 @@ impl State {
                     name: name_str(&s.name),
                     addr: subset_addr(s),
                     weight,
+                    owner: Default::default(),
                 })
                 .collect();
             out.push(ServiceView {
@@ -314,6 +315,7 @@ impl State {
                 },
             });
         }
+        self.fill_owner_rules(&mut out)?;
         Ok(out)
     }
 

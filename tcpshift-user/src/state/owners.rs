@@ -21,6 +21,7 @@ use aya::maps::{HashMap, MapData, MapError};
 use tcpshift_common::{MAX_SLOTS, MAX_SUBSETS, slot};
 
 use super::{State, encode::*, error::*, open_map, sockets::Missing};
+use crate::model::{OwnerRule, ServiceView};
 
 /// Name of the userspace-only map of subset owners.
 pub(super) const OWNERS: &str = "TS_OWNERS";
@@ -35,7 +36,7 @@ const COMM_LEN: usize = 16;
 
 /// Value of `TS_OWNERS`, keyed by slot: who may serve the subset and who was refused.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct OwnerRecord {
     /// The backend address the record is for (IPv4 as `::ffff:a.b.c.d`), network order.
     addr: [u8; 16],
@@ -63,8 +64,44 @@ pub(super) struct OwnerRecord {
     refused_comm: [u8; COMM_LEN],
     /// The last refused socket's inode: a socket is counted once, not at every scan.
     refused_inode: u64,
+    /// The explicit rule's uid, when [`RULE_UID`] is in `rule_flags`.
+    rule_uid: u32,
+    /// [`RULE_UID`], [`RULE_CGROUP`].
+    rule_flags: u32,
+    /// The explicit rule's cgroup path, NUL-padded, when [`RULE_CGROUP`].
+    rule_cgroup: [u8; RULE_CGROUP_LEN],
 }
-const _: () = assert!(std::mem::size_of::<OwnerRecord>() == 88);
+const _: () = assert!(std::mem::size_of::<OwnerRecord>() == 352);
+
+/// Bit of [`OwnerRecord::rule_flags`]: the subset names a uid.
+const RULE_UID: u32 = 1;
+/// Bit of [`OwnerRecord::rule_flags`]: the subset names a cgroup.
+const RULE_CGROUP: u32 = 2;
+/// Longest cgroup path of a rule, in bytes.
+pub const RULE_CGROUP_LEN: usize = 256;
+
+impl Default for OwnerRecord {
+    fn default() -> Self {
+        Self {
+            addr: [0; 16],
+            port: 0,
+            family: 0,
+            flags: 0,
+            trusted_uid: 0,
+            holder_uid: 0,
+            holder_pid: 0,
+            holder_comm: [0; COMM_LEN],
+            refused: 0,
+            refused_uid: 0,
+            refused_pid: 0,
+            refused_comm: [0; COMM_LEN],
+            refused_inode: 0,
+            rule_uid: 0,
+            rule_flags: 0,
+            rule_cgroup: [0; RULE_CGROUP_LEN],
+        }
+    }
+}
 
 // SAFETY: OwnerRecord is #[repr(C)], made of integers and byte arrays only, without padding
 // (the size assertion above), so every bit pattern is a valid value.
@@ -83,6 +120,8 @@ pub struct SocketHolder {
     pub comm: String,
     /// The socket's inode.
     pub inode: u64,
+    /// The holding process' cgroup v2 path, if known.
+    pub cgroup: Option<String>,
 }
 
 /// What [`State::register_owned_socket`] did.
@@ -93,9 +132,11 @@ pub enum OwnerCheck {
         /// Whether this registration set the trusted uid.
         first: bool,
     },
-    /// Refused: the socket belongs to neither root nor the trusted uid.
+    /// Refused: the socket belongs to neither root nor the trusted uid, or does not match
+    /// the subset's explicit rule.
     Refused {
-        /// The subset's trusted uid.
+        /// The subset's trusted uid (the rule's uid with an explicit rule; `u32::MAX` for a
+        /// rule naming only a cgroup).
         trusted_uid: u32,
         /// Refusals counted for the subset so far, this one included.
         refused_total: u64,
@@ -184,6 +225,38 @@ impl OwnerRecord {
         self.addr == addr && self.port == port && self.family == family
     }
 
+    /// The explicit rule recorded by the last apply.
+    fn rule(&self) -> OwnerRule {
+        OwnerRule {
+            uid: (self.rule_flags & RULE_UID != 0).then_some(self.rule_uid),
+            cgroup: (self.rule_flags & RULE_CGROUP != 0).then(|| {
+                let end = self
+                    .rule_cgroup
+                    .iter()
+                    .position(|c| *c == 0)
+                    .unwrap_or(RULE_CGROUP_LEN);
+                String::from_utf8_lossy(&self.rule_cgroup[..end]).into_owned()
+            }),
+        }
+    }
+
+    /// Records `rule` (replacing the previous one).
+    fn set_rule(&mut self, rule: &OwnerRule) {
+        self.rule_flags = 0;
+        self.rule_uid = 0;
+        self.rule_cgroup = [0; RULE_CGROUP_LEN];
+        if let Some(uid) = rule.uid {
+            self.rule_flags |= RULE_UID;
+            self.rule_uid = uid;
+        }
+        if let Some(c) = &rule.cgroup {
+            self.rule_flags |= RULE_CGROUP;
+            let b = c.as_bytes();
+            let n = b.len().min(RULE_CGROUP_LEN - 1);
+            self.rule_cgroup[..n].copy_from_slice(&b[..n]);
+        }
+    }
+
     /// A fresh record for `backend`, keeping the refusal count of `old`.
     fn fresh(backend: SocketAddr, old: Option<&OwnerRecord>) -> Self {
         let (addr, port, family) = backend_bytes(backend);
@@ -259,11 +332,15 @@ impl State {
             Some(r) if r.is_for(m.backend) => r,
             other => OwnerRecord::fresh(m.backend, other.as_ref()),
         };
+        let rule = record.rule();
         let trusted = (record.flags & TRUSTED != 0).then_some(record.trusted_uid);
-        if let Some(trusted_uid) = trusted
-            && holder.uid != 0
-            && holder.uid != trusted_uid
-        {
+        let refused_as = if !rule.is_empty() {
+            (!rule.allows(holder.uid, holder.cgroup.as_deref()))
+                .then(|| rule.uid.unwrap_or(u32::MAX))
+        } else {
+            trusted.filter(|t| holder.uid != 0 && holder.uid != *t)
+        };
+        if let Some(trusted_uid) = refused_as {
             let new = record.refused == 0 || record.refused_inode != holder.inode;
             if new {
                 record.refused += 1;
@@ -317,6 +394,89 @@ impl State {
             .insert(s, record, 0)
             .map_err(map_err("cannot write a subset's owner"))?;
         Ok(was)
+    }
+
+    /// Records the explicit owner rules of the services named in `names` as the maps now hold
+    /// them (after a commit; the caller holds the lock). A registered socket that breaks its
+    /// subset's new rule is unregistered, so that the next scan registers the right one.
+    pub(super) fn write_owner_rules(
+        &mut self,
+        wanted: &[(String, Vec<(String, OwnerRule)>)],
+    ) -> Result<()> {
+        if wanted
+            .iter()
+            .all(|(_, rules)| rules.iter().all(|(_, r)| r.is_empty()))
+            && self.open_owners()?.is_none()
+        {
+            return Ok(());
+        }
+        let mut owners = self.owners_or_create()?;
+        for (id, meta) in self.all_meta()? {
+            let name = name_str(&meta.name);
+            let Some((_, rules)) = wanted.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
+            for (i, sub) in meta.subsets[..n].iter().enumerate() {
+                let sub_name = name_str(&sub.name);
+                let rule = rules
+                    .iter()
+                    .find(|(n, _)| *n == sub_name)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_default();
+                let s = slot(id, i as u32);
+                let backend = subset_addr(sub);
+                let old = read_record(&owners, s)?;
+                let mut record = match old {
+                    Some(r) if r.is_for(backend) => r,
+                    other => OwnerRecord::fresh(backend, other.as_ref()),
+                };
+                if record.rule() == rule && old.is_some() {
+                    continue;
+                }
+                record.set_rule(&rule);
+                let breaks = !rule.is_empty()
+                    && record.flags & HELD != 0
+                    && !rule.allows(
+                        record.holder_uid,
+                        crate::procfs::Process::new(record.holder_pid as i32)
+                            .cgroup()
+                            .ok()
+                            .flatten()
+                            .as_deref(),
+                    );
+                if breaks {
+                    record.flags &= !HELD;
+                }
+                owners
+                    .insert(s, record, 0)
+                    .map_err(map_err("cannot record a subset's owner rule"))?;
+                if breaks {
+                    match self.maps.sockets.remove(&s) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_err("cannot unregister a socket")(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the owner rules of `views` from `TS_OWNERS`.
+    pub(super) fn fill_owner_rules(&self, views: &mut [ServiceView]) -> Result<()> {
+        let Some(owners) = self.open_owners()? else {
+            return Ok(());
+        };
+        for v in views {
+            for (i, sub) in v.config.subsets.iter_mut().enumerate() {
+                if let Some(r) = read_record(&owners, slot(v.id, i as u32))?
+                    && r.is_for(sub.addr)
+                {
+                    sub.owner = r.rule();
+                }
+            }
+        }
+        Ok(())
     }
 
     fn find_subset(&self, service: &str, subset: &str) -> Result<(u32, u32)> {
