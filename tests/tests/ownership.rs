@@ -293,3 +293,89 @@ fn an_explicit_user_rule_registers_only_that_users_socket() -> Result<()> {
     assert!(applied.contains("unchanged"), "{applied}");
     Ok(())
 }
+
+/// A cgroup v2 child made for a test under the cgroup2 mount of `/proc/self/mountinfo`
+/// (removed on drop, once its processes are gone).
+struct TestCgroup {
+    /// Where it is mounted here.
+    dir: std::path::PathBuf,
+    /// Its path as `/proc/PID/cgroup` shows it.
+    path: String,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> Result<Self> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let (root, mount) = info
+            .lines()
+            .find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                post.starts_with("cgroup2 ").then_some(())?;
+                let f: Vec<&str> = pre.split_whitespace().collect();
+                Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+            })
+            .context("no cgroup2 mount in /proc/self/mountinfo")?;
+        let dir = std::path::Path::new(&mount).join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let path = format!("{}/{name}", root.trim_end_matches('/'));
+        Ok(Self { dir, path })
+    }
+
+    fn enter(&self, pid: u32) -> Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("cannot move pid {pid} into {}", self.dir.display()))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_cgroup_rule_registers_only_sockets_held_in_that_cgroup() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let cgroup = TestCgroup::new(&format!("tcpshift-test-{}", std::process::id()))?;
+    let result = (|| -> Result<()> {
+        let mut ns = TestNs::new()?;
+        let _v1 = ns.echo("127.0.0.1", 9001, "one")?;
+        let inside = ns.echo("127.0.0.1", 9002, "two")?;
+        cgroup.enter(ns.pid(inside))?;
+        let config = format!(
+            "services:\n  tcp-echo:\n    listen: 31400\n    subsets:\n      v1: 127.0.0.1:9001\n      v2: {{address: \"127.0.0.1:9002\", cgroup: \"{}\"}}\n    weights: {{v1: 50, v2: 50}}\n",
+            cgroup.path
+        );
+        ns.loader_with(&config, &[])?;
+        let status = ns.status()?;
+        assert_eq!(
+            v2(&status)?["owner"]["holder"]["cgroup"],
+            cgroup.path.as_str(),
+            "{status:#}"
+        );
+        ns.kill(inside)?;
+        poll_until(Duration::from_secs(5), "v2 not live", || {
+            Ok((v2(&ns.status()?)?["live"] == false).then_some(()))
+        })?;
+        // Root's socket outside the cgroup is refused.
+        let outside = ns.echo("127.0.0.1", 9002, "outside")?;
+        poll_until(Duration::from_secs(5), "the outsider refused", || {
+            Ok((v2(&ns.status()?)?["owner"]["refused"] == 1).then_some(()))
+        })
+        .with_context(|| format!("tcpshiftd's log:\n{}", ns.loader_log()))?;
+        let counts = count_prefixes(seed_addr(), 100)?;
+        assert_eq!(counts.get("outside"), None, "{counts:?}");
+        // Moved into the cgroup, the same server is registered by the next scan.
+        cgroup.enter(ns.pid(outside))?;
+        poll_until(Duration::from_secs(5), "v2 live from the cgroup", || {
+            Ok((v2(&ns.status()?)?["live"] == true).then_some(()))
+        })?;
+        let counts = count_prefixes(seed_addr(), 100)?;
+        assert!(counts.get("outside").is_some_and(|n| *n > 0), "{counts:?}");
+        Ok(())
+    })();
+    drop(cgroup);
+    result
+}
