@@ -285,6 +285,11 @@ fn an_explicit_user_rule_registers_only_that_users_socket() -> Result<()> {
         "{status:#}"
     );
     // `get services` and a re-apply keep the rule: it lives in the pinned state.
+    let yaml = ns.ctl_ok(&["get", "services", "-o", "yaml"])?;
+    assert!(
+        yaml.contains("address: 127.0.0.1:9002") && yaml.contains("user: 65534"),
+        "{yaml}"
+    );
     let applied = ns.ctl_ok(&[
         "apply",
         "-f",
