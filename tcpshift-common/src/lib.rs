@@ -23,6 +23,7 @@
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
+//! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (explicit rule or the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived

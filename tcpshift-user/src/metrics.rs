@@ -131,6 +131,13 @@ const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
         MetricType::Counter,
         |_, s| s.counters.retransmit_timeouts,
     ),
+    (
+        "tcpshift_socket_registrations_refused",
+        "Listening sockets on the subset's backend address not registered because their owner may not serve it.",
+        None,
+        MetricType::Counter,
+        |_, s| s.owner.refused,
+    ),
 ];
 
 /// `(upper bound in seconds, count)` of each bucket of a subset's smoothed-RTT histogram, not
@@ -233,6 +240,7 @@ mod tests {
             live,
             observed_share: None,
             counters,
+            owner: Default::default(),
         };
         Status {
             netns_inode: 1,

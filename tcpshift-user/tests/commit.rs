@@ -125,11 +125,13 @@ fn service(name: &str, port: u16, w1: u32, w2: u32) -> DesiredService {
                     name: "v1".into(),
                     addr: ([127, 0, 0, 1], 19001).into(),
                     weight: w1,
+                    owner: Default::default(),
                 },
                 SubsetConfig {
                     name: "v2".into(),
                     addr: ([127, 0, 0, 1], 19002).into(),
                     weight: w2,
+                    owner: Default::default(),
                 },
             ],
             take_over: false,

@@ -44,6 +44,7 @@ fn service(name: &str, port: u16, weights: &[u32]) -> ServiceConfig {
                 name: format!("v{}", i + 1),
                 addr: format!("127.0.0.1:{}", 9001 + i).parse().expect("addr"),
                 weight: *w,
+                owner: Default::default(),
             })
             .collect(),
         take_over: false,

@@ -1,6 +1,8 @@
 //! `tcpshiftctl`: inspect and change tcpshift's steering. Stateless: it reads and writes the
 //! pinned kernel maps directly, whether or not `tcpshiftd` runs.
 
+#[path = "tcpshiftctl/accept_owner.rs"]
+mod accept_owner;
 #[path = "tcpshiftctl/apply.rs"]
 mod apply;
 #[path = "tcpshiftctl/delete.rs"]
@@ -107,6 +109,17 @@ enum Command {
     /// --interval 30s`, then `rollout status|promote|pause|resume|abort|history [NAME]`.
     /// tcpshiftd judges each step by the kernel's TCP signals and rolls back on failure.
     Rollout(rollout::RolloutArgs),
+    /// Trust the owner of the next socket found on a subset's backend address.
+    ///
+    /// A subset serves only sockets of root or of the uid whose socket was registered for it
+    /// first; sockets of other users are refused (see `status`). Run this when the new owner
+    /// is legitimate (the service now runs as another user).
+    AcceptOwner {
+        /// The service.
+        service: String,
+        /// The subset.
+        subset: String,
+    },
 }
 
 fn main() {
@@ -147,5 +160,6 @@ fn run(args: Args) -> Result<()> {
         Command::Delete(a) => delete::run(&netns, a),
         Command::Uninstall => uninstall::run(&netns),
         Command::Rollout(a) => rollout::run(&netns, a),
+        Command::AcceptOwner { service, subset } => accept_owner::run(&netns, &service, &subset),
     }
 }

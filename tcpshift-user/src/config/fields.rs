@@ -12,7 +12,7 @@ use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
 
 use super::DEFAULT_SINGLE_WEIGHT;
 use crate::model::service::SUBSET_FORMS;
-use crate::model::{SubsetConfig, parse_subset_addr, validate_subset_name};
+use crate::model::{OwnerRule, SubsetConfig, parse_subset_addr, validate_subset_name};
 use crate::yaml::{Error, Located, Weight, seg};
 
 /// A YAML mapping read as a list of (key, value) pairs in document order; duplicate keys are
@@ -69,8 +69,9 @@ impl<'de, V: Deserialize<'de> + EntryKind> Deserialize<'de> for Entries<V> {
     }
 }
 
-/// A subset's address.
-pub(super) struct SubsetAddr(SocketAddr);
+/// A subset's address, and who may serve it: written `127.0.0.1:9001`, or
+/// `{address: 127.0.0.1:9001, user: NAME|UID, cgroup: /PATH, unit: NAME.service}`.
+pub(super) struct SubsetAddr(SocketAddr, OwnerRule);
 
 impl<'de> Deserialize<'de> for SubsetAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -84,7 +85,9 @@ impl<'de> Deserialize<'de> for SubsetAddr {
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SubsetAddr, E> {
-                parse_subset_addr(v).map(SubsetAddr).map_err(E::custom)
+                parse_subset_addr(v)
+                    .map(|a| SubsetAddr(a, OwnerRule::default()))
+                    .map_err(E::custom)
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<SubsetAddr, E> {
@@ -98,6 +101,49 @@ impl<'de> Deserialize<'de> for SubsetAddr {
                 Err(E::custom(format!(
                     "{v} is not an address; expected {SUBSET_FORMS}"
                 )))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SubsetAddr, A::Error> {
+                let mut addr = None;
+                let mut rule = OwnerRule::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "address" => {
+                            let v = map.next_value::<String>()?;
+                            addr = Some(parse_subset_addr(&v).map_err(de::Error::custom)?);
+                        }
+                        "user" => {
+                            let v = map.next_value::<UserRef>()?;
+                            rule.uid = Some(v.resolve().map_err(de::Error::custom)?);
+                        }
+                        "cgroup" => {
+                            let v = map.next_value::<String>()?;
+                            if !v.starts_with('/') {
+                                return Err(de::Error::custom(format!(
+                                    "cgroup {v:?} is not a path; write it as in /proc/PID/cgroup, \
+                                     e.g. /system.slice/tcp-echo.service"
+                                )));
+                            }
+                            rule.cgroup = Some(v);
+                        }
+                        "unit" => {
+                            let v = map.next_value::<String>()?;
+                            rule.cgroup = Some(unit_cgroup(&v).map_err(de::Error::custom)?);
+                        }
+                        other => {
+                            return Err(de::Error::custom(format!(
+                                "unknown field {other:?} of a subset; expected address, user, \
+                                 cgroup or unit"
+                            )));
+                        }
+                    }
+                }
+                match addr {
+                    Some(a) => Ok(SubsetAddr(a, rule)),
+                    None => Err(de::Error::custom(format!(
+                        "a subset written as a mapping needs `address`: {SUBSET_FORMS}"
+                    ))),
+                }
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<SubsetAddr, A::Error> {
@@ -169,7 +215,7 @@ pub(super) fn validate_subsets(
     }
 
     let mut subsets: Vec<SubsetConfig> = Vec::with_capacity(raw.len());
-    for (name, SubsetAddr(addr)) in raw {
+    for (name, SubsetAddr(addr, owner)) in raw {
         let sub_path = format!("{subsets_path}.{}", seg(&name));
         validate_subset_name(&name).map_err(|m| invalid(file, &sub_path, m))?;
         let key = (addr.ip().to_canonical(), addr.port());
@@ -191,6 +237,7 @@ pub(super) fn validate_subsets(
             name,
             addr,
             weight: 0,
+            owner,
         });
     }
 
@@ -252,4 +299,59 @@ pub(super) fn validate_subsets(
         }
     }
     Ok(subsets)
+}
+
+/// A subset's `user`: a name (looked up in `/etc/passwd`) or a numeric uid.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum UserRef {
+    Uid(u32),
+    Name(String),
+}
+
+impl UserRef {
+    fn resolve(self) -> Result<u32, String> {
+        match self {
+            UserRef::Uid(uid) => Ok(uid),
+            UserRef::Name(name) => match name.parse::<u32>() {
+                Ok(uid) => Ok(uid),
+                Err(_) => user_uid(&name).ok_or_else(|| {
+                    format!(
+                        "unknown user {name:?} (not in /etc/passwd); create it or give its numeric uid"
+                    )
+                }),
+            },
+        }
+    }
+}
+
+/// The uid of user `name` in `/etc/passwd`.
+fn user_uid(name: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// The cgroup of systemd unit `unit` (`systemctl show -p ControlGroup`).
+fn unit_cgroup(unit: &str) -> Result<String, String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "--property=ControlGroup", "--value", "--", unit])
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot resolve unit {unit:?} to its cgroup: cannot run systemctl ({e}); \
+                 give `cgroup: /PATH` instead"
+            )
+        })?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || !path.starts_with('/') {
+        return Err(format!(
+            "cannot resolve unit {unit:?} to its cgroup (is it loaded and running? \
+             `systemctl show -p ControlGroup {unit}` shows none); give `cgroup: /PATH` instead"
+        ));
+    }
+    Ok(path)
 }

@@ -228,11 +228,13 @@ mod tests {
                             name: "v1".into(),
                             addr: v4([127, 0, 0, 1], 9001),
                             weight: 100,
+                            owner: Default::default(),
                         },
                         SubsetConfig {
                             name: "v2".into(),
                             addr: v4([127, 0, 0, 1], 9002),
                             weight: 0,
+                            owner: Default::default(),
                         },
                     ],
                     take_over: false,
@@ -395,7 +397,28 @@ mod tests {
             ("{v1: [::1]:9001}", &["must be quoted"]),
             ("{v1: \"::1:9001\"}", &["brackets"]),
             ("{v1: ~}", &["invalid type: unit value", "subset address"]),
-            ("{v1: {addr: 1}}", &["invalid type: map", "subset address"]),
+            (
+                "{v1: {addr: 1}}",
+                &[
+                    "4:19: services.s.subsets.v1: unknown field \"addr\"",
+                    "expected address, user",
+                ],
+            ),
+            (
+                "{v1: {user: root}}",
+                &["services.s.subsets.v1", "needs `address`"],
+            ),
+            (
+                "{v1: {address: 127.0.0.1:9001, user: no-such-user-here}}",
+                &[
+                    "services.s.subsets.v1",
+                    "unknown user \"no-such-user-here\"",
+                ],
+            ),
+            (
+                "{v1: {address: 127.0.0.1:9001, cgroup: system.slice}}",
+                &["services.s.subsets.v1", "is not a path"],
+            ),
             (
                 "[127.0.0.1:1]",
                 &["services.s.subsets", "mapping of subset names"],

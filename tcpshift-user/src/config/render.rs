@@ -19,7 +19,22 @@ pub fn services_document(views: &[ServiceView]) -> Value {
         let mut subsets = Mapping::new();
         let mut weights = Mapping::new();
         for s in &v.config.subsets {
-            subsets.insert(s.name.clone().into(), s.addr.to_string().into());
+            let addr = Value::from(s.addr.to_string());
+            let value = if s.owner.is_empty() {
+                addr
+            } else {
+                // The mapping form, so that applying the output again keeps the rule.
+                let mut m = Mapping::new();
+                m.insert("address".into(), addr);
+                if let Some(uid) = s.owner.uid {
+                    m.insert("user".into(), uid.into());
+                }
+                if let Some(c) = &s.owner.cgroup {
+                    m.insert("cgroup".into(), c.clone().into());
+                }
+                Value::Mapping(m)
+            };
+            subsets.insert(s.name.clone().into(), value);
             weights.insert(s.name.clone().into(), s.weight.into());
         }
         svc.insert("subsets".into(), Value::Mapping(subsets));

@@ -1,10 +1,15 @@
 //! Registering the listening socket of every subset that has none (the loader's scan loop,
 //! and `tcpshiftctl apply` for the subsets it just added).
 
-use std::{collections::HashSet, io, os::fd::AsFd, path::PathBuf};
+use std::{
+    collections::HashSet,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::PathBuf,
+};
 
 use super::{DiscoveryError, Listener, Owner, Snapshot, listeners::PROC_NET_TCP};
-use crate::state::{Missing, State, StateError};
+use crate::state::{Missing, OwnerCheck, SocketHolder, State, StateError};
 
 /// What [`register_missing`] did for one subset without a live socket.
 #[derive(Debug)]
@@ -20,6 +25,25 @@ pub enum Registration {
     },
     /// Nothing listens on its address (yet).
     NotListening(Missing),
+    /// A listening socket was found, but its owner may not serve the subset (see
+    /// [`State::register_owned_socket`]): not registered, counted in the pinned state.
+    Refused {
+        /// The subset.
+        missing: Missing,
+        /// The refused socket.
+        listener: Listener,
+        /// Who holds it.
+        owner: Owner,
+        /// The uid that created it.
+        uid: u32,
+        /// The uid the subset trusts (besides root).
+        trusted_uid: u32,
+        /// Refusals counted for the subset so far.
+        refused_total: u64,
+        /// Whether this socket was refused for the first time (the same socket found again
+        /// by a later scan is neither counted nor reported as new).
+        new: bool,
+    },
     /// A listening socket was found but could not be taken.
     Failed {
         /// The subset.
@@ -65,21 +89,67 @@ pub fn register_missing(
     for m in missing {
         match snapshot.acquire(m.backend) {
             Ok(Some((fd, listener, owner))) => {
-                let done = state.register_socket(&m, fd.as_fd())?;
+                let uid = match socket_uid(fd.as_fd()) {
+                    Ok(uid) => uid,
+                    Err(source) => {
+                        out.push(Registration::Failed {
+                            missing: m,
+                            error: DiscoveryError::Inspect {
+                                owner,
+                                op: "fstat",
+                                source,
+                            },
+                        });
+                        continue;
+                    }
+                };
+                let holder = SocketHolder {
+                    uid,
+                    pid: owner.pid,
+                    comm: owner.comm.clone(),
+                    inode: listener.inode,
+                    cgroup: owner.process().cgroup().ok().flatten(),
+                };
+                let check = state.register_owned_socket(&m, fd.as_fd(), &holder)?;
                 // Our duplicate of the backend's socket is closed here: the map holds it.
                 drop(fd);
-                if done {
-                    out.push(Registration::Registered {
+                match check {
+                    OwnerCheck::Registered { .. } => out.push(Registration::Registered {
                         missing: m,
                         listener,
                         owner,
-                    });
+                    }),
+                    OwnerCheck::Refused {
+                        trusted_uid,
+                        refused_total,
+                        new,
+                    } => out.push(Registration::Refused {
+                        missing: m,
+                        listener,
+                        owner,
+                        uid,
+                        trusted_uid,
+                        refused_total,
+                        new,
+                    }),
+                    // The subset changed meanwhile; the next scan sees the new one.
+                    OwnerCheck::Stale => {}
                 }
-                // Not done: the subset changed meanwhile; the next scan sees the new one.
             }
             Ok(None) => out.push(Registration::NotListening(m)),
             Err(error) => out.push(Registration::Failed { missing: m, error }),
         }
     }
     Ok(out)
+}
+
+/// The uid that created the socket `fd` (its inode's owner: what `/proc/net/tcp` and `ss -e`
+/// show as the socket's uid).
+fn socket_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd (borrowed for the call) and out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_uid)
 }

@@ -223,6 +223,7 @@ mod tests {
                 name: "v1".into(),
                 addr: "127.0.0.2:8080".parse().unwrap(),
                 weight: 1,
+                owner: Default::default(),
             }],
             take_over: false,
         };

@@ -121,12 +121,14 @@ fn seed_all_v1_then_20_v2() {
             SubsetConfig {
                 name: "v1".into(),
                 addr: addr("127.0.0.2:9000"),
-                weight: 100
+                weight: 100,
+                owner: Default::default(),
             },
             SubsetConfig {
                 name: "v2".into(),
                 addr: addr("127.0.0.3:9000"),
-                weight: 0
+                weight: 0,
+                owner: Default::default(),
             },
         ]
     );

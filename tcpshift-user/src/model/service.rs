@@ -43,6 +43,39 @@ pub struct SubsetConfig {
     pub addr: SocketAddr,
     /// Relative weight, `0..=`[`MAX_WEIGHT`]. The weights of a service sum to more than 0.
     pub weight: u32,
+    /// Who may serve it; empty: trust on first registration (see [`OwnerRule`]).
+    pub owner: OwnerRule,
+}
+
+/// Who may serve a subset: a socket found on its address is registered only if it matches
+/// every part given. With no part given, the uid whose socket was registered first (and root)
+/// may serve it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OwnerRule {
+    /// The uid that must have created the socket.
+    pub uid: Option<u32>,
+    /// The cgroup v2 path (e.g. `/system.slice/x.service`) the process holding the socket
+    /// must be in, or below.
+    pub cgroup: Option<String>,
+}
+
+impl OwnerRule {
+    /// Whether no part is given (trust on first registration).
+    pub fn is_empty(&self) -> bool {
+        self.uid.is_none() && self.cgroup.is_none()
+    }
+
+    /// Whether a socket created by `uid`, held by a process in cgroup `cgroup`, matches.
+    pub fn allows(&self, uid: u32, cgroup: Option<&str>) -> bool {
+        let uid_ok = self.uid.is_none_or(|u| u == uid);
+        let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
+            let want = want.trim_end_matches('/');
+            cgroup.is_some_and(|have| {
+                have == want || (have.starts_with(want) && have[want.len()..].starts_with('/'))
+            })
+        });
+        uid_ok && cgroup_ok
+    }
 }
 
 /// Where a service listens.
@@ -395,5 +428,35 @@ mod tests {
         claims.claim(&a, "one").unwrap();
         claims.claim(&b, "two").unwrap();
         assert_eq!(claims.owner(&Listen::Any { port: 31400 }), Some("one"));
+    }
+}
+
+#[cfg(test)]
+mod owner_rule_tests {
+    use super::OwnerRule;
+
+    #[test]
+    fn a_rule_matches_every_part_it_names() {
+        assert!(OwnerRule::default().is_empty());
+        let user = OwnerRule {
+            uid: Some(1000),
+            cgroup: None,
+        };
+        assert!(user.allows(1000, None));
+        assert!(!user.allows(0, None));
+        let cgroup = OwnerRule {
+            uid: None,
+            cgroup: Some("/system.slice/x.service".into()),
+        };
+        assert!(cgroup.allows(0, Some("/system.slice/x.service")));
+        assert!(cgroup.allows(7, Some("/system.slice/x.service/worker")));
+        assert!(!cgroup.allows(0, Some("/system.slice/x.service2")));
+        assert!(!cgroup.allows(0, None));
+        let both = OwnerRule {
+            uid: Some(1000),
+            cgroup: Some("/a".into()),
+        };
+        assert!(both.allows(1000, Some("/a")));
+        assert!(!both.allows(1001, Some("/a")));
     }
 }

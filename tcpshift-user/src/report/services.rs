@@ -118,6 +118,7 @@ mod tests {
             name: name.into(),
             addr: format!("127.0.0.1:{port}").parse().expect("addr"),
             weight,
+            owner: Default::default(),
         };
         ServiceConfig {
             name: "tcp-echo".into(),

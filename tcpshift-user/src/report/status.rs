@@ -73,7 +73,59 @@ pub fn status_table(status: &Status) -> String {
     for w in &status.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
+    out.push_str(&owners(status));
     out
+}
+
+/// The owner lines under the status table: who holds each registered socket, and the sockets
+/// refused because their owner may not serve the subset.
+fn owners(status: &Status) -> String {
+    let mut out = String::new();
+    for svc in &status.services {
+        for s in &svc.subsets {
+            let o = &s.owner;
+            if let Some(h) = &o.holder {
+                let _ = writeln!(
+                    out,
+                    "owner: {}/{}: socket of {}, trusted: {}",
+                    svc.name,
+                    s.name,
+                    holder(h),
+                    match o.trusted_uid {
+                        Some(uid) => format!("root and uid {uid}"),
+                        None => "root".to_owned(),
+                    }
+                );
+            }
+            if let Some(h) = &o.last_refused {
+                let _ = writeln!(
+                    out,
+                    "warning: {}/{}: {} socket(s) refused (last: {}): owned by neither root nor \
+                     the trusted uid; if the new owner is legitimate run `tcpshiftctl accept-owner {} {}`",
+                    svc.name,
+                    s.name,
+                    o.refused,
+                    holder(h),
+                    svc.name,
+                    s.name
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `uid 0 (root), pid 12 (tcp-echo), cgroup /system.slice/x.service`.
+fn holder(h: &crate::state::HolderStatus) -> String {
+    let mut t = format!("uid {}", h.uid);
+    if let Some(u) = &h.user {
+        let _ = write!(t, " ({u})");
+    }
+    let _ = write!(t, ", pid {} ({})", h.pid, h.process);
+    if let Some(c) = &h.cgroup {
+        let _ = write!(t, ", cgroup {c}");
+    }
+    t
 }
 
 /// Width of a bar in [`top_frame`], in cells.
@@ -215,6 +267,7 @@ mod tests {
             live: true,
             observed_share: Some(share),
             counters,
+            owner: Default::default(),
         };
         Status {
             netns_inode: 1,

@@ -112,6 +112,16 @@ impl State {
         let plan = plan(&views, &desired, policy)?;
         self.guard(&plan)?;
         self.commit(&plan)?;
+        let rules: Vec<_> = desired
+            .services
+            .iter()
+            .map(|d| {
+                let subsets = d.config.subsets.iter();
+                let rules = subsets.map(|s| (s.name.clone(), s.owner.clone()));
+                (d.config.name.clone(), rules.collect())
+            })
+            .collect();
+        self.write_owner_rules(&rules)?;
         for s in plan.steps.iter().filter(|s| s.change != Change::Unchanged) {
             info!(service = %s.config.name, listen = %s.config.listen, change = ?s.change, "applied");
         }

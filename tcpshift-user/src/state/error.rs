@@ -172,6 +172,16 @@ pub enum StateError {
     /// A rollout cannot be stored, found or changed; the message says why and what to do.
     #[error("{0}")]
     Rollout(String),
+    /// No such subset in a service.
+    #[error("service {service:?} has no subset named {subset:?} (subsets: {known})")]
+    UnknownSubset {
+        /// The service.
+        service: String,
+        /// Name asked for.
+        subset: String,
+        /// Names that exist.
+        known: String,
+    },
 }
 
 /// The listeners' descriptions, comma-separated.

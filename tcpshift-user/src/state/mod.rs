@@ -9,6 +9,7 @@
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
+//!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
 //!     link                         the sk_lookup link: keeps the program attached
 //!     sockops-link                 the sock_ops link (cgroup v2 root): connection accounting
 //! ```
@@ -34,6 +35,8 @@
 //!   run [`State::plan_with`];
 //! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
+//! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
+//!   [`State::register_owned_socket`], [`State::accept_owner`];
 //! - `encode.rs`: domain types to kernel records and back (`ServiceMeta`, `ServiceEntry`,
 //!   [`service_key`], names, annotations);
 //! - `sys.rs`: the only raw `bpf()` calls (pinned links, program info, link update);
@@ -63,6 +66,7 @@ mod error;
 mod guard;
 mod lifecycle;
 mod lock;
+mod owners;
 mod plan;
 mod rollouts;
 mod sockets;
@@ -85,6 +89,7 @@ mod failpoints {
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
@@ -317,6 +322,7 @@ impl State {
                     name: name_str(&s.name),
                     addr: subset_addr(s),
                     weight,
+                    owner: Default::default(),
                 })
                 .collect();
             out.push(ServiceView {
@@ -336,6 +342,7 @@ impl State {
                 },
             });
         }
+        self.fill_owner_rules(&mut out)?;
         Ok(out)
     }
 

@@ -447,6 +447,7 @@ mod tests {
                     name: n.into(),
                     addr: ([127, 0, 0, 1], port).into(),
                     weight,
+                    owner: Default::default(),
                 })
                 .collect(),
             take_over: false,

@@ -65,14 +65,19 @@ impl State {
         {
             return Ok(false);
         }
-        let s = slot(m.service_id, m.index);
+        self.insert_socket(slot(m.service_id, m.index), socket)?;
+        Ok(true)
+    }
+
+    /// Tags `socket` with `s` and puts it in `TS_SOCKETS` (the caller holds the lock and has
+    /// checked the subset).
+    pub(super) fn insert_socket(&mut self, s: u32, socket: BorrowedFd<'_>) -> Result<()> {
         // Tag first: a connection steered to the socket must find its slot in the tag.
         self.tag_listener(socket, s)?;
         self.maps
             .sockets
             .insert(s, socket.as_raw_fd(), 0)
-            .map_err(map_err("cannot register a socket"))?;
-        Ok(true)
+            .map_err(map_err("cannot register a socket"))
     }
 
     /// Records in the listening socket's `TS_SOCKTAG` storage that it serves `slot` (replacing

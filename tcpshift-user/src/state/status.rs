@@ -14,7 +14,9 @@ use crate::{
     weights::{self},
 };
 
-use super::{LINK, OBSERVED_WINDOW_SECS, SOCKOPS_LINK, State, encode::*, error::*, sys::*};
+use super::{
+    LINK, OBSERVED_WINDOW_SECS, OwnerStatus, SOCKOPS_LINK, State, encode::*, error::*, sys::*,
+};
 
 /// One subset as shown by `status`.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +36,8 @@ pub struct SubsetStatus {
     pub observed_share: Option<f64>,
     /// Counters from the data path.
     pub counters: CounterStatus,
+    /// Whose socket is registered, which uid is trusted, and refused sockets (`TS_OWNERS`).
+    pub owner: OwnerStatus,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -227,6 +231,7 @@ impl State {
             .flat_map(|(id, m)| (0..u32::from(m.n_subsets)).map(move |i| slot(*id, i)))
             .collect();
         let (mut counters, warnings) = self.accounted(&slots)?;
+        let owners = self.open_owners()?;
         let mut services = Vec::new();
         let mut configs = Vec::new();
         for (id, meta) in all {
@@ -237,14 +242,18 @@ impl State {
             let mut subsets = Vec::with_capacity(n);
             for (i, s) in meta.subsets[..n].iter().enumerate() {
                 let slot = slot(id, i as u32);
+                let backend = subset_addr(s);
+                let owner =
+                    State::owner_status(owners.as_ref(), slot, backend, live.contains(&slot))?;
                 subsets.push(SubsetStatus {
                     name: name_str(&s.name),
-                    backend: subset_addr(s),
+                    backend,
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
                     live: live.contains(&slot),
                     observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
+                    owner,
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
@@ -262,6 +271,7 @@ impl State {
                         name: s.name.clone(),
                         addr: s.backend,
                         weight: s.weight,
+                        owner: Default::default(),
                     })
                     .collect(),
                 take_over: false,

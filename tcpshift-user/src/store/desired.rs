@@ -352,6 +352,7 @@ mod tests {
                     name: format!("v{}", i + 1),
                     addr: format!("127.0.0.1:{}", 9001 + i).parse().unwrap(),
                     weight: *w,
+                    owner: Default::default(),
                 })
                 .collect(),
             take_over: false,

@@ -187,6 +187,7 @@ impl ServiceRecord {
                     name: s.name.clone(),
                     addr,
                     weight: s.weight,
+                    owner: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -235,11 +236,13 @@ mod tests {
                     name: "v1".into(),
                     addr: "127.0.0.1:9001".parse().unwrap(),
                     weight: 80,
+                    owner: Default::default(),
                 },
                 SubsetConfig {
                     name: "v2".into(),
                     addr: "[::1]:9002".parse().unwrap(),
                     weight: 20,
+                    owner: Default::default(),
                 },
             ],
             take_over: false,

@@ -139,6 +139,18 @@ fn register_now(netns: &Netns, state: &mut State, changes: &[(String, Change)]) 
                      will receive no connections"
                 }
             )),
+            Registration::Refused {
+                missing: m,
+                owner,
+                uid,
+                trusted_uid,
+                ..
+            } => problems.push(format!(
+                "service/{} subset {} ({}): the socket there belongs to uid {uid} ({owner}), \
+                 neither root nor the uid {trusted_uid} trusted for this subset, so it was not \
+                 registered; if it is legitimate run `tcpshiftctl accept-owner {} {}`",
+                m.service, m.subset, m.backend, m.service, m.subset
+            )),
             Registration::Failed { missing: m, error } => problems.push(format!(
                 "service/{} subset {} ({}): cannot take its server's socket: {error}{}",
                 m.service,

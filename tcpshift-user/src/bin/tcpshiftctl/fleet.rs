@@ -48,7 +48,10 @@ pub fn run(options: StoreOptions, command: Command) -> Result<()> {
                 "rollouts are driven by one host's tcpshiftd and are not yet kept in the fleet \
                  store: run `tcpshiftctl rollout` without --store on that host"
             ),
-            Command::Top { .. } | Command::Metrics | Command::Uninstall => bail!(
+            Command::Top { .. }
+            | Command::Metrics
+            | Command::Uninstall
+            | Command::AcceptOwner { .. } => bail!(
                 "this command acts on one host's kernel, not on the fleet store: run it \
                  without --store on that host"
             ),

@@ -60,6 +60,27 @@ impl Scans {
                         seen_to_registered_us = took.as_micros() as u64,
                         "registered listening socket");
                 }
+                Registration::Refused {
+                    missing: m,
+                    listener,
+                    owner,
+                    uid,
+                    trusted_uid,
+                    refused_total,
+                    new,
+                } => {
+                    let id = (m.service.clone(), m.subset.clone());
+                    if new {
+                        let process = owner.process();
+                        let cgroup = process.cgroup().ok().flatten().unwrap_or_default();
+                        warn!(service = %m.service, subset = %m.subset, backend = %m.backend,
+                        socket = %listener.local, uid, pid = owner.pid, process = %owner.comm,
+                        cgroup = %cgroup, trusted_uid, refused_total,
+                        "refused to register a listening socket: its owner is neither root nor the uid trusted for this subset; if this owner is legitimate run `tcpshiftctl accept-owner {} {}`",
+                        m.service, m.subset);
+                    }
+                    still.insert(id);
+                }
                 Registration::NotListening(m) => {
                     let id = (m.service.clone(), m.subset.clone());
                     if !self.waiting.contains(&id) {
