@@ -200,6 +200,37 @@ pub fn build_table(weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
     Ok(table)
 }
 
+/// The table for `weights` that changes as few buckets of `old` as possible (minimal-change
+/// rebuild, for source-IP affinity): each subset keeps its first buckets of `old` up to its
+/// new count ([`bucket_counts`]); only the buckets it must give up (and those of subsets
+/// that no longer exist, index `>= weights.len()`) move, to the subsets short of buckets, in
+/// table order. So the share of buckets that move is exactly the sum of the positive
+/// differences between old and new counts: 80/20 → 70/30 moves 10 % of the buckets, one
+/// rounding bucket at most besides. The counts equal [`bucket_counts`]; the even spread of
+/// [`build_table`] is not kept (hashing does not need it).
+pub fn rebuild_table(old: &BucketTable, weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
+    let counts = bucket_counts(weights)?;
+    let mut kept = vec![0u32; counts.len()];
+    let mut table = Box::new(*old);
+    let mut free = Vec::new();
+    for (bucket, s) in table.subset.iter().enumerate() {
+        let i = usize::from(*s);
+        match (kept.get_mut(i), counts.get(i)) {
+            (Some(k), Some(&c)) if *k < c => *k += 1,
+            _ => free.push(bucket),
+        }
+    }
+    let mut free = free.into_iter();
+    for (i, (&c, &k)) in counts.iter().zip(&kept).enumerate() {
+        // i < MAX_SUBSETS <= 32, so it fits in a u8.
+        let i = u8::try_from(i).unwrap_or(u8::MAX);
+        for bucket in free.by_ref().take((c - k) as usize) {
+            table.subset[bucket] = i;
+        }
+    }
+    Ok(table)
+}
+
 /// Parses one CLI assignment `NAME=W`. `W` must be a non-negative integer (at most
 /// [`MAX_WEIGHT`]); `-5` gets a message saying weights cannot be negative, `v2`, `=5` or
 /// `v2=abc` a message showing the expected form `SUBSET=WEIGHT`.
@@ -415,6 +446,25 @@ mod tests {
     }
 
     #[test]
+    fn rebuild_80_20_to_70_30_moves_a_tenth() {
+        let old = build_table(&[80, 20]).unwrap();
+        let new = rebuild_table(&old, &[70, 30]).unwrap();
+        let moved = old
+            .subset
+            .iter()
+            .zip(new.subset.iter())
+            .filter(|(a, b)| a != b);
+        assert_eq!(moved.count(), NUM_BUCKETS / 10);
+        // Every bucket that moved went from v1 to v2.
+        for (a, b) in old.subset.iter().zip(new.subset.iter()) {
+            assert!(a == b || (*a == 0 && *b == 1));
+        }
+        // Back to 80/20 restores the old counts.
+        let back = rebuild_table(&new, &[80, 20]).unwrap();
+        assert_eq!(table_counts(&back, 2), table_counts(&old, 2));
+    }
+
+    #[test]
     fn build_table_examples() {
         let table = build_table(&[1, 1]).unwrap();
         assert!(
@@ -624,6 +674,27 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A minimal-change rebuild has the exact counts and moves only the buckets the
+        /// count changes force: sum of the positive differences, nothing else.
+        #[test]
+        fn rebuild_moves_only_what_the_weights_move(
+            old_weights in weights_strategy(),
+            new_weights in weights_strategy(),
+        ) {
+            let old = build_table(&old_weights).unwrap();
+            let table = rebuild_table(&old, &new_weights).unwrap();
+            let counts = bucket_counts(&new_weights).unwrap();
+            prop_assert_eq!(table_counts(&table, new_weights.len()), counts.clone());
+            let old_counts = table_counts(&old, MAX_SUBSETS);
+            let forced: u32 = old_counts
+                .iter()
+                .enumerate()
+                .map(|(i, &o)| o.saturating_sub(counts.get(i).copied().unwrap_or(0)))
+                .sum();
+            let moved = old.subset.iter().zip(table.subset.iter()).filter(|(a, b)| a != b).count();
+            prop_assert_eq!(moved as u32, forced);
+        }
 
         #[test]
         fn table_counts_and_spread(weights in weights_strategy()) {

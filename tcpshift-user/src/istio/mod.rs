@@ -51,6 +51,7 @@
 //! toolkit's ([`crate::yaml`]); `services:` documents are the loader's format
 //! ([`crate::config::spec`]).
 
+pub mod gateway_api;
 pub mod objects;
 pub mod parse;
 pub mod render;
@@ -60,6 +61,10 @@ mod tests;
 
 pub use crate::config::{ServiceSpec, services_document};
 pub use crate::yaml::Located;
+pub use gateway_api::{
+    GATEWAY_API_GROUP, GatewayApiGateway, KubeService, TcpRouteObject, destination_rules,
+    gateway_api_gateways, istio_gateways, tcp_routes,
+};
 pub use objects::*;
 pub use parse::Manifest;
 pub use render::{services_of_virtual_service, virtual_service, virtual_services};

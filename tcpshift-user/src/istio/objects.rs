@@ -284,6 +284,9 @@ pub struct RouteInfo {
     pub gateways: Vec<String>,
     /// Index of the route in `spec.tcp`.
     pub route: usize,
+    /// Set when the route is a Gateway API TCPRoute (then `virtual_service` is its name).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub tcp_route: Option<super::gateway_api::TcpRouteInfo>,
 }
 
 impl RouteInfo {

@@ -8,6 +8,10 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_yaml::Value;
 use tcpshift_common::MAX_SUBSETS;
 
+use super::gateway_api::{
+    self, GATEWAY_API_GROUP, GATEWAY_VERSIONS, GatewayApiGateway, KubeService, TCP_ROUTE_VERSIONS,
+    TcpRouteObject,
+};
 use super::objects::*;
 use super::{ApplyError, DEFAULT_API_VERSION, GROUP, MAX_OBJECT_NAME, VERSIONS};
 use crate::config::{self, ServiceSpec};
@@ -32,6 +36,9 @@ pub(super) enum Body {
     VirtualService(Box<VirtualService>),
     DestinationRule(Box<DestinationRule>),
     Gateway(Box<Gateway>),
+    GatewayApiGateway(Box<GatewayApiGateway>),
+    TcpRoute(Box<TcpRouteObject>),
+    KubeService(Box<KubeService>),
 }
 
 impl Document {
@@ -42,6 +49,9 @@ impl Document {
             Body::VirtualService(o) => Some(format!("VirtualService {}", o.metadata.name)),
             Body::DestinationRule(o) => Some(format!("DestinationRule {}", o.metadata.name)),
             Body::Gateway(o) => Some(format!("Gateway {}", o.metadata.name)),
+            Body::GatewayApiGateway(o) => Some(format!("Gateway {}", o.metadata.name)),
+            Body::TcpRoute(o) => Some(format!("TCPRoute {}", o.metadata.name)),
+            Body::KubeService(o) => Some(format!("Service {}", o.metadata.name)),
         }
     }
 
@@ -81,10 +91,14 @@ enum Kind {
     VirtualService,
     DestinationRule,
     Gateway,
+    GatewayApiGateway,
+    TcpRoute,
+    KubeService,
 }
 
 const SUPPORTED: &str = "networking.istio.io VirtualService, DestinationRule and Gateway \
-                         objects, and tcpshift `services:` documents";
+                         objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core \
+                         v1 Services, and tcpshift `services:` documents";
 
 impl Manifest {
     /// Parses the YAML stream `text` of the file `file` (the name used in messages) and checks
@@ -136,6 +150,15 @@ impl Manifest {
                             Body::DestinationRule(serde_yaml::from_str(chunk).map_err(typed)?)
                         }
                         Kind::Gateway => Body::Gateway(serde_yaml::from_str(chunk).map_err(typed)?),
+                        Kind::GatewayApiGateway => {
+                            Body::GatewayApiGateway(serde_yaml::from_str(chunk).map_err(typed)?)
+                        }
+                        Kind::TcpRoute => {
+                            Body::TcpRoute(serde_yaml::from_str(chunk).map_err(typed)?)
+                        }
+                        Kind::KubeService => {
+                            Body::KubeService(serde_yaml::from_str(chunk).map_err(typed)?)
+                        }
                     }
                 }
             };
@@ -242,6 +265,9 @@ fn classify(value: &Value) -> Result<Class, (FieldPath, String)> {
             ));
         }
     };
+    if let Some(kind) = gateway_api_kind(kind, api_version)? {
+        return Ok(Class::Object(kind));
+    }
     let versions = VERSIONS
         .iter()
         .map(|v| format!("{GROUP}/{v}"))
@@ -292,6 +318,45 @@ fn classify(value: &Value) -> Result<Class, (FieldPath, String)> {
     }
 }
 
+/// The Gateway API and core kinds: `Some` for one tcpshift reads, `None` for any other
+/// group (Istio's, or unknown), an error for other kinds or versions of these groups.
+fn gateway_api_kind(kind: &str, api_version: &str) -> Result<Option<Kind>, (FieldPath, String)> {
+    if api_version == "v1" && kind == "Service" {
+        return Ok(Some(Kind::KubeService));
+    }
+    let Some((GATEWAY_API_GROUP, v)) = api_version.split_once('/') else {
+        return Ok(None);
+    };
+    let (known, versions): (Kind, &[&str]) = match kind {
+        "Gateway" => (Kind::GatewayApiGateway, &GATEWAY_VERSIONS),
+        "TCPRoute" => (Kind::TcpRoute, &TCP_ROUTE_VERSIONS),
+        _ => {
+            return Err((
+                path(&["kind"]),
+                format!(
+                    "{GATEWAY_API_GROUP} kind {kind:?} is not supported; tcpshift applies \
+                     Gateway (v1, v1beta1) and TCPRoute (v1alpha2)"
+                ),
+            ));
+        }
+    };
+    if versions.contains(&v) {
+        Ok(Some(known))
+    } else {
+        let list: Vec<String> = versions
+            .iter()
+            .map(|v| format!("{GATEWAY_API_GROUP}/{v}"))
+            .collect();
+        Err((
+            path(&["apiVersion"]),
+            format!(
+                "unsupported version {v:?} of {GATEWAY_API_GROUP} {kind}; expected {}",
+                list.join(" or ")
+            ),
+        ))
+    }
+}
+
 /// `VirtualService NAME` from an unchecked document, for messages.
 fn object_label(kind: Kind, value: &Value) -> Option<String> {
     let name = value
@@ -301,7 +366,9 @@ fn object_label(kind: Kind, value: &Value) -> Option<String> {
     let kind = match kind {
         Kind::VirtualService => "VirtualService",
         Kind::DestinationRule => "DestinationRule",
-        Kind::Gateway => "Gateway",
+        Kind::Gateway | Kind::GatewayApiGateway => "Gateway",
+        Kind::TcpRoute => "TCPRoute",
+        Kind::KubeService => "Service",
     };
     Some(match name {
         Some(n) => format!("{kind} {n}"),
@@ -420,6 +487,18 @@ impl Document {
                     }
                 }
                 Ok(())
+            }
+            Body::GatewayApiGateway(gw) => {
+                meta(&gw.metadata)?;
+                gateway_api::check_gateway(self, gw)
+            }
+            Body::TcpRoute(route) => {
+                meta(&route.metadata)?;
+                gateway_api::check_tcp_route(self, route)
+            }
+            Body::KubeService(svc) => {
+                meta(&svc.metadata)?;
+                gateway_api::check_kube_service(self, svc)
             }
         }
     }

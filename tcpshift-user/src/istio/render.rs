@@ -26,6 +26,7 @@ pub fn virtual_services(views: &[ServiceView]) -> Vec<VirtualService> {
                 hosts: vec![v.config.name.clone()],
                 gateways: Vec::new(),
                 route: 0,
+                tcp_route: None,
             });
         by_name
             .entry(info.virtual_service.clone())
@@ -69,6 +70,7 @@ pub fn virtual_services(views: &[ServiceView]) -> Vec<VirtualService> {
                 hosts: Vec::new(),
                 gateways: Vec::new(),
                 route: 0,
+                tcp_route: None,
             });
             Object {
                 api_version: info.api_version,

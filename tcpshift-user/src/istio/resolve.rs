@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::ApplyError;
 use super::GROUP;
+use super::gateway_api::{self, GATEWAY_API_GROUP};
 use super::objects::*;
 use super::parse::{Body, Document, Manifest};
 use crate::config::{DEFAULT_SINGLE_WEIGHT, ServiceSpec};
@@ -174,6 +175,7 @@ impl<'a> Objects<'a> {
                     }
                     vs_names.insert(&vs.metadata.name, doc);
                 }
+                Body::GatewayApiGateway(_) | Body::TcpRoute(_) | Body::KubeService(_) => {}
             }
         }
         Ok(objects)
@@ -323,6 +325,7 @@ impl<'a> Objects<'a> {
                     hosts: vs.spec.hosts.clone(),
                     gateways: vs.spec.gateways.clone(),
                     route: r,
+                    tcp_route: None,
                 };
                 let size = serde_json::to_string(&info).map_or(usize::MAX, |s| s.len());
                 if size > MAX_ANNOTATION {
@@ -363,6 +366,85 @@ impl<'a> Objects<'a> {
             }
         }
         Ok(routed)
+    }
+
+    /// Gateway API TCPRoutes (see [`gateway_api`]): each is one service, added to `routed`.
+    /// One line per TCPRoute and per Gateway API Gateway in `plan`.
+    fn route_tcp_routes(
+        &self,
+        docs: &'a [Document],
+        current: &[ServiceView],
+        routed: &mut Vec<Routed<'a>>,
+        plan: &mut Plan,
+    ) -> Result<(), ApplyError> {
+        for doc in docs {
+            if let Body::GatewayApiGateway(gw) = &doc.body {
+                let ports: Vec<String> = gw
+                    .spec
+                    .listeners
+                    .iter()
+                    .map(|l| format!("{} {}/TCP", l.name, l.port.0))
+                    .collect();
+                plan.objects.push(format!(
+                    "gateway.{GATEWAY_API_GROUP}/{} accepted: listeners {} (tcpshift keeps no \
+                     gateway state: this is the listen port of the routes attached to it)",
+                    gw.metadata.name,
+                    ports.join(", ")
+                ));
+            }
+            let Body::TcpRoute(route) = &doc.body else {
+                continue;
+            };
+            let r = gateway_api::resolve_route(
+                docs,
+                current,
+                doc,
+                route,
+                |n| self.subsets_of(n),
+                |p, h| self.no_service(doc, p, h),
+            )?;
+            let rule = path(&["spec", "rules"]).index(0);
+            let first = rule.key("backendRefs").index(0).key("name");
+            if let Some(other) = routed.iter().find(|o| o.service == r.service) {
+                return Err(doc.error(
+                    &first,
+                    format!(
+                        "service {:?} is already routed by {}; a service takes its weights \
+                         from one route",
+                        r.service,
+                        other.doc.object().unwrap_or_default()
+                    ),
+                ));
+            }
+            let size = serde_json::to_string(&r.info).map_or(usize::MAX, |s| s.len());
+            if size > MAX_ANNOTATION {
+                return Err(doc.error(
+                    &path(&["spec", "parentRefs"]),
+                    format!(
+                        "the TCPRoute's name, namespace, parents and backends take {size} \
+                         bytes; tcpshift keeps at most {MAX_ANNOTATION} per service: shorten \
+                         the names"
+                    ),
+                ));
+            }
+            plan.objects.push(format!(
+                "tcproute.{GATEWAY_API_GROUP}/{} accepted: routes service {}",
+                route.metadata.name, r.service
+            ));
+            routed.push(Routed {
+                doc,
+                route_path: rule,
+                service: r.service,
+                port: r.port,
+                destinations: r
+                    .destinations
+                    .into_iter()
+                    .map(|(subset, w, p)| (Some(subset), w, None, p))
+                    .collect(),
+                info: r.info,
+            });
+        }
+        Ok(())
     }
 
     /// A route may only name subsets its host's DestinationRule (of this apply) defines.
@@ -476,7 +558,8 @@ impl Manifest {
                 plan.objects.push(gateway_line(gw));
             }
         }
-        let routed = objects.route_virtual_services(&self.docs, current, &mut plan)?;
+        let mut routed = objects.route_virtual_services(&self.docs, current, &mut plan)?;
+        objects.route_tcp_routes(&self.docs, current, &mut routed, &mut plan)?;
         objects.check_route_subsets(&routed)?;
 
         // Every service concerned: declared in a `services:` document, or routed.
@@ -611,7 +694,10 @@ impl Manifest {
                     }
                 }
                 Body::DestinationRule(dr) => names.push(dr.spec.host.clone()),
-                Body::Gateway(_) => {}
+                Body::TcpRoute(route) => {
+                    names.push(gateway_api::route_service(&self.docs, current, route));
+                }
+                Body::Gateway(_) | Body::GatewayApiGateway(_) | Body::KubeService(_) => {}
             }
         }
         for v in current {

@@ -141,6 +141,7 @@ fn seed_all_v1_then_20_v2() {
             hosts: vec!["*".into()],
             gateways: vec!["tcp-echo-gateway".into()],
             route: 0,
+            tcp_route: None,
         })
     );
     assert_eq!(
@@ -270,15 +271,15 @@ fn error_messages() {
     let cases: Vec<(&str, String, &str)> = vec![
         ("empty", "".into(), "f.yaml: no YAML documents; expected Istio VirtualService, DestinationRule or Gateway objects and/or a tcpshift `services:` document"),
         ("comments only", "# x\n---\n# y\n".into(), "f.yaml: no YAML documents; expected Istio VirtualService, DestinationRule or Gateway objects and/or a tcpshift `services:` document"),
-        ("scalar doc", "hello\n".into(), "f.yaml:1:1: the document is the string \"hello\"; expected networking.istio.io VirtualService, DestinationRule and Gateway objects, and tcpshift `services:` documents"),
-        ("list doc", "- a\n- b\n".into(), "f.yaml:1:1: the document is a list; expected networking.istio.io VirtualService, DestinationRule and Gateway objects, and tcpshift `services:` documents"),
+        ("scalar doc", "hello\n".into(), "f.yaml:1:1: the document is the string \"hello\"; expected networking.istio.io VirtualService, DestinationRule and Gateway objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core v1 Services, and tcpshift `services:` documents"),
+        ("list doc", "- a\n- b\n".into(), "f.yaml:1:1: the document is a list; expected networking.istio.io VirtualService, DestinationRule and Gateway objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core v1 Services, and tcpshift `services:` documents"),
         ("no kind", "apiVersion: networking.istio.io/v1\nmetadata: {name: a}\n".into(), "f.yaml:1:1: missing field `kind`; expected VirtualService, DestinationRule or Gateway"),
         ("no apiVersion", "kind: VirtualService\nmetadata: {name: a}\n".into(), "f.yaml:1:1: missing field `apiVersion`; expected networking.istio.io/v1"),
-        ("k8s service", "apiVersion: v1\nkind: Service\nmetadata: {name: tcp-echo}\nspec: {}\n".into(), "f.yaml:2:7: kind: Service (v1) is not something tcpshift applies; it applies networking.istio.io VirtualService, DestinationRule and Gateway objects, and tcpshift `services:` documents (where the subsets' servers listen is said by the `services:` document, not by Kubernetes Services or Deployments)"),
+        ("k8s deployment", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: tcp-echo}\nspec: {}\n".into(), "f.yaml:2:7: kind: Deployment (apps/v1) is not something tcpshift applies; it applies networking.istio.io VirtualService, DestinationRule and Gateway objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core v1 Services, and tcpshift `services:` documents (where the subsets' servers listen is said by the `services:` document, not by Kubernetes Services or Deployments)"),
         ("serviceentry", "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec: {}\n".into(), "f.yaml:2:7: kind: networking.istio.io kind \"ServiceEntry\" is not supported; tcpshift applies VirtualService, DestinationRule and Gateway"),
         ("kind int", "apiVersion: networking.istio.io/v1\nkind: 5\n".into(), "f.yaml:2:7: kind: got the number 5; expected a string"),
         ("wrong apiVersion for VS", "apiVersion: v1\nkind: VirtualService\n".into(), "f.yaml:1:13: apiVersion: \"v1\" is not Istio's networking API; expected one of networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3"),
-        ("neither", "foo: bar\n".into(), "f.yaml:1:1: neither a tcpshift `services:` document nor a Kubernetes object (no `apiVersion` and `kind`); expected networking.istio.io VirtualService, DestinationRule and Gateway objects, and tcpshift `services:` documents"),
+        ("neither", "foo: bar\n".into(), "f.yaml:1:1: neither a tcpshift `services:` document nor a Kubernetes object (no `apiVersion` and `kind`); expected networking.istio.io VirtualService, DestinationRule and Gateway objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core v1 Services, and tcpshift `services:` documents"),
         ("second doc bad", format!("{V2_20}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g}}\nspec:\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: ['*']\n"), "f.yaml:34:46: Gateway g: spec.servers[0].port.protocol: protocol \"HTTP\" is not supported: tcpshift steers plain TCP connections in the kernel, without a proxy; expected TCP"),
         ("bad name", V2_20.replace("name: tcp-echo\nspec", "name: TCP_Echo\nspec"), "f.yaml:6:9: VirtualService TCP_Echo: metadata.name: invalid name \"TCP_Echo\"; expected a Kubernetes object name: 1 to 253 characters from a-z 0-9 - ., starting and ending with a letter or digit"),
         ("missing name", V2_20.replace("  name: tcp-echo\nspec", "  namespace: x\nspec"), "f.yaml:6:3: VirtualService: metadata: missing field `name`"),
@@ -317,7 +318,7 @@ fn error_messages() {
         ("listen conflict kernel", "services:\n  x:\n    listen: 31400\n    subsets: {a: 127.0.0.1:1}\n".into(), "f.yaml:3:13: services.x.listen: service \"x\" would listen on *:31400, which service \"tcp-echo\" already uses; each service needs its own port or address"),
         ("tab", "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\tmetadata: {}\n".into(), "f.yaml:3:1: found a tab character that violates indentation, while scanning a plain scalar at line 2 column 7"),
         ("deep", format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: a}}\nspec: {}", "[".repeat(200)), "f.yaml:4:134: recursion limit exceeded"),
-        ("anchor", "a: &x 1\n---\nb: *x\n".into(), "f.yaml:1:1: neither a tcpshift `services:` document nor a Kubernetes object (no `apiVersion` and `kind`); expected networking.istio.io VirtualService, DestinationRule and Gateway objects, and tcpshift `services:` documents"),
+        ("anchor", "a: &x 1\n---\nb: *x\n".into(), "f.yaml:1:1: neither a tcpshift `services:` document nor a Kubernetes object (no `apiVersion` and `kind`); expected networking.istio.io VirtualService, DestinationRule and Gateway objects, gateway.networking.k8s.io Gateway and TCPRoute objects, core v1 Services, and tcpshift `services:` documents"),
         ("weight null", V2_20.replace("weight: 80", "weight:"), "OK [(\"tcp-echo\", [0, 20])]"),
         ("status", format!("{V2_20}status: {{}}\n"), "OK [(\"tcp-echo\", [80, 20])]"),
         ("kubectl meta", V2_20.replace("  name: tcp-echo\nspec", "  name: tcp-echo\n  namespace: default\n  uid: 1234\n  resourceVersion: \"55\"\n  generation: 2\n  creationTimestamp: \"2018-11-12T23:24:57Z\"\n  labels: {app: tcp-echo}\nspec"), "OK [(\"tcp-echo\", [80, 20])]"),

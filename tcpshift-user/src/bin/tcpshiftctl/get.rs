@@ -18,6 +18,15 @@ pub enum GetKind {
     /// sync or behind.
     #[value(name = "nodes", alias = "node")]
     Nodes,
+    /// The routing applied from Gateway API TCPRoutes, as TCPRoutes.
+    #[value(name = "tcproute", alias = "tcproutes")]
+    TcpRoute,
+    /// The gateways routes are bound to: Istio Gateways and Gateway API Gateways.
+    #[value(name = "gateway", alias = "gateways", alias = "gw")]
+    Gateway,
+    /// Each service's subsets as an Istio DestinationRule.
+    #[value(name = "destinationrule", alias = "destinationrules", alias = "dr")]
+    DestinationRule,
 }
 
 /// Output formats of `tcpshiftctl get`.
@@ -34,7 +43,8 @@ pub enum Format {
 /// Arguments of `tcpshiftctl get`.
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    /// `services` (`svc`) or `virtualservice` (`vs`).
+    /// `services` (`svc`), `virtualservice` (`vs`), `tcproute`, `gateway` (`gw`) or
+    /// `destinationrule` (`dr`).
     #[arg(value_enum)]
     pub kind: GetKind,
     /// Show only this one.
@@ -77,6 +87,70 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                 ),
             }
         }
+        GetKind::TcpRoute => {
+            let all = istio::tcp_routes(&views);
+            let rows = all.iter().map(|r| {
+                let backends: Vec<String> = r
+                    .spec
+                    .rules
+                    .iter()
+                    .flat_map(|rule| &rule.backend_refs)
+                    .map(|b| format!("{}={}", b.name, b.weight.map_or(0, |w| w.0)))
+                    .collect();
+                (r.metadata.name.clone(), backends.join(" "))
+            });
+            let rows: Vec<(String, String)> = rows.collect();
+            show_objects(&all, rows, "TCPRoute", "BACKENDS", &args, |r| {
+                &r.metadata.name
+            })?;
+        }
+        GetKind::Gateway => {
+            let mut docs: Vec<serde_json::Value> = Vec::new();
+            let mut rows = Vec::new();
+            for g in istio::istio_gateways(&views) {
+                let ports: Vec<String> = g
+                    .spec
+                    .servers
+                    .iter()
+                    .map(|s| format!("{}/TCP", s.port.number.0))
+                    .collect();
+                rows.push((
+                    g.metadata.name.clone(),
+                    format!("istio {}", ports.join(",")),
+                ));
+                docs.push(serde_json::to_value(&g)?);
+            }
+            for g in istio::gateway_api_gateways(&views) {
+                let ports: Vec<String> = g
+                    .spec
+                    .listeners
+                    .iter()
+                    .map(|l| format!("{}/TCP", l.port.0))
+                    .collect();
+                rows.push((
+                    g.metadata.name.clone(),
+                    format!("gateway-api {}", ports.join(",")),
+                ));
+                docs.push(serde_json::to_value(&g)?);
+            }
+            show_objects(&docs, rows, "Gateway", "FLAVOUR PORTS", &args, |d| {
+                d["metadata"]["name"].as_str().unwrap_or_default()
+            })?;
+        }
+        GetKind::DestinationRule => {
+            let all = istio::destination_rules(&views);
+            let rows: Vec<(String, String)> = all
+                .iter()
+                .map(|d| {
+                    let subsets: Vec<&str> =
+                        d.spec.subsets.iter().map(|s| s.name.as_str()).collect();
+                    (d.metadata.name.clone(), subsets.join(","))
+                })
+                .collect();
+            show_objects(&all, rows, "DestinationRule", "SUBSETS", &args, |d| {
+                &d.metadata.name
+            })?;
+        }
         GetKind::VirtualService => {
             let all = istio::virtual_services(&views);
             let shown: Vec<istio::VirtualService> = match &args.name {
@@ -115,6 +189,53 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints `all` (or the one called `args.name`) as a NAME/`column` table, YAML documents or
+/// JSON.
+fn show_objects<T: serde::Serialize>(
+    all: &[T],
+    rows: Vec<(String, String)>,
+    kind: &str,
+    column: &str,
+    args: &GetArgs,
+    name_of: impl Fn(&T) -> &str,
+) -> Result<()> {
+    let keep = |n: &str| args.name.as_deref().is_none_or(|want| want == n);
+    let shown: Vec<&T> = all.iter().filter(|o| keep(name_of(o))).collect();
+    if let Some(name) = &args.name
+        && shown.is_empty()
+    {
+        let known: Vec<&str> = all.iter().map(&name_of).collect();
+        bail!(
+            "no {kind} named {name:?} ({kind}s: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    match args.output {
+        Format::Table => {
+            println!("NAME\t{column}");
+            for (n, rest) in rows.iter().filter(|(n, _)| keep(n)) {
+                println!("{n}\t{rest}");
+            }
+        }
+        Format::Yaml => {
+            let docs = shown
+                .iter()
+                .map(serde_yaml::to_string)
+                .collect::<Result<Vec<_>, _>>()?;
+            print!("{}", docs.join("---\n"));
+        }
+        Format::Json => match shown.as_slice() {
+            [one] if args.name.is_some() => println!("{}", serde_json::to_string_pretty(one)?),
+            _ => println!("{}", serde_json::to_string_pretty(&shown)?),
+        },
     }
     Ok(())
 }
