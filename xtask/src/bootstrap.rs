@@ -19,18 +19,22 @@ use crate::{
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the build, the tests and the demo need: `ip`, `nc`, `protoc` (the etcd
-/// client crate compiles etcd's protobuf definitions at build time) and etcd itself (the
-/// fleet-store tests start real `etcd` processes and use `etcdctl`).
+/// client crate compiles etcd's protobuf definitions at build time), etcd itself (the
+/// fleet-store tests start real `etcd` processes and use `etcdctl`), `bpftool` (tests read
+/// pinned maps and program ids with it) and `nft` (the signals test drops packets in its own
+/// namespace to cause retransmission timeouts).
 const REQUIRED_PACKAGES: &[&str] = &[
     "iproute2",
     "netcat-openbsd",
     "protobuf-compiler",
     "etcd-server",
     "etcd-client",
+    "bpftool",
+    "nftables",
 ];
 
-/// Debian packages that help but are not needed (bpftool for inspecting programs).
-const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
+/// Debian packages that help but are not needed.
+const OPTIONAL_PACKAGES: &[&str] = &[];
 
 /// What the other commands need from the bootstrap.
 pub struct Tools {

@@ -324,11 +324,23 @@ fn is_static_elf(path: &Path) -> bool {
     })
 }
 
-/// Test binaries that exercise no kernel feature and are left out of the guests: the fleet
-/// tests drive etcd clusters (slow under emulation, and nothing in them depends on the kernel
-/// version beyond what the host run covers) and the package tests check a `.deb` built on the
-/// host. `cargo xtask test` runs them on the host.
-const HOST_ONLY: &[&str] = &["fleet_store", "fleet", "package"];
+/// Test binaries left out of the guests. Kernel-independent: the fleet tests drive etcd
+/// clusters (slow under emulation) and the package tests check a `.deb` built on the host.
+/// Not yet run in a guest (added in this stage; they run on the host's kernel with
+/// `cargo xtask test`, and their first 6.1/6.12 run is still to do): the daemon, signals,
+/// ownership, take-over, rollout, Gateway API and least-privilege suites.
+const HOST_ONLY: &[&str] = &[
+    "fleet_store",
+    "fleet",
+    "package",
+    "daemon",
+    "signals",
+    "ownership",
+    "takeover",
+    "rollout",
+    "gateway_api",
+    "least_privilege",
+];
 
 /// Builds the release binaries and the suite's test binaries on the host.
 fn build_suite() -> Result<Plan> {

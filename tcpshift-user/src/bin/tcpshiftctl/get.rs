@@ -100,7 +100,7 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                 (r.metadata.name.clone(), backends.join(" "))
             });
             let rows: Vec<(String, String)> = rows.collect();
-            show_objects(&all, rows, "TCPRoute", "BACKENDS", &args, |r| {
+            show_objects(&all, rows, "TCPRoute", "BACKENDS", args, |r| {
                 &r.metadata.name
             })?;
         }
@@ -133,7 +133,7 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                 ));
                 docs.push(serde_json::to_value(&g)?);
             }
-            show_objects(&docs, rows, "Gateway", "FLAVOUR PORTS", &args, |d| {
+            show_objects(&docs, rows, "Gateway", "FLAVOUR PORTS", args, |d| {
                 d["metadata"]["name"].as_str().unwrap_or_default()
             })?;
         }
@@ -147,7 +147,7 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                     (d.metadata.name.clone(), subsets.join(","))
                 })
                 .collect();
-            show_objects(&all, rows, "DestinationRule", "SUBSETS", &args, |d| {
+            show_objects(&all, rows, "DestinationRule", "SUBSETS", args, |d| {
                 &d.metadata.name
             })?;
         }
