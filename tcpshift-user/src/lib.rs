@@ -6,14 +6,18 @@
 //!   locations, weights and ports, the one error type;
 //! - [`config`]: the YAML configuration, parsed and validated;
 //! - [`weights`]: weight arithmetic and bucket tables;
-//! - [`discovery`]: finding a backend's listening socket and taking a reference to it;
-//! - [`istio`]: `tcpshiftctl apply`: Istio VirtualService / DestinationRule / Gateway objects
-//!   and `services:` documents, mapped onto services;
+//! - [`discovery`]: finding a backend's listening socket and taking a reference to it, over
+//!   [`procfs`], the one `/proc` walker;
+//! - [`istio`]: `tcpshiftctl apply`: Istio VirtualService / DestinationRule / Gateway objects,
+//!   Gateway API Gateways and TCPRoutes, and `services:` documents, mapped onto services;
+//! - [`rollout`]: `Rollout` documents and the driver of progressive rollouts;
+//! - [`store`]: the fleet's desired state in etcd (`--store`);
 //! - [`netns`]: network namespaces and bpffs;
 //! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps);
 //! - [`sockdiag`]: byte counts of open connections, from the kernel's socket diagnostics;
 //! - [`metrics`]: the status as Prometheus text (`tcpshiftd --metrics`, `tcpshiftctl metrics`);
-//! - [`report`]: the status as `tcpshiftctl status` and `top` print it.
+//! - [`report`]: every table `tcpshiftctl` prints (status, top, get, apply's result);
+//! - [`cli_docs`]: man pages and shell completions from the binaries' clap definitions.
 
 pub mod cli_docs;
 pub mod config;
