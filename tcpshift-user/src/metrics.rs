@@ -166,6 +166,7 @@ mod tests {
             weight,
             share: 0.0,
             live,
+            udp: None,
             observed_share: None,
             counters,
         };
@@ -181,6 +182,7 @@ mod tests {
                 id: 0,
                 listen: "*:31400".into(),
                 mode: "hash",
+                protocol: Default::default(),
                 subsets: vec![
                     subset(
                         "v1",
@@ -211,6 +213,7 @@ mod tests {
                 ],
             }],
             warnings: vec![],
+            udp_idle_timeout_secs: 30,
         }
     }
 

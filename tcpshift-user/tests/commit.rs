@@ -132,6 +132,7 @@ fn service(name: &str, port: u16, w1: u32, w2: u32) -> DesiredService {
                     weight: w2,
                 },
             ],
+            protocol: Default::default(),
         },
         annotation: Annotation::Keep,
     }

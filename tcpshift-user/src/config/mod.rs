@@ -35,7 +35,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::model::{ListenClaims, ServiceConfig, validate_service_name};
+use crate::model::{ListenClaims, Protocol, ServiceConfig, validate_service_name};
 use crate::yaml::{self, Weight, seg};
 use fields::{Entries, EntryKind, SubsetAddr, check_service_count, invalid, validate_subsets};
 
@@ -113,13 +113,15 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `protocol`"
 )]
 struct RawService {
     listen: Listen,
     subsets: Entries<SubsetAddr>,
     #[serde(default)]
     weights: Option<Entries<Weight>>,
+    #[serde(default)]
+    protocol: Protocol,
 }
 
 impl EntryKind for RawService {
@@ -140,13 +142,14 @@ impl RawConfig {
             let path = format!("services.{}", seg(&name));
             validate_service_name(&name).map_err(|m| invalid(file, &path, m))?;
             listens
-                .claim(&raw.listen, &name)
+                .claim_protocol(&raw.listen, raw.protocol, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             services.push(ServiceConfig {
                 name,
                 listen: raw.listen,
                 subsets,
+                protocol: raw.protocol,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -231,6 +234,7 @@ mod tests {
                             weight: 0,
                         },
                     ],
+                    protocol: Protocol::Tcp,
                 }],
             }
         );

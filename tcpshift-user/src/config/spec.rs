@@ -8,7 +8,7 @@ use super::fields::{
     validate_subsets,
 };
 use super::{ConfigError, parse};
-use crate::model::{Listen, ListenClaims, SubsetConfig, validate_service_name};
+use crate::model::{Listen, ListenClaims, Protocol, SubsetConfig, validate_service_name};
 use crate::yaml::{Weight, seg};
 
 /// One service of a `services:` document given to `tcpshiftctl apply`.
@@ -28,6 +28,8 @@ pub struct ServiceSpec {
     pub subsets: Vec<SubsetConfig>,
     /// Whether the document has a `weights` key for this service.
     pub weights_given: bool,
+    /// The protocol, when the document says (else the service's in the kernel, or TCP).
+    pub protocol: Option<Protocol>,
 }
 
 impl ServiceSpec {
@@ -49,9 +51,11 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets` and `weights`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `protocol`"
 )]
 struct RawSpec {
+    #[serde(default)]
+    protocol: Option<Protocol>,
     #[serde(default)]
     listen: Option<Listen>,
     subsets: Entries<SubsetAddr>,
@@ -83,7 +87,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         validate_service_name(&name).map_err(|m| invalid(source, &path, m))?;
         if let Some(listen) = &raw.listen {
             listens
-                .claim(listen, &name)
+                .claim_protocol(listen, raw.protocol.unwrap_or_default(), &name)
                 .map_err(|e| invalid(source, format!("{path}.listen"), e.to_string()))?;
         }
         let weights_given = raw.weights.is_some();
@@ -93,6 +97,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             listen: raw.listen,
             subsets,
             weights_given,
+            protocol: raw.protocol,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

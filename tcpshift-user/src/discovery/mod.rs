@@ -31,7 +31,7 @@ use std::{
     path::PathBuf,
 };
 
-pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp};
+pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp, udp_sockets};
 pub use register::{Registration, register_missing};
 pub use snapshot::Snapshot;
 pub use take::take_socket;

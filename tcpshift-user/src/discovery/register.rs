@@ -63,7 +63,12 @@ pub fn register_missing(
         }
     };
     for m in missing {
-        match snapshot.acquire(m.backend) {
+        let acquired = if m.udp {
+            snapshot.acquire_udp(m.backend)
+        } else {
+            snapshot.acquire(m.backend)
+        };
+        match acquired {
             Ok(Some((fd, listener, owner))) => {
                 let done = state.register_socket(&m, fd.as_fd())?;
                 // Our duplicate of the backend's socket is closed here: the map holds it.

@@ -838,6 +838,10 @@ fn plan_service(
             name: name.to_owned(),
             listen,
             subsets,
+            protocol: spec
+                .and_then(|(_, s)| s.protocol)
+                .or(old.map(|v| v.config.protocol))
+                .unwrap_or_default(),
         },
         route: route.map(|r| r.info.clone()),
     })

@@ -14,6 +14,7 @@ pub mod service;
 
 pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
 pub use service::{
-    Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, ServiceConfig,
-    SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,
+    Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME,
+    PROTOCOL_FORMS, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr,
+    validate_service_name, validate_subset_name,
 };

@@ -123,6 +123,7 @@ mod tests {
             name: "tcp-echo".into(),
             listen: Listen::parse("*:31400").expect("listen"),
             subsets: vec![subset("v1", 9001, 80), subset("v2", 9002, 20)],
+            protocol: Default::default(),
         }
     }
 

@@ -194,6 +194,7 @@ mod tests {
             weight,
             share,
             live: true,
+            udp: None,
             observed_share: Some(share),
             counters,
         };
@@ -209,9 +210,11 @@ mod tests {
                 id: 0,
                 listen: "*:31400".into(),
                 mode: "hash",
+                protocol: Default::default(),
                 subsets: vec![subset("v1", 80, 80.0, v1), subset("v2", 20, 20.0, v2)],
             }],
             warnings: vec![],
+            udp_idle_timeout_secs: 30,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct SubsetStatus {
     pub observed_share: Option<f64>,
     /// Counters from the data path.
     pub counters: CounterStatus,
+    /// For a service that steers UDP: its UDP flows' counters (`null` for TCP services).
+    pub udp: Option<super::UdpSubsetCounters>,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -74,6 +76,8 @@ pub struct ServiceStatus {
     pub mode: &'static str,
     /// The subsets, in configuration order.
     pub subsets: Vec<SubsetStatus>,
+    /// What it steers: `tcp`, `udp` or `tcp+udp`.
+    pub protocol: crate::model::Protocol,
 }
 
 /// The whole namespace as shown by `status`.
@@ -95,6 +99,8 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Problems that make some numbers incomplete (e.g. open connections' bytes unavailable).
     pub warnings: Vec<String>,
+    /// Idle timeout of UDP flows, in seconds.
+    pub udp_idle_timeout_secs: u32,
 }
 
 impl State {
@@ -190,7 +196,13 @@ impl State {
     /// Everything `tcpshiftctl status` shows, read from the maps.
     pub fn status(&self) -> Result<Status> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let all = self.all_meta()?;
+        let occupancy = if all.iter().any(|(_, m)| protocol_of(m.protocols).udp()) {
+            self.udp_occupancy()?
+        } else {
+            StdHashMap::new()
+        };
         let slots: Vec<u32> = all
             .iter()
             .flat_map(|(id, m)| (0..u32::from(m.n_subsets)).map(move |i| slot(*id, i)))
@@ -202,6 +214,13 @@ impl State {
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
             let ws = &entry.weights[..n];
             let shares = weights::shares(ws);
+            let protocol = protocol_of(meta.protocols);
+            let mut udp = if protocol.udp() {
+                self.udp_counters(id, n as u32, &occupancy)?
+            } else {
+                Vec::new()
+            }
+            .into_iter();
             let mut subsets = Vec::with_capacity(n);
             for (i, s) in meta.subsets[..n].iter().enumerate() {
                 let slot = slot(id, i as u32);
@@ -210,9 +229,11 @@ impl State {
                     backend: subset_addr(s),
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
-                    live: live.contains(&slot),
+                    live: (!protocol.tcp() || live.contains(&slot))
+                        && (!protocol.udp() || live_udp.contains(&slot)),
                     observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
+                    udp: udp.next(),
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
@@ -232,6 +253,7 @@ impl State {
                     _ => "hash",
                 },
                 subsets,
+                protocol,
             });
         }
         Ok(Status {
@@ -250,6 +272,7 @@ impl State {
                 != 0,
             services,
             warnings,
+            udp_idle_timeout_secs: self.udp_idle_timeout()?,
         })
     }
 }
@@ -264,4 +287,10 @@ pub(super) fn coarse_second() -> u32 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
+}
+
+impl Serialize for crate::model::Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
