@@ -69,7 +69,7 @@ pub(crate) fn steer_udp(
     // must be rewritten (`NONE`: no entry); whether the entry is current (`hit`).
     let mut previous = NONE;
     let mut hit = false;
-    let chosen = match TS_UDP_FLOWS.get_ptr_mut(&key) {
+    let chosen = match TS_UDP_FLOWS.get_ptr_mut(key) {
         // SAFETY: the value pointer is valid for this run; a concurrent datagram of the same
         // flow writes the same values.
         Some(f) => unsafe {
@@ -143,7 +143,7 @@ fn pin(key: &UdpFlowKey, subset: u32, now: u64, s: u32, previous: u32, id: u32) 
     };
     // A full table evicts its least recently used entry; a failed write only means the next
     // datagram chooses again.
-    let _ = TS_UDP_FLOWS.insert(key, &flow, 0);
+    let _ = TS_UDP_FLOWS.insert(key, flow, 0);
 }
 
 /// No subset (a `u32` sentinel: fewer states for the verifier than an `Option`).

@@ -56,6 +56,7 @@ pub fn status_table(status: &Status) -> String {
         }
     }
     let mut out = table(&rows, status.services.is_empty(), "no services");
+    out.push_str(&udp_table(status));
     if status.accounting_program_id.is_none() {
         out.push_str(
             "note: connection accounting is off (no cgroup2 mount when tcpshift was installed): OPENED, ACTIVE, CLOSED and bytes stay 0\n",
@@ -65,6 +66,48 @@ pub fn status_table(status: &Status) -> String {
         let _ = writeln!(out, "warning: {w}");
     }
     out
+}
+
+/// The UDP flows' table of `tcpshiftctl status` (empty when no service steers UDP).
+fn udp_table(status: &Status) -> String {
+    let mut rows = vec![header(&[
+        "SERVICE",
+        "SUBSET",
+        "FLOWS",
+        "DATAGRAMS",
+        "FALLBACK-OUT",
+        "FALLBACK-IN",
+        "MISSES",
+        "EXPIRED",
+        "EVICTIONS",
+        "TRACKED",
+    ])];
+    for svc in &status.services {
+        for s in &svc.subsets {
+            if let Some(c) = &s.udp {
+                rows.push(vec![
+                    svc.name.clone(),
+                    s.name.clone(),
+                    c.flows_started.to_string(),
+                    c.datagrams.to_string(),
+                    c.fallback_out.to_string(),
+                    c.fallback_in.to_string(),
+                    c.misses.to_string(),
+                    c.expired.to_string(),
+                    c.evictions.to_string(),
+                    c.flows_in_table.to_string(),
+                ]);
+            }
+        }
+    }
+    if rows.len() == 1 {
+        return String::new();
+    }
+    format!(
+        "\nUDP flows (idle timeout {}s):\n{}",
+        status.udp_idle_timeout_secs,
+        table(&rows, false, "")
+    )
 }
 
 /// Width of a bar in [`top_frame`], in cells.
@@ -171,6 +214,20 @@ pub fn top_frame(status: &Status, prev: Option<&Status>, elapsed: Duration) -> S
                 c.fallback_in,
                 name_w = name_w,
             );
+            if let Some(u) = &s.udp {
+                let _ = writeln!(
+                    out,
+                    "  {:<name_w$}  udp flows {}  datagrams {}  fallbacks out {} in {}  evictions {}  tracked {}",
+                    "",
+                    u.flows_started,
+                    u.datagrams,
+                    u.fallback_out,
+                    u.fallback_in,
+                    u.evictions,
+                    u.flows_in_table,
+                    name_w = name_w,
+                );
+            }
         }
         let _ = writeln!(out, "  (observed: share of new connections, {window})");
     }
