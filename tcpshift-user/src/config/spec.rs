@@ -55,12 +55,12 @@ struct RawSpecs {
 )]
 struct RawSpec {
     #[serde(default)]
-    protocol: Option<Protocol>,
-    #[serde(default)]
     listen: Option<Listen>,
     subsets: Entries<SubsetAddr>,
     #[serde(default)]
     weights: Option<Entries<Weight>>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
 }
 
 impl EntryKind for RawSpec {
