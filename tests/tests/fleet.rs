@@ -1,7 +1,9 @@
 //! A fleet end to end: a 3-member etcd cluster on loopback and 3 nodes, each a network
 //! namespace with its own tcp-echo v1/v2 and a tcpshiftd working in it through `--netns`,
 //! whose store connection stays on the host's loopback. Changes go through
-//! `tcpshiftctl --store`; every node is checked with real connections.
+//! `tcpshiftctl --store`; every node is checked with real connections. Also: a store behind
+//! TLS (client certificates) and user/password authentication, and a host rebooted while
+//! the store is down.
 
 use std::{
     collections::BTreeMap,
@@ -65,11 +67,17 @@ impl Node {
 
     /// Starts tcpshiftd following `url` as node NAME.
     fn start(&mut self, url: &str) -> Result<()> {
+        self.start_with(url, &[])
+    }
+
+    /// Starts tcpshiftd following `url` as node NAME, with `extra` arguments (TLS, user).
+    fn start_with(&mut self, url: &str, extra: &[&str]) -> Result<()> {
         let log = File::create(&self.log)?;
         let child = Command::new(bin_dir().join("tcpshiftd"))
             .arg("--netns")
             .arg(&self.path)
             .args(["--store", url, "--node", &self.name, "--log-level", "info"])
+            .args(extra)
             .stderr(log)
             .spawn()
             .context("cannot start tcpshiftd")?;
@@ -636,5 +644,394 @@ fn a_node_killed_while_changes_happen_converges_when_started_again() -> Result<(
     assert_eq!(counts.get("one"), Some(&100), "{counts:?}");
     nodes[1].start(&url)?;
     nodes[1].wait_weights(55, 45)?;
+    Ok(())
+}
+
+#[test]
+fn a_host_rebooted_with_the_store_down_steers_as_soon_as_the_store_answers() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut cluster = EtcdCluster::start(1)?;
+    let url = cluster.url();
+    let seed = cluster.dir().join("seed.yaml");
+    std::fs::write(&seed, seed_config(70, 30))?;
+    store_ctl_ok(&url, &["apply", "-f", &seed.to_string_lossy()])?;
+    cluster.kill(0)?;
+    // A freshly booted host: a new namespace, nothing pinned, the store down.
+    let mut node = Node::new("reboot", 0)?;
+    assert!(
+        !node.ctl(&["status", "--json"])?.status.success(),
+        "a fresh namespace has no tcpshift state"
+    );
+    node.start(&url)?;
+    // Meanwhile tcpshiftd installs tcpshift with no service, keeps running and retries; it
+    // says the store is unreachable (log, local status); the port is not steered.
+    poll_until(
+        Duration::from_secs(20),
+        "tcpshiftd reports the store unreachable",
+        || {
+            let out = node.ctl(&["status"])?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok((out.status.success() && text.contains("UNREACHABLE")).then_some(text))
+        },
+    )
+    .with_context(|| format!("tcpshiftd's log:\n{}", node.log()))?;
+    assert!(
+        node.log().contains("fleet store unreachable"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(node.weights()?, None, "no service before the store answers");
+    let refused = in_netns(&node.path, || Ok(exchange(seed_addr(), "x").is_err()))?;
+    assert!(refused, "nothing serves the port before the store answers");
+    if let Some(daemon) = node.daemon.as_mut() {
+        assert!(daemon.try_wait()?.is_none(), "tcpshiftd must keep running");
+    }
+    // The store answers: the node steers the fleet's state without a restart.
+    cluster.restart(0)?;
+    cluster.wait_healthy()?;
+    node.wait_weights(70, 30)?;
+    let counts = node.count(500)?;
+    let two = *counts.get("two").unwrap_or(&0);
+    assert_eq!(counts.values().sum::<usize>(), 500, "{counts:?}");
+    assert!((100..=200).contains(&two), "about 30 % v2: {counts:?}");
+    // And follows the next change.
+    store_ctl_ok(&url, &["set-weight", "v2=0"])?;
+    node.wait_weights(100, 0)?;
+    let counts = node.count(100)?;
+    assert_eq!(counts.get("one"), Some(&100), "{counts:?}");
+    Ok(())
+}
+
+/// An etcd member behind TLS with client-certificate authentication and, once
+/// [`SecureEtcd::enable_auth`] ran, user/password authentication. Certificates are made with
+/// `openssl` in a temporary directory: a CA, the member's certificate (for 127.0.0.1), a
+/// client certificate, and a second CA that signed nothing of this member.
+struct SecureEtcd {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+/// `openssl ARGS` in `dir`; fails with its stderr.
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("cannot run openssl (Debian's openssl package)")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A CA `NAME.pem`/`NAME.key` in `dir`.
+fn make_ca(dir: &Path, name: &str) -> Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    )
+}
+
+/// A certificate `NAME.pem`/`NAME.key` in `dir` signed by `ca`, with the extensions `ext`.
+fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) -> Result<()> {
+    std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    )
+}
+
+impl SecureEtcd {
+    fn start() -> Result<Self> {
+        tcpshift_tests::etcd::require_etcd();
+        let dir = std::env::temp_dir().join(format!("tcpshift-etcd-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        make_ca(&dir, "ca")?;
+        make_ca(&dir, "other-ca")?;
+        make_cert(
+            &dir,
+            "ca",
+            "server",
+            "etcd",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )?;
+        make_cert(
+            &dir,
+            "ca",
+            "client",
+            "tcpshift-node",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        let ports: Vec<u16> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<_>>()?;
+        let client = format!("https://127.0.0.1:{}", ports[0]);
+        let peer = format!("http://127.0.0.1:{}", ports[1]);
+        let log = File::create(dir.join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .current_dir(&dir)
+            .args(["--name", "secure", "--data-dir", "data"])
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("secure={peer}")])
+            .args(["--cert-file", "server.pem", "--key-file", "server.key"])
+            .args(["--trusted-ca-file", "ca.pem", "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start etcd")?;
+        let etcd = Self {
+            dir,
+            port: ports[0],
+            child,
+        };
+        poll_until(
+            Duration::from_secs(30),
+            "the TLS etcd member healthy",
+            || {
+                Ok(etcd
+                    .etcdctl(&["endpoint", "health"])?
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )
+        .with_context(|| std::fs::read_to_string(etcd.dir.join("etcd.log")).unwrap_or_default())?;
+        Ok(etcd)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// `etcdctl` over TLS with the client certificate (and `--user` when given).
+    fn etcdctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://127.0.0.1:{}", self.port))
+            .arg(format!("--cacert={}", self.file("ca.pem")))
+            .arg(format!("--cert={}", self.file("client.pem")))
+            .arg(format!("--key={}", self.file("client.key")))
+            .args(["--command-timeout", "3s", "--dial-timeout", "2s"])
+            .args(args)
+            .output()
+            .context("cannot run etcdctl")
+    }
+
+    /// Adds user root with `password` and turns authentication on.
+    fn enable_auth(&self, password: &str) -> Result<()> {
+        for args in [
+            vec!["user", "add", &format!("root:{password}")],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.etcdctl(&args)?;
+            if !out.status.success() {
+                bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("etcds://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SecureEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_store_behind_tls_and_a_password_is_followed_and_wrong_credentials_are_refused() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let etcd = SecureEtcd::start()?;
+    etcd.enable_auth("s3cret-fleet")?;
+    std::fs::write(etcd.dir.join("password"), "s3cret-fleet\n")?;
+    std::fs::write(etcd.dir.join("wrong-password"), "guess\n")?;
+    std::fs::write(etcd.dir.join("seed.yaml"), seed_config(100, 0))?;
+    let (ca, other_ca, cert, key) = (
+        etcd.file("ca.pem"),
+        etcd.file("other-ca.pem"),
+        etcd.file("client.pem"),
+        etcd.file("client.key"),
+    );
+    let (password, wrong) = (etcd.file("password"), etcd.file("wrong-password"));
+    let url = etcd.url();
+    let flags = |ca: &str, password: &str| -> Vec<String> {
+        [
+            "--store-ca",
+            ca,
+            "--store-cert",
+            &cert,
+            "--store-key",
+            &key,
+            "--store-user",
+            "root",
+            "--store-password-file",
+            password,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let ctl = |flags: &[String], args: &[&str]| -> Result<Output> {
+        Command::new(bin_dir().join("tcpshiftctl"))
+            .args(["--store", &url])
+            .args(flags)
+            .args(args)
+            .output()
+            .context("cannot run tcpshiftctl")
+    };
+    let good = flags(&ca, &password);
+    let seed = etcd.file("seed.yaml");
+    let out = ctl(&good, &["apply", "-f", &seed])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The data is really there, behind the password.
+    let listed = etcd.etcdctl(&[
+        "--user",
+        "root:s3cret-fleet",
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/tcpshift/v1/desired/services/",
+    ])?;
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("tcp-echo"),
+        "{listed:?}"
+    );
+
+    // A wrong password and a wrong CA are refused, saying why, and write nothing.
+    let out = ctl(&flags(&ca, &wrong), &["set-weight", "v2=50"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot connect to the store") && err.contains("authentication failed"),
+        "{err}"
+    );
+    let out = ctl(&flags(&other_ca, &password), &["set-weight", "v2=50"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot connect to the store") && err.contains("--store-ca"),
+        "{err}"
+    );
+    // Without a client certificate the member refuses the TLS handshake.
+    let out = ctl(
+        &[
+            "--store-ca".into(),
+            ca.clone(),
+            "--store-user".into(),
+            "root".into(),
+            "--store-password-file".into(),
+            password.clone(),
+        ],
+        &["get", "services"],
+    )?;
+    assert!(!out.status.success(), "no client certificate: refused");
+
+    // A node follows the store over TLS with the password.
+    let mut node = Node::new("tls", 0)?;
+    let node_flags = good.iter().map(String::as_str).collect::<Vec<_>>();
+    node.start_with(&url, &node_flags)?;
+    node.wait_weights(100, 0)?;
+    let out = ctl(&good, &["set-weight", "v2=20"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.wait_weights(80, 20)?;
+    let counts = node.count(500)?;
+    let two = *counts.get("two").unwrap_or(&0);
+    assert_eq!(counts.values().sum::<usize>(), 500, "{counts:?}");
+    assert!((50..=150).contains(&two), "about 20 % v2: {counts:?}");
+    let status = ctl(&good, &["get", "nodes"])?;
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains(&node.name),
+        "{status:?}"
+    );
+
+    // A node with a wrong password keeps retrying and says why.
+    let mut bad = Node::new("tls", 1)?;
+    let bad_flags = flags(&ca, &wrong);
+    bad.start_with(
+        &url,
+        &bad_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    poll_until(
+        Duration::from_secs(20),
+        "the node with a wrong password logs why",
+        || Ok(bad.log().contains("authentication failed").then_some(())),
+    )
+    .with_context(|| bad.log())?;
+    assert_eq!(bad.weights()?, None);
     Ok(())
 }

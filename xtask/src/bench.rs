@@ -13,6 +13,7 @@
 //! `results.md` and `chart.png`.
 
 mod env;
+mod fleet;
 mod peers;
 
 use std::{
@@ -43,6 +44,16 @@ pub struct BenchArgs {
     /// Fixed connection rate of the latency workload.
     #[arg(long, default_value_t = 1000.0, value_name = "PER_SECOND")]
     latency_rate: f64,
+    /// Run only this section (`fleet`: 8 nodes following a 1-member etcd; see bench/fleet.rs).
+    #[arg(long, value_enum, value_name = "SECTION")]
+    only: Option<Section>,
+}
+
+/// A section `--only` can run alone.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    /// Weight-change propagation, 1 000 services and idle CPU of a fleet of 8 nodes.
+    Fleet,
 }
 
 /// Service ports of the targets (direct goes to the backends themselves).
@@ -237,6 +248,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "tcpshift-load",
     ]))?;
     let load = bins.join("tcpshift-load");
+    if args.only == Some(Section::Fleet) {
+        let out = fleet_out(args.quick)?;
+        env::install_signal_handler()?;
+        return fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick));
+    }
     peers::ensure_packages()?;
     peers::check_programs()?;
     env::install_signal_handler()?;
@@ -312,6 +328,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cmd::short(&out.join("chart.png")).display(),
         started.elapsed().as_secs_f64()
     ));
+    fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick))?;
     if !failures.is_empty() {
         bail!(
             "{} measurement(s) failed:\n  {}",
@@ -320,6 +337,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where the fleet section writes when it runs alone (beside the other results).
+fn fleet_out(quick: bool) -> Result<PathBuf> {
+    let mut out = cmd::target_dir()?.join("bench");
+    if quick {
+        out = out.join("quick");
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok(out)
 }
 
 /// A running benchmark.

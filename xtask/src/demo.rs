@@ -41,18 +41,23 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct DemoArgs {
     /// Service port the clients connect to; nothing listens on it, tcpshift steers it.
     #[arg(long, default_value_t = 31400, value_name = "PORT")]
-    port: u16,
+    pub port: u16,
     /// Port of tcp-echo v1 (prefixes replies with "one").
     #[arg(long, default_value_t = 9001, value_name = "PORT")]
-    v1_port: u16,
+    pub v1_port: u16,
     /// Port of tcp-echo v2 (prefixes replies with "two").
     #[arg(long, default_value_t = 9002, value_name = "PORT")]
-    v2_port: u16,
+    pub v2_port: u16,
+    /// Run the fleet demo instead: a 1-member etcd on loopback and N nodes (network
+    /// namespaces, each with tcp-echo v1/v2 and a tcpshiftd following the store); one
+    /// `tcpshiftctl --store set-weight` moves them all (see `demo_fleet`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub fleet: Option<u16>,
 }
 
 /// The user asked the demo to stop (Ctrl-C or SIGTERM).
 #[derive(Debug)]
-struct Interrupted;
+pub(crate) struct Interrupted;
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -63,10 +68,10 @@ impl fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// SIGINT and SIGTERM, delivered to a channel.
-struct Signals(Receiver<()>);
+pub(crate) struct Signals(Receiver<()>);
 
 impl Signals {
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         ctrlc::set_handler(move || {
             let _ = tx.send(());
@@ -76,7 +81,7 @@ impl Signals {
     }
 
     /// Sleeps for `d`; fails with [`Interrupted`] as soon as a signal arrives.
-    fn sleep(&self, d: Duration) -> Result<()> {
+    pub(crate) fn sleep(&self, d: Duration) -> Result<()> {
         match self.0.recv_timeout(d) {
             Ok(()) => Err(Interrupted.into()),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => Ok(()),
@@ -85,9 +90,9 @@ impl Signals {
 }
 
 /// A program the demo started.
-struct Proc {
-    name: String,
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
 }
 
 /// Everything the demo started, so that it can clean up.
@@ -106,6 +111,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         );
     }
     args.check()?;
+    if let Some(nodes) = args.fleet {
+        return crate::demo_fleet::run(args, usize::from(nodes));
+    }
     let bins = build(Profile::Release)?;
     let signals = Signals::install()?;
     let mut demo = Demo {
@@ -137,7 +145,7 @@ impl DemoArgs {
         Ok(())
     }
 
-    fn subsets(&self) -> [(&'static str, u16, &'static str); 2] {
+    pub(crate) fn subsets(&self) -> [(&'static str, u16, &'static str); 2] {
         [("v1", self.v1_port, "one"), ("v2", self.v2_port, "two")]
     }
 }
@@ -290,7 +298,7 @@ impl Demo {
 /// Starts `cmd` in its own process group (so Ctrl-C reaches only the demo, which then stops
 /// it in order) and passes its output through, prefixed with its name. With `ready`, the first
 /// stdout line containing `listening on` is reported there.
-fn spawn(name: &str, mut cmd: Command, ready: Option<Sender<()>>) -> Result<Proc> {
+pub(crate) fn spawn(name: &str, mut cmd: Command, ready: Option<Sender<()>>) -> Result<Proc> {
     if !std::io::stdout().is_terminal() {
         cmd.env("NO_COLOR", "1"); // tcpshiftd's log colours are noise in a file
     }
@@ -340,7 +348,12 @@ fn forward(from: impl Read + Send + 'static, prefix: String, mut ready: Option<S
 }
 
 /// Waits until a tcp-echo says it listens; fails if it exits first or takes too long.
-fn wait_ready(proc: &mut Proc, ready: &Receiver<()>, port: u16, signals: &Signals) -> Result<()> {
+pub(crate) fn wait_ready(
+    proc: &mut Proc,
+    ready: &Receiver<()>,
+    port: u16,
+    signals: &Signals,
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         match ready.try_recv() {
@@ -366,7 +379,7 @@ fn wait_ready(proc: &mut Proc, ready: &Receiver<()>, port: u16, signals: &Signal
 }
 
 /// Asks `proc` to stop (SIGTERM, then SIGKILL after a grace period) and reports it.
-fn stop(mut proc: Proc) {
+pub(crate) fn stop(mut proc: Proc) {
     let pid = proc.child.id();
     if let Ok(Some(status)) = proc.child.try_wait() {
         say(format_args!(
@@ -407,7 +420,7 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
 }
 
 /// Whether `status --json` shows at least one service and every subset live.
-fn all_live(status: &Value) -> bool {
+pub(crate) fn all_live(status: &Value) -> bool {
     let services = services(status);
     !services.is_empty()
         && services.iter().all(|svc| {
@@ -420,7 +433,7 @@ fn all_live(status: &Value) -> bool {
 }
 
 /// One line: `tcp-echo: v1 w=80 steered=12 | v2 w=20 steered=3`.
-fn summary(status: &Value) -> String {
+pub(crate) fn summary(status: &Value) -> String {
     let lines: Vec<String> = services(status)
         .iter()
         .map(|svc| {

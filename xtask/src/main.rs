@@ -15,6 +15,7 @@ mod build;
 mod chaos;
 mod cmd;
 mod demo;
+mod demo_fleet;
 mod lint;
 mod package;
 mod test;

@@ -7,14 +7,16 @@
 //! - [`service`]: [`ServiceConfig`], [`SubsetConfig`], [`Listen`], the listen key and the
 //!   rule that no two services share one;
 //! - [`plan`]: what the kernel holds ([`ServiceView`]) and what a change wants
-//!   ([`Desired`]), and what a change did to a service ([`Change`]);
+//!   ([`Desired`]), and what a change does to a service ([`Change::classify`]);
 //! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
 
 pub mod plan;
 pub mod rollout;
 pub mod service;
 
-pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
+pub use plan::{
+    Annotation, Change, Desired, DesiredService, ServiceView, Weights, same_definition,
+};
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,
     ServiceConfig, SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,

@@ -28,6 +28,35 @@ pub enum Change {
     Unchanged,
 }
 
+impl Change {
+    /// What changing a service from `old` (`None`: it does not exist yet) to `new` does:
+    /// [`Change::Created`], [`Change::Redefined`] (another listen key or other subsets, see
+    /// [`same_definition`]), [`Change::Reweighted`] (same definition, other weights) or
+    /// [`Change::Unchanged`]. Every way in classifies a change with this one rule: the state
+    /// owner's plan, `tcpshiftctl apply` on the fleet store, tcpshiftd's reload.
+    pub fn classify(old: Option<&ServiceConfig>, new: &ServiceConfig) -> Change {
+        match old {
+            None => Change::Created,
+            Some(old) if !same_definition(old, new) => Change::Redefined,
+            Some(old) if old.weights() == new.weights() => Change::Unchanged,
+            Some(_) => Change::Reweighted,
+        }
+    }
+}
+
+/// Whether two definitions of a service are the same in the kernel: the same listen key
+/// ([`super::Listen::same_key`]: an IPv4-mapped IPv6 address equals its IPv4 address) and
+/// the same subsets (names and backends, in order). Weights and owner rules are not part of
+/// the definition.
+pub fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.listen.same_key(&b.listen)
+        && a.subsets.len() == b.subsets.len()
+        && a.subsets
+            .iter()
+            .zip(&b.subsets)
+            .all(|(x, y)| x.name == y.name && x.addr == y.addr)
+}
+
 /// A service as the kernel maps hold it (see `State::services`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
@@ -70,4 +99,52 @@ pub struct Desired {
     pub services: Vec<DesiredService>,
     /// Other services whose annotation is removed.
     pub clear_annotations: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Listen, SubsetConfig};
+
+    fn svc(listen: &str, subsets: &[(&str, u16, u32)]) -> ServiceConfig {
+        ServiceConfig {
+            name: "a".into(),
+            listen: Listen::parse(listen).expect("listen"),
+            subsets: subsets
+                .iter()
+                .map(|&(name, port, weight)| SubsetConfig {
+                    name: name.into(),
+                    addr: ([127, 0, 0, 1], port).into(),
+                    weight,
+                    owner: Default::default(),
+                })
+                .collect(),
+            take_over: false,
+        }
+    }
+
+    #[test]
+    fn a_change_is_classified_by_definition_then_weights() {
+        let base = svc("127.0.0.1:31400", &[("v1", 9001, 80), ("v2", 9002, 20)]);
+        assert_eq!(Change::classify(None, &base), Change::Created);
+        assert_eq!(Change::classify(Some(&base), &base), Change::Unchanged);
+        let mapped = svc(
+            "[::ffff:127.0.0.1]:31400",
+            &[("v1", 9001, 80), ("v2", 9002, 20)],
+        );
+        assert_eq!(Change::classify(Some(&base), &mapped), Change::Unchanged);
+        let reweighted = svc("127.0.0.1:31400", &[("v1", 9001, 50), ("v2", 9002, 50)]);
+        assert_eq!(
+            Change::classify(Some(&base), &reweighted),
+            Change::Reweighted
+        );
+        for other in [
+            svc("127.0.0.1:31401", &[("v1", 9001, 80), ("v2", 9002, 20)]),
+            svc("127.0.0.1:31400", &[("v1", 9001, 80), ("v2", 9003, 20)]),
+            svc("127.0.0.1:31400", &[("v1", 9001, 80), ("v3", 9002, 20)]),
+            svc("127.0.0.1:31400", &[("v1", 9001, 100)]),
+        ] {
+            assert_eq!(Change::classify(Some(&base), &other), Change::Redefined);
+        }
+    }
 }

@@ -90,6 +90,7 @@ pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
 pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
+pub(crate) use plan::check_service;
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};

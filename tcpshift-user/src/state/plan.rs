@@ -18,7 +18,7 @@ use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
 use crate::{
     model::{
         Annotation, Change, Desired, Listen, ListenClaims, ServiceConfig, ServiceView, Weights,
-        validate_service_name, validate_subset_name,
+        same_definition, validate_service_name, validate_subset_name,
     },
     weights::{self, WeightError},
 };
@@ -184,42 +184,11 @@ pub(crate) fn plan(
         if !names.insert(svc.name.as_str()) {
             return Err(invalid(&svc.name, "named twice in one change".into()));
         }
-        validate_service_name(&svc.name).map_err(|r| invalid(&svc.name, r))?;
-        if svc.subsets.is_empty() || svc.subsets.len() > MAX_SUBSETS {
-            return Err(invalid(
-                &svc.name,
-                format!(
-                    "{} subsets; a service has 1 to {MAX_SUBSETS}",
-                    svc.subsets.len()
-                ),
-            ));
-        }
-        let mut subset_names = HashSet::new();
-        for s in &svc.subsets {
-            validate_subset_name(&s.name).map_err(|r| invalid(&svc.name, r))?;
-            if !subset_names.insert(s.name.as_str()) {
-                return Err(invalid(&svc.name, format!("subset {:?} twice", s.name)));
-            }
-            if s.weight > weights::MAX_WEIGHT {
-                return Err(WeightError::TooLarge {
-                    subset: s.name.clone(),
-                    weight: u64::from(s.weight),
-                }
-                .into());
-            }
-        }
-        weights::bucket_counts(&svc.weights())?;
-        if let Annotation::Set(a) = &d.annotation
-            && a.len() > MAX_ANNOTATION
-        {
-            return Err(invalid(
-                &svc.name,
-                format!(
-                    "annotation of {} bytes; at most {MAX_ANNOTATION} are stored",
-                    a.len()
-                ),
-            ));
-        }
+        let annotation = match &d.annotation {
+            Annotation::Set(a) => Some(a.as_str()),
+            Annotation::Keep | Annotation::Clear => None,
+        };
+        check_service(svc, annotation)?;
         claims
             .claim(&svc.listen, &svc.name)
             .map_err(|taken| StateError::ListenConflict {
@@ -290,13 +259,7 @@ pub(crate) fn plan(
                         config.subsets = old.config.subsets.clone();
                     }
                 }
-                let change = if !same {
-                    Change::Redefined
-                } else if old.config.weights() == config.weights() {
-                    Change::Unchanged
-                } else {
-                    Change::Reweighted
-                };
+                let change = Change::classify(Some(&old.config), &config);
                 let unregister = if change == Change::Redefined {
                     (0..old.config.subsets.len())
                         .filter(|&i| {
@@ -345,15 +308,48 @@ pub(crate) fn plan(
     })
 }
 
-/// Whether two definitions of a service are the same in the kernel: same listen key, same
-/// subsets (names and backends, in order). Weights are not part of the definition.
-pub(crate) fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.listen.same_key(&b.listen)
-        && a.subsets.len() == b.subsets.len()
-        && a.subsets
-            .iter()
-            .zip(&b.subsets)
-            .all(|(x, y)| x.name == y.name && x.addr == y.addr)
+/// The rules one service must keep, whichever way it comes in (a local change, the fleet
+/// store's desired state): a well-formed name, 1 to [`MAX_SUBSETS`] uniquely and well named
+/// subsets, valid weights, an annotation that fits.
+pub(crate) fn check_service(
+    svc: &ServiceConfig,
+    annotation: Option<&str>,
+) -> Result<(), StateError> {
+    let invalid = |reason: String| StateError::InvalidService {
+        name: svc.name.clone(),
+        reason,
+    };
+    validate_service_name(&svc.name).map_err(invalid)?;
+    if svc.subsets.is_empty() || svc.subsets.len() > MAX_SUBSETS {
+        return Err(invalid(format!(
+            "{} subsets; a service has 1 to {MAX_SUBSETS}",
+            svc.subsets.len()
+        )));
+    }
+    let mut subset_names = HashSet::new();
+    for s in &svc.subsets {
+        validate_subset_name(&s.name).map_err(invalid)?;
+        if !subset_names.insert(s.name.as_str()) {
+            return Err(invalid(format!("subset {:?} twice", s.name)));
+        }
+        if s.weight > weights::MAX_WEIGHT {
+            return Err(WeightError::TooLarge {
+                subset: s.name.clone(),
+                weight: u64::from(s.weight),
+            }
+            .into());
+        }
+    }
+    weights::bucket_counts(&svc.weights())?;
+    if let Some(a) = annotation
+        && a.len() > MAX_ANNOTATION
+    {
+        return Err(invalid(format!(
+            "annotation of {} bytes; at most {MAX_ANNOTATION} are stored",
+            a.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Plan {

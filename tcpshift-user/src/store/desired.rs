@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
+use tcpshift_common::MAX_SERVICES;
 
 use crate::{
     model::{Annotation, Desired, DesiredService, ServiceConfig, ServiceView},
-    state::{MAX_ANNOTATION, StateError, service_key},
-    weights::{self, WeightError},
+    state::{StateError, check_service, service_key},
+    weights,
 };
 
 /// One service of the fleet's desired state.
@@ -260,45 +260,6 @@ impl DesiredState {
             .map(|v| v.config.name.clone())
             .collect()
     }
-}
-
-/// The rules one service must keep (see `State::apply_with`).
-fn check_service(svc: &ServiceConfig, annotation: Option<&str>) -> Result<(), StateError> {
-    let invalid = |reason: String| StateError::InvalidService {
-        name: svc.name.clone(),
-        reason,
-    };
-    crate::model::validate_service_name(&svc.name).map_err(invalid)?;
-    if svc.subsets.is_empty() || svc.subsets.len() > MAX_SUBSETS {
-        return Err(invalid(format!(
-            "{} subsets; a service has 1 to {MAX_SUBSETS}",
-            svc.subsets.len()
-        )));
-    }
-    let mut subset_names = HashSet::new();
-    for s in &svc.subsets {
-        crate::model::validate_subset_name(&s.name).map_err(invalid)?;
-        if !subset_names.insert(s.name.as_str()) {
-            return Err(invalid(format!("subset {:?} twice", s.name)));
-        }
-        if s.weight > weights::MAX_WEIGHT {
-            return Err(WeightError::TooLarge {
-                subset: s.name.clone(),
-                weight: u64::from(s.weight),
-            }
-            .into());
-        }
-    }
-    weights::bucket_counts(&svc.weights())?;
-    if let Some(a) = annotation
-        && a.len() > MAX_ANNOTATION
-    {
-        return Err(invalid(format!(
-            "annotation of {} bytes; at most {MAX_ANNOTATION} are stored",
-            a.len()
-        )));
-    }
-    Ok(())
 }
 
 /// One listen address per service: `changed` are checked in order against each other, then

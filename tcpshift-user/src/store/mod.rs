@@ -62,8 +62,10 @@ pub enum StoreError {
     },
     /// The etcd client refused the options or could not reach the store.
     #[error(
-        "cannot connect to the store at {endpoints}: {error}; check that etcd runs there and \
-         the TLS and user options match it"
+        "cannot connect to the store at {endpoints}: {}; check that etcd runs there and the \
+         TLS options (--store-ca, --store-cert, --store-key) and user options \
+         (--store-user, --store-password-file) match it",
+        causes(.error)
     )]
     Connect {
         /// The endpoints, comma-separated.
@@ -72,7 +74,7 @@ pub enum StoreError {
         error: etcd_client::Error,
     },
     /// An etcd request failed.
-    #[error("store at {endpoints}: {what}: {error}")]
+    #[error("store at {endpoints}: {what}: {}", causes(.error))]
     Etcd {
         /// The endpoints, comma-separated.
         endpoints: String,
@@ -117,6 +119,22 @@ pub enum StoreError {
         /// How many attempts were made.
         attempts: u32,
     },
+}
+
+/// `error` and its causes, `: `-separated, each said once (the etcd client's transport
+/// errors say only "transport error" at the top; the reason, e.g. an unknown certificate
+/// issuer, is in their sources).
+fn causes(error: &etcd_client::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
 }
 
 /// Result of the store's operations.

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tcpshift::{
-    model::{Change, ServiceConfig},
+    model::Change,
     netns::Netns,
     report,
     store::{DesiredState, Following, NodeView, Store, StoreError, StoreOptions},
@@ -65,24 +65,10 @@ fn changes(base: &DesiredState, next: &DesiredState, names: &[String]) -> Vec<(S
         .iter()
         .filter_map(|name| {
             let new = &next.get(name)?.config;
-            let change = match base.get(name).map(|s| &s.config) {
-                None => Change::Created,
-                Some(old) if old == new => Change::Unchanged,
-                Some(old) if same_definition(old, new) => Change::Reweighted,
-                Some(_) => Change::Redefined,
-            };
-            Some((name.clone(), change))
+            let old = base.get(name).map(|s| &s.config);
+            Some((name.clone(), Change::classify(old, new)))
         })
         .collect()
-}
-
-fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.listen == b.listen
-        && a.subsets.len() == b.subsets.len()
-        && a.subsets
-            .iter()
-            .zip(&b.subsets)
-            .all(|(x, y)| x.name == y.name && x.addr == y.addr)
 }
 
 async fn apply(store: &Store, args: ApplyArgs) -> Result<()> {

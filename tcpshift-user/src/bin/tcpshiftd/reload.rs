@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use tcpshift::{
     config::Config,
-    model::{Annotation, Desired, DesiredService, ServiceConfig, ServiceView},
+    model::{Annotation, Desired, DesiredService, ServiceConfig, ServiceView, same_definition},
     state::State,
 };
 use tracing::{error, info};
@@ -101,14 +101,4 @@ fn weights(svc: &ServiceConfig) -> Vec<(&str, u32)> {
         .iter()
         .map(|s| (s.name.as_str(), s.weight))
         .collect()
-}
-
-/// Same listen address and subsets (names and addresses, in order), weights aside.
-fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.listen == b.listen
-        && a.subsets.len() == b.subsets.len()
-        && a.subsets
-            .iter()
-            .zip(&b.subsets)
-            .all(|(x, y)| x.name == y.name && x.addr == y.addr)
 }
