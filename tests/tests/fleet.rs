@@ -926,9 +926,9 @@ fn a_store_behind_tls_and_a_password_is_followed_and_wrong_credentials_are_refus
             "--store-ca",
             ca,
             "--store-cert",
-            &cert,
+            cert.as_str(),
             "--store-key",
-            &key,
+            key.as_str(),
             "--store-user",
             "root",
             "--store-password-file",
@@ -976,11 +976,13 @@ fn a_store_behind_tls_and_a_password_is_followed_and_wrong_credentials_are_refus
         err.contains("cannot connect to the store") && err.contains("authentication failed"),
         "{err}"
     );
+    eprintln!("wrong password: {err}");
     let out = ctl(&flags(&other_ca, &password), &["set-weight", "v2=50"])?;
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("wrong CA: {err}");
     assert!(!out.status.success());
     assert!(
-        err.contains("cannot connect to the store") && err.contains("--store-ca"),
+        err.contains("cannot connect to the store") && err.contains("certificate"),
         "{err}"
     );
     // Without a client certificate the member refuses the TLS handshake.

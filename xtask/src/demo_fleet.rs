@@ -12,10 +12,10 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -29,7 +29,7 @@ use crate::{
     demo::{self, DemoArgs, Interrupted, Proc, Signals},
 };
 
-/// How long etcd and the nodes may take to be ready.
+/// How long the nodes may take to steer a change.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval while waiting.
 const POLL: Duration = Duration::from_millis(100);
@@ -58,14 +58,7 @@ struct Fleet {
 
 /// Runs the fleet demo with `n` nodes until Ctrl-C / SIGTERM, then cleans up.
 pub fn run(args: &DemoArgs, n: usize) -> Result<()> {
-    for (bin, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
-        if cmd::output(Command::new(bin).arg("--version")).is_err() {
-            bail!(
-                "`{bin}` not found: the fleet demo starts a real etcd; run `cargo xtask \
-                 bootstrap` (or `apt-get install {package}`)"
-            );
-        }
-    }
+    crate::etcd::require("the fleet demo")?;
     let bins = build(Profile::Release)?;
     let signals = Signals::install()?;
     let dir = bins
@@ -124,66 +117,17 @@ impl Fleet {
     }
 
     fn start_etcd(&mut self, signals: &Signals) -> Result<()> {
-        let (client, peer) = free_ports()?;
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log_path = self.dir.join("etcd.log");
-        let log = File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut etcd = Command::new("etcd");
-        etcd.args(["--name", "fleet-demo"])
-            .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("fleet-demo={peer_url}")])
-            .args(["--max-txn-ops", "20000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0);
-        // SAFETY: the closure only calls prctl, which is async-signal-safe.
-        unsafe {
-            etcd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = etcd.spawn().context("cannot start etcd")?;
-        self.etcd = Some(Proc {
-            name: "etcd".into(),
-            child,
-        });
-        self.url = format!("etcd://127.0.0.1:{client}");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.check_children()?;
-            let health = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={client_url}"))
-                .args(["--dial-timeout", "1s", "endpoint", "health"])
-                .output();
-            if health.is_ok_and(|o| o.status.success()) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "etcd did not become healthy within {} s; see {}",
-                    READY_TIMEOUT.as_secs(),
-                    log_path.display()
-                );
-            }
-            signals.sleep(POLL)?;
-        }
+        let etcd = crate::etcd::start(&self.dir, "fleet-demo", &mut || signals.sleep(POLL))?;
+        self.url = etcd.url.clone();
         say(format_args!(
             "etcd is up: {} (log {})",
             self.url,
-            cmd::short(&log_path).display()
+            cmd::short(&etcd.log).display()
         ));
+        self.etcd = Some(Proc {
+            name: "etcd".into(),
+            child: etcd.child,
+        });
         Ok(())
     }
 
@@ -206,7 +150,7 @@ impl Fleet {
             let (ready_tx, ready) = mpsc::channel();
             let mut proc = demo::spawn(&format!("{name} tcp-echo {subset}"), echo, Some(ready_tx))?;
             let waited = demo::wait_ready(&mut proc, &ready, port, signals);
-            self.node(i).echoes.push(proc);
+            self.newest()?.echoes.push(proc);
             waited?;
         }
         let mut daemon = Command::new(self.bin("tcpshiftd"));
@@ -215,13 +159,13 @@ impl Fleet {
             .arg(&path)
             .args(["--store", &self.url, "--node", &name]);
         let proc = demo::spawn(&format!("{name} tcpshiftd"), daemon, None)?;
-        self.node(i).daemon = Some(proc);
+        self.newest()?.daemon = Some(proc);
         Ok(())
     }
 
-    fn node(&mut self, i: usize) -> &mut Node {
-        let last = self.nodes.len() - 1;
-        &mut self.nodes[(i - 1).min(last)]
+    /// The node started last.
+    fn newest(&mut self) -> Result<&mut Node> {
+        self.nodes.last_mut().context("no node started")
     }
 
     /// Shows every node all-v1, runs one `set-weight v2=20` on the store and shows every
@@ -379,13 +323,6 @@ fn nsenter(path: &Path, program: &str) -> Command {
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", path.display())).arg(program);
     c
-}
-
-/// Two free TCP ports on 127.0.0.1 (etcd's client and peer ports).
-fn free_ports() -> Result<(u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
-    let b = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// The seed (all traffic to v1) as tcpshift's service file.

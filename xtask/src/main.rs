@@ -16,6 +16,7 @@ mod chaos;
 mod cmd;
 mod demo;
 mod demo_fleet;
+mod etcd;
 mod lint;
 mod package;
 mod test;

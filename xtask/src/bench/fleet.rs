@@ -21,7 +21,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -41,8 +41,11 @@ const NODES: usize = 8;
 const METRICS: &str = "127.0.0.1:9464";
 /// How long one change may take to reach every node before it counts as failed.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a watcher reads its node's metrics while waiting for a change.
-const WATCH_EVERY: Duration = Duration::from_millis(1);
+/// How often a watcher reads its node's metrics while waiting for a weight change (the
+/// resolution of the figure; one service, so a read is cheap).
+const WATCH_EVERY: Duration = Duration::from_millis(2);
+/// The same while 1 000 services converge (each read renders every service's metrics).
+const WATCH_MANY_EVERY: Duration = Duration::from_millis(25);
 /// Services of the large apply.
 const SERVICES: u32 = 1_000;
 /// Their ports: 20000.. (nothing listens there; the kernel maps are what is measured).
@@ -92,14 +95,7 @@ struct Fleet {
 /// Runs the fleet section with the binaries in `bins`, writes `fleet.json` and `fleet.md`
 /// into `out` and prints the table.
 pub fn run(bins: &Path, out: &Path, plan: &FleetPlan) -> Result<()> {
-    for (bin, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
-        if cmd::output(Command::new(bin).arg("--version")).is_err() {
-            bail!(
-                "`{bin}` not found: the fleet benchmark starts a real etcd; run `cargo xtask \
-                 bootstrap` (or `apt-get install {package}`)"
-            );
-        }
-    }
+    crate::etcd::require("the fleet benchmark")?;
     let dir = out.join(format!("fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut fleet = Fleet {
@@ -142,8 +138,13 @@ impl Fleet {
         let seed = self.dir.join("seed.yaml");
         std::fs::write(&seed, service_yaml("tcp-echo", 31400, 100, 0))?;
         let revision = revision_of(&self.store_ctl(&["apply", "-f", &seed.to_string_lossy()])?)?;
-        converge(&watchers, Want::Applied(revision), Duration::from_secs(30))
-            .context("the nodes did not apply the seed")?;
+        converge(
+            &watchers,
+            Want::Applied(revision),
+            Duration::from_secs(30),
+            WATCH_EVERY,
+        )?;
+        slowest(&watchers, Instant::now()).context("the nodes did not apply the seed")?;
 
         step(format_args!("fleet: {} weight changes", plan.changes));
         let mut times = Vec::with_capacity(plan.changes);
@@ -157,9 +158,10 @@ impl Fleet {
             let want = Want::Weight {
                 line: format!("tcpshift_subset_weight{{service=\"tcp-echo\",subset=\"v2\"}} {v2}"),
             };
-            converge(&watchers, want, CHANGE_TIMEOUT)
-                .with_context(|| format!("weight change v2={v2}"))?;
-            times.push(slowest(&watchers, returned)?);
+            converge(&watchers, want, CHANGE_TIMEOUT, WATCH_EVERY)?;
+            times.push(
+                slowest(&watchers, returned).with_context(|| format!("weight change v2={v2}"))?,
+            );
         }
         times.sort_unstable();
 
@@ -176,9 +178,14 @@ impl Fleet {
         let apply_took = started.elapsed();
         let returned = Instant::now();
         let revision = revision_of(&shown)?;
-        converge(&watchers, Want::Applied(revision), Duration::from_secs(60))
-            .context("the nodes did not apply the 1 000 services")?;
-        let converged = slowest(&watchers, returned)?;
+        converge(
+            &watchers,
+            Want::Applied(revision),
+            Duration::from_secs(60),
+            WATCH_MANY_EVERY,
+        )?;
+        let converged =
+            slowest(&watchers, returned).context("the nodes did not apply the 1 000 services")?;
         drop(watchers);
 
         step(format_args!(
@@ -238,46 +245,14 @@ impl Fleet {
     }
 
     fn start_etcd(&mut self) -> Result<()> {
-        let (client, peer) = free_ports()?;
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = File::create(self.dir.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "bench"])
-            .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("bench={peer_url}")])
-            .args(["--max-txn-ops", "20000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start etcd")?;
-        self.etcd = Some(child);
-        self.url = format!("etcd://127.0.0.1:{client}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let health = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={client_url}"))
-                .args(["--dial-timeout", "1s", "endpoint", "health"])
-                .output();
-            if health.is_ok_and(|o| o.status.success()) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "etcd did not become healthy within 30 s; see {}",
-                    self.dir.join("etcd.log").display()
-                );
-            }
+        let etcd = crate::etcd::start(&self.dir, "bench", &mut || {
             check_interrupted()?;
             std::thread::sleep(Duration::from_millis(100));
-        }
+            Ok(())
+        })?;
+        self.url = etcd.url;
+        self.etcd = Some(etcd.child);
+        Ok(())
     }
 
     fn start_node(&mut self, i: usize) -> Result<()> {
@@ -379,14 +354,14 @@ impl Want {
 /// A thread inside one node's namespace that reads its metrics until what it is asked for
 /// shows, and answers with the instant it saw it.
 struct Watcher {
-    ask: Option<mpsc::Sender<(Want, Duration)>>,
+    ask: Option<mpsc::Sender<Ask>>,
     answer: mpsc::Receiver<Result<Instant>>,
 }
 
 impl Watcher {
     fn start(path: &Path) -> Result<Watcher> {
         let ns = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let (ask, asked) = mpsc::channel::<(Want, Duration)>();
+        let (ask, asked) = mpsc::channel::<Ask>();
         let (answer_tx, answer) = mpsc::channel();
         std::thread::spawn(move || {
             // SAFETY: setns on a namespace descriptor we hold; it moves only this thread.
@@ -397,7 +372,12 @@ impl Watcher {
                 )));
                 return;
             }
-            for (want, timeout) in asked {
+            for Ask {
+                want,
+                timeout,
+                every,
+            } in asked
+            {
                 let deadline = Instant::now() + timeout;
                 let seen = loop {
                     if let Ok(text) = metrics()
@@ -408,7 +388,7 @@ impl Watcher {
                     if Instant::now() >= deadline {
                         break Err(anyhow::anyhow!("not seen within {timeout:?}"));
                     }
-                    std::thread::sleep(WATCH_EVERY);
+                    std::thread::sleep(every);
                 };
                 if answer_tx.send(seen).is_err() {
                     return;
@@ -428,13 +408,24 @@ impl Drop for Watcher {
     }
 }
 
-/// Asks every watcher for `want` and waits for all of them.
-fn converge(watchers: &[Watcher], want: Want, timeout: Duration) -> Result<()> {
+/// What a watcher is asked: wait for `want`, reading every `every`, at most `timeout`.
+struct Ask {
+    want: Want,
+    timeout: Duration,
+    every: Duration,
+}
+
+/// Asks every watcher to wait for `want` (see [`slowest`] for the answers).
+fn converge(watchers: &[Watcher], want: Want, timeout: Duration, every: Duration) -> Result<()> {
     for w in watchers {
         w.ask
             .as_ref()
             .context("watcher stopped")?
-            .send((want.clone(), timeout))
+            .send(Ask {
+                want: want.clone(),
+                timeout,
+                every,
+            })
             .context("a watcher thread stopped")?;
     }
     Ok(())
@@ -520,12 +511,6 @@ fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz > 0 { hz as f64 } else { 100.0 }
-}
-
-fn free_ports() -> Result<(u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
-    let b = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// The section's table.
