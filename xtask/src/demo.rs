@@ -304,18 +304,8 @@ pub(crate) fn spawn(name: &str, mut cmd: Command, ready: Option<Sender<()>>) -> 
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: the closure only calls prctl, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            // If the demo dies without cleaning up, its children get SIGTERM.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+        .stderr(Stdio::piped());
+    own_group_dies_with_us(&mut cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", cmd::show(&cmd)))?;
@@ -330,6 +320,21 @@ pub(crate) fn spawn(name: &str, mut cmd: Command, ready: Option<Sender<()>>) -> 
         name: name.to_string(),
         child,
     })
+}
+
+/// Puts `cmd` in its own process group (so Ctrl-C reaches only the demo, which then stops
+/// it in order) and has it get SIGTERM if the demo dies without cleaning up.
+pub(crate) fn own_group_dies_with_us(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: the closure only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Passes `from` through line by line on a thread.

@@ -4,7 +4,6 @@
 use std::{
     fs::File,
     net::TcpListener,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -64,17 +63,8 @@ pub fn start(dir: &Path, name: &str, pause: &mut dyn FnMut() -> Result<()>) -> R
         .args(["--max-txn-ops", "20000"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log_file)
-        .process_group(0);
-    // SAFETY: the closure only calls prctl, which is async-signal-safe.
-    unsafe {
-        etcd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+        .stderr(log_file);
+    crate::demo::own_group_dies_with_us(&mut etcd);
     let mut child = etcd.spawn().context("cannot start etcd")?;
     let deadline = Instant::now() + READY_TIMEOUT;
     let waited = loop {
