@@ -239,6 +239,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let plan = Plan::new(args)?;
     let bins = build(Profile::Release)?;
+    if args.only == Some(Section::Fleet) {
+        let out = fleet_out(args.quick)?;
+        env::install_signal_handler()?;
+        return fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick));
+    }
     cmd::run(cmd::cargo().args([
         "build",
         "--release",
@@ -248,11 +253,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "tcpshift-load",
     ]))?;
     let load = bins.join("tcpshift-load");
-    if args.only == Some(Section::Fleet) {
-        let out = fleet_out(args.quick)?;
-        env::install_signal_handler()?;
-        return fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick));
-    }
     peers::ensure_packages()?;
     peers::check_programs()?;
     env::install_signal_handler()?;

@@ -28,8 +28,11 @@ pub struct Etcd {
 
 /// Fails with how to install them when `etcd` or `etcdctl` is missing.
 pub fn require(what: &str) -> Result<()> {
-    for (bin, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
-        if cmd::output(Command::new(bin).arg("--version")).is_err() {
+    for (bin, arg, package) in [
+        ("etcd", "--version", "etcd-server"),
+        ("etcdctl", "version", "etcd-client"),
+    ] {
+        if cmd::output(Command::new(bin).arg(arg)).is_err() {
             bail!(
                 "`{bin}` not found: {what} starts a real etcd; run `cargo xtask bootstrap` (or \
                  `apt-get install {package}`)"
