@@ -159,7 +159,7 @@ fn run(args: Args) -> Result<()> {
         Command::Get(a) => get::run(&netns, a),
         Command::Delete(a) => delete::run(&netns, a),
         Command::Uninstall => uninstall::run(&netns),
-        Command::Rollout(a) => rollout::run(&netns, a),
+        Command::Rollout(a) => rollout::run(&netns, a, args.local),
         Command::AcceptOwner { service, subset } => accept_owner::run(&netns, &service, &subset),
     }
 }
