@@ -183,6 +183,9 @@ impl State {
         match map.remove(&key(name)?) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(false)
+            }
             Err(e) => Err(map_err("cannot remove a rollout")(e)),
         }
     }
