@@ -212,10 +212,13 @@ fn fleet(tag: &str, v2_args: &[&str]) -> Result<(EtcdCluster, Vec<Node>)> {
     Ok((cluster, nodes))
 }
 
-/// Clients on every node until stopped: each node's answered prefixes and failures.
+/// One node's clients' answered prefixes and failures.
+type Outcome = (Vec<String>, Vec<String>);
+
+/// Clients on every node until stopped: each node's [`Outcome`].
 struct Traffic {
     stop: Arc<AtomicBool>,
-    handles: Vec<thread::JoinHandle<Result<(Vec<String>, Vec<String>)>>>,
+    handles: Vec<thread::JoinHandle<Result<Outcome>>>,
 }
 
 impl Traffic {
@@ -245,7 +248,7 @@ impl Traffic {
         Traffic { stop, handles }
     }
 
-    fn stop(self) -> Result<Vec<(Vec<String>, Vec<String>)>> {
+    fn stop(self) -> Result<Vec<Outcome>> {
         self.stop.store(true, Ordering::SeqCst);
         self.handles
             .into_iter()
