@@ -399,3 +399,103 @@ fn promote_pause_resume_abort_by_hand_and_set_weight_pauses() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn abort_forget_drains_the_canary_and_removes_the_record() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    tcpshift_tests::seed(&mut ns, 100, 0)?;
+    ns.wait_live(scaled(Duration::from_secs(10)))?;
+    let file = ns.file("rollout.yaml");
+    std::fs::write(&file, DOC.replace("{duration: 6s}", "{}"))?;
+    ns.ctl_ok(&["apply", "-f", file.to_str().context("path")?])?;
+    wait_phase(&ns, "Paused", Duration::from_secs(10))?;
+    ensure!(weights(&ns)? == (70, 30));
+    // Under way: --forget aborts first (canary to 0), then removes the record.
+    let out = ns.ctl_ok(&["rollout", "abort", "--forget", "echo"])?;
+    ensure!(out.contains("rollout/echo aborted and forgotten"), "{out}");
+    ensure!(weights(&ns)? == (100, 0), "canary drained");
+    let out = ns.ctl_ok(&["rollout", "status"])?;
+    ensure!(out.contains("(no rollouts)"), "{out}");
+    let gone = ns.ctl(&["rollout", "history", "echo"])?;
+    ensure!(!gone.status.success());
+    ensure!(
+        String::from_utf8_lossy(&gone.stderr).contains("no rollout named \"echo\""),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    // A rollout that is over is forgotten without touching the weights.
+    ns.ctl_ok(&["apply", "-f", file.to_str().context("path")?])?;
+    ns.ctl_ok(&["rollout", "promote", "echo"])?;
+    ensure!(weights(&ns)? == (0, 100));
+    ns.ctl_ok(&["rollout", "abort", "--forget", "echo"])?;
+    ensure!(
+        weights(&ns)? == (0, 100),
+        "a promoted rollout is only forgotten"
+    );
+    let again = ns.ctl(&["rollout", "abort", "--forget", "echo"])?;
+    ensure!(
+        String::from_utf8_lossy(&again.stderr).contains("no rollout"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_canary_delaying_its_replies_is_not_seen_by_srtt() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    ns.echo("127.0.0.1", 9001, "one")?;
+    ns.echo_args(&[
+        "--bind",
+        "127.0.0.1",
+        "--fault-delay-ms",
+        "300",
+        "9002",
+        "two",
+    ])?;
+    ns.loader(&seed_config(100, 0))?;
+    ns.wait_live(scaled(Duration::from_secs(10)))?;
+    // The delay is there: a reply of v2, straight from its port, takes at least 300 ms.
+    let t = Instant::now();
+    ensure!(exchange("127.0.0.1:9002".parse()?, "direct")? == "two");
+    ensure!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let traffic: Vec<Traffic> = (0..4).map(|_| Traffic::start()).collect();
+    let file = ns.file("rollout.yaml");
+    std::fs::write(
+        &file,
+        DOC.replace("{duration: 6s}", "{duration: 3s}").replace(
+            "    - name: failure-rate\n      thresholdRange: {max: 1}\n",
+            "    - name: failure-rate\n      thresholdRange: {max: 1}\n    - name: srtt-p90\n      maxOverStable: 1\n",
+        ),
+    )?;
+    ns.ctl_ok(&["apply", "-f", file.to_str().context("path")?])?;
+    let r = wait_phase(&ns, "Promoted", Duration::from_secs(60))?;
+    let mut failed = Vec::new();
+    for t in traffic {
+        failed.extend(t.stop()?.1);
+    }
+    ensure!(failed.is_empty(), "failed connections: {failed:?}");
+    // The last judged interval had srtt values for both, about equal (loopback: below 1 ms,
+    // the histogram's bucket bound), 300 ms of application delay notwithstanding.
+    let srtt = r["state"]["last"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["metric"] == "srtt-p90")
+        .cloned()
+        .context("srtt-p90 judged")?;
+    let canary = srtt["canary"].as_f64().context("canary srtt value")?;
+    ensure!(canary < 10.0, "canary srtt-p90 {canary} ms: {srtt}");
+    ensure!(srtt["passed"] == true, "{srtt}");
+    Ok(())
+}

@@ -34,7 +34,7 @@ use tcpshift::{config, netns::Netns, store::StoreArgs};
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml\n  tcpshiftctl apply -f tcp-echo-20-v2.yaml\n  tcpshiftctl get virtualservice tcp-echo -o yaml\n  tcpshiftctl uninstall\n\nFleet (--store URL or TCPSHIFT_STORE): apply, set-weight, delete and get act on the\nfleet's desired state in etcd; status shows every node; get nodes lists them.\n  tcpshiftctl --store etcd://10.0.0.1:2379 set-weight v2=20\n  tcpshiftctl --store etcd://10.0.0.1:2379 status\nOn a host whose tcpshiftd follows a store, a local apply, set-weight or delete is refused\n(it would diverge from the fleet) unless --local is given."
+    after_help = "Examples:\n  tcpshiftctl status\n  tcpshiftctl top\n  tcpshiftctl set-weight v2=20\n  tcpshiftctl set-weight --service tcp-echo v1=50 v2=50\n  tcpshiftctl apply -f tcp-echo-services.yaml -f tcp-echo-all-v1.yaml\n  tcpshiftctl apply -f tcp-echo-20-v2.yaml\n  tcpshiftctl get virtualservice tcp-echo -o yaml\n  tcpshiftctl uninstall\n\nFleet (--store URL or TCPSHIFT_STORE): apply, set-weight, delete and get act on the\nfleet's desired state in etcd; rollout drives one rollout for every node; status shows\nevery node; get nodes lists them.\n  tcpshiftctl --store etcd://10.0.0.1:2379 set-weight v2=20\n  tcpshiftctl --store etcd://10.0.0.1:2379 status\nOn a host whose tcpshiftd follows a store, a local apply, set-weight or delete is refused\n(it would diverge from the fleet) unless --local is given."
 )]
 struct Args {
     /// Network namespace to work in (e.g. /run/netns/NAME); default: the current one.
@@ -159,7 +159,7 @@ fn run(args: Args) -> Result<()> {
         Command::Get(a) => get::run(&netns, a),
         Command::Delete(a) => delete::run(&netns, a),
         Command::Uninstall => uninstall::run(&netns),
-        Command::Rollout(a) => rollout::run(&netns, a),
+        Command::Rollout(a) => rollout::run(&netns, a, args.local),
         Command::AcceptOwner { service, subset } => accept_owner::run(&netns, &service, &subset),
     }
 }

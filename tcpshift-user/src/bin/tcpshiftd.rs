@@ -10,6 +10,8 @@
 
 #[path = "tcpshiftd/fleet.rs"]
 mod fleet;
+#[path = "tcpshiftd/fleet_rollouts.rs"]
+mod fleet_rollouts;
 #[path = "tcpshiftd/http.rs"]
 mod http;
 #[path = "tcpshiftd/instance.rs"]

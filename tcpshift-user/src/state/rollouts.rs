@@ -45,9 +45,22 @@ pub struct RolloutRecord {
     pub state: RolloutState,
     /// The last [`MAX_HISTORY`] events, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// In a fleet: the node whose tcpshiftd drives the rollout (wrote this record last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 impl RolloutRecord {
+    /// A new record of `spec` in `state`, with no history.
+    pub fn new(spec: RolloutSpec, state: RolloutState) -> Self {
+        RolloutRecord {
+            spec,
+            state,
+            history: Vec::new(),
+            driver: None,
+        }
+    }
+
     /// Appends `events`, dropping the oldest beyond [`MAX_HISTORY`].
     pub fn record(&mut self, events: &[Event]) {
         let at = SystemTime::now()
@@ -79,7 +92,7 @@ fn decode(v: &Value) -> Result<RolloutRecord> {
     let len = (u32::from_le_bytes([v[0], v[1], v[2], v[3]]) as usize).min(VALUE_SIZE - 4);
     serde_json::from_slice(&v[4..4 + len]).map_err(|e| {
         StateError::Rollout(format!(
-            "a stored rollout cannot be read ({e}); remove it with `tcpshiftctl rollout abort NAME --forget`"
+            "a stored rollout cannot be read ({e}); remove it with `tcpshiftctl rollout abort --forget NAME`"
         ))
     })
 }
@@ -170,6 +183,9 @@ impl State {
         match map.remove(&key(name)?) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(false)
+            }
             Err(e) => Err(map_err("cannot remove a rollout")(e)),
         }
     }

@@ -8,7 +8,7 @@
 //! | `/tcpshift/v1/desired/services/NAME` | a [`ServiceRecord`] | apply, set-weight, delete |
 //! | `/tcpshift/v1/desired/seed` | `{"seed":N}`, the fleet's hash seed | created once |
 //! | `/tcpshift/v1/nodes/NODE` | a [`super::NodeReport`], under the node's lease | each tcpshiftd |
-//! | `/tcpshift/v1/rollouts/NAME` | reserved for staged rollouts | — |
+//! | `/tcpshift/v1/rollouts/…` | fleet rollouts: records, driver, nodes' signals (see [`super::rollouts`]) | rollouts |
 //!
 //! Every change of the desired state is one etcd transaction that compares the `meta` key's
 //! mod revision with the one the writer read, rewrites `meta` with the generation plus one and
@@ -83,7 +83,7 @@ impl Layout {
         format!("{}{name}", self.nodes_prefix())
     }
 
-    /// Prefix reserved for staged rollouts (`rollouts/NAME`).
+    /// Prefix of the fleet rollouts' keys (see [`super::rollouts`]).
     pub fn rollouts_prefix(&self) -> String {
         format!("{}rollouts/", self.prefix)
     }

@@ -15,7 +15,9 @@
 //! - [`follow`]: [`Follower`], which watches the store and hands each revision's complete
 //!   desired state to an apply step, failing static while the store is unreachable;
 //! - [`report`]: node reports written under a lease ([`Reporter`]) and read back
-//!   ([`Store::node_reports`]).
+//!   ([`Store::node_reports`]);
+//! - [`rollouts`]: fleet rollouts' records, the nodes' signals and the driver election
+//!   (driven by [`crate::rollout::fleet`]).
 //!
 //! See [`layout`] for the key layout and what each key holds.
 
@@ -25,6 +27,7 @@ pub mod desired;
 pub mod follow;
 pub mod layout;
 pub mod report;
+pub mod rollouts;
 pub mod runtime;
 pub mod url;
 
@@ -34,6 +37,7 @@ pub use desired::{DesiredState, FleetService, Reweighted};
 pub use follow::{Applied, FollowOptions, FollowStatus, Follower, apply_to_state};
 pub use layout::Layout;
 pub use report::{NodeReport, NodeView, Reporter, ServiceReport, SubsetReport};
+pub use rollouts::{NodeSignals, StoredRollout};
 pub use runtime::Following;
 pub use url::{StoreOptions, StoreUrl};
 

@@ -41,7 +41,7 @@ pub fn read_manifest(files: &[String]) -> Result<Manifest> {
 
 /// The objects and the `Rollout` documents of every file (`-`: standard input) together; an
 /// error if there are none at all.
-fn read_manifest_and_rollouts(files: &[String]) -> Result<(Manifest, Vec<RolloutSpec>)> {
+pub fn read_manifest_and_rollouts(files: &[String]) -> Result<(Manifest, Vec<RolloutSpec>)> {
     let mut manifest = Manifest::default();
     let mut rollouts = Vec::new();
     for file in files {
@@ -105,6 +105,31 @@ fn start_rollouts(state: &mut State, rollouts: Vec<RolloutSpec>, dry_run: bool) 
         let record = tcpshift::rollout::drive::start(state, spec)?;
         println!(
             "rollout/{name} started: {}={} {}={} ({})",
+            record.spec.stable,
+            100 - record.state.canary_weight,
+            record.spec.canary,
+            record.state.canary_weight,
+            record.state.phase
+        );
+    }
+    Ok(())
+}
+
+/// Starts the rollouts of an apply with `--store` in the fleet store (after its services).
+pub async fn start_fleet_rollouts(
+    store: &tcpshift::store::Store,
+    rollouts: Vec<RolloutSpec>,
+    dry_run: bool,
+) -> Result<()> {
+    for spec in rollouts {
+        if dry_run {
+            println!("rollout/{} would start (dry run)", spec.name);
+            continue;
+        }
+        let name = spec.name.clone();
+        let record = tcpshift::rollout::fleet::start(store, spec).await?;
+        println!(
+            "rollout/{name} started in the fleet store: {}={} {}={} ({})",
             record.spec.stable,
             100 - record.state.canary_weight,
             record.spec.canary,

@@ -23,7 +23,7 @@ use tcpshift::{
 
 use crate::{
     Command,
-    apply::{ApplyArgs, read_manifest},
+    apply::{ApplyArgs, read_manifest_and_rollouts},
     delete::{self, DeleteArgs},
     get::{self, GetArgs, GetKind},
 };
@@ -44,10 +44,7 @@ pub fn run(options: StoreOptions, command: Command) -> Result<()> {
             Command::Delete(a) => delete(&store, a).await,
             Command::Get(a) => get(&store, a).await,
             Command::Status { json } => status(&store, json).await,
-            Command::Rollout(_) => bail!(
-                "rollouts are driven by one host's tcpshiftd and are not yet kept in the fleet \
-                 store: run `tcpshiftctl rollout` without --store on that host"
-            ),
+            Command::Rollout(a) => crate::rollout::run_store(&store, a).await,
             Command::Top { .. }
             | Command::Metrics
             | Command::Uninstall
@@ -72,7 +69,10 @@ fn changes(base: &DesiredState, next: &DesiredState, names: &[String]) -> Vec<(S
 }
 
 async fn apply(store: &Store, args: ApplyArgs) -> Result<()> {
-    let manifest = read_manifest(&args.files)?;
+    let (manifest, rollouts) = read_manifest_and_rollouts(&args.files)?;
+    if manifest.is_empty() {
+        return crate::apply::start_fleet_rollouts(store, rollouts, args.dry_run).await;
+    }
     if args.dry_run {
         let base = store.load().await?;
         let plan = manifest.resolve(&base.state.views())?;
@@ -94,7 +94,7 @@ async fn apply(store: &Store, args: ApplyArgs) -> Result<()> {
             "{}",
             report::applied(&changes(&base.state, &next, &names), &services, true)
         );
-        return Ok(());
+        return crate::apply::start_fleet_rollouts(store, rollouts, true).await;
     }
     let (committed, (plan, changed)) = store
         .update(|state| -> Result<_> {
@@ -118,7 +118,7 @@ async fn apply(store: &Store, args: ApplyArgs) -> Result<()> {
     let services: Vec<_> = plan.services.iter().map(|s| &s.config).collect();
     print!("{}", report::applied(&changed, &services, false));
     println!("store revision {}", committed.revision);
-    Ok(())
+    crate::apply::start_fleet_rollouts(store, rollouts, false).await
 }
 
 async fn set_weight(store: &Store, service: Option<&str>, assignments: &[String]) -> Result<()> {

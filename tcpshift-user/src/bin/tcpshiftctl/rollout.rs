@@ -8,8 +8,12 @@ use clap::{Args, Subcommand};
 use tcpshift::{
     model::rollout::{RolloutSpec, format_duration, parse_duration},
     netns::Netns,
-    rollout::drive::{self, Command},
+    rollout::{
+        drive::{self, Command},
+        fleet,
+    },
     state::{RolloutRecord, State},
+    store::Store,
 };
 
 /// Arguments of `tcpshiftctl rollout`.
@@ -73,10 +77,14 @@ enum RolloutCommand {
         /// The rollout; may be omitted when there is one.
         name: Option<String>,
     },
-    /// Roll back: the canary's weight to 0 at once, phase Aborted.
+    /// Roll back: the canary's weight to 0 at once, phase Aborted (--forget: then remove
+    /// the rollout's record, e.g. one that can no longer be read).
     Abort {
         /// The rollout; may be omitted when there is one.
         name: Option<String>,
+        /// Remove the rollout's record after the abort (it leaves `status` and `history`).
+        #[arg(long)]
+        forget: bool,
     },
     /// The events of a rollout, oldest first.
     History {
@@ -85,17 +93,14 @@ enum RolloutCommand {
     },
 }
 
-/// The rollout `name`, or the only one.
-fn pick(state: &State, name: Option<String>) -> Result<String> {
+/// The rollout `name`, or the only one of `all` (`place` names where they are kept).
+fn pick_of(all: &[RolloutRecord], name: Option<String>, place: &str) -> Result<String> {
     if let Some(n) = name {
         return Ok(n);
     }
-    let all = state.rollouts()?;
-    match all.as_slice() {
+    match all {
         [one] => Ok(one.spec.name.clone()),
-        [] => bail!(
-            "no rollout in this network namespace; start one with `tcpshiftctl rollout start`"
-        ),
+        [] => bail!("no rollout in {place}; start one with `tcpshiftctl rollout start`"),
         _ => bail!(
             "{} rollouts ({}); name one",
             all.len(),
@@ -107,8 +112,177 @@ fn pick(state: &State, name: Option<String>) -> Result<String> {
     }
 }
 
+/// The rollout `name`, or the only one.
+fn pick(state: &State, name: Option<String>) -> Result<String> {
+    pick_of(&state.rollouts()?, name, "this network namespace")
+}
+
+/// Whether the command changes a rollout (refused on a host following a fleet store).
+fn changes(args: &RolloutArgs) -> bool {
+    !matches!(
+        args.command,
+        RolloutCommand::Status { .. } | RolloutCommand::History { .. }
+    )
+}
+
+/// The `stable` subset given, or the first of `subsets` that is not `canary`.
+fn stable_of(
+    stable: Option<String>,
+    service: &str,
+    canary: &str,
+    subsets: Option<Vec<String>>,
+) -> Result<String> {
+    if let Some(s) = stable {
+        return Ok(s);
+    }
+    subsets
+        .with_context(|| format!("no service named {service:?}; apply it first"))?
+        .into_iter()
+        .find(|s| s != canary)
+        .with_context(|| format!("service {service:?} has no subset besides {canary:?}"))
+}
+
+/// The short form's spec.
+fn short_spec(
+    service: &str,
+    stable: &str,
+    canary: &str,
+    steps: &[u32],
+    interval: &str,
+    min_connections: u64,
+    failure_limit: u32,
+) -> Result<RolloutSpec> {
+    let interval = parse_duration(interval)
+        .map_err(anyhow::Error::msg)
+        .context("--interval")?;
+    let mut spec = RolloutSpec::short(service, stable, canary, steps, interval);
+    spec.analysis.min_connections = min_connections;
+    spec.analysis.failure_limit = failure_limit;
+    Ok(spec)
+}
+
+/// `tcpshiftctl --store URL rollout ...`: the same commands on the fleet's rollouts, kept in
+/// the store and driven by one node's tcpshiftd.
+pub async fn run_store(store: &Store, args: RolloutArgs) -> Result<()> {
+    let records = || async {
+        Ok::<_, anyhow::Error>(
+            store
+                .rollouts()
+                .await?
+                .into_iter()
+                .map(|r| r.record)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let place = "the fleet store";
+    let record = match args.command {
+        RolloutCommand::Start {
+            service,
+            canary,
+            stable,
+            steps,
+            interval,
+            min_connections,
+            failure_limit,
+        } => {
+            let subsets = store
+                .load()
+                .await?
+                .state
+                .get(&service)
+                .map(|s| s.config.subsets.iter().map(|x| x.name.clone()).collect());
+            let stable = stable_of(stable, &service, &canary, subsets)?;
+            let spec = short_spec(
+                &service,
+                &stable,
+                &canary,
+                &steps,
+                &interval,
+                min_connections,
+                failure_limit,
+            )?;
+            fleet::start(store, spec).await?
+        }
+        RolloutCommand::Status { name, json } => {
+            let all: Vec<RolloutRecord> = records()
+                .await?
+                .into_iter()
+                .filter(|r| name.as_ref().is_none_or(|n| &r.spec.name == n))
+                .collect();
+            return show(&all, name.as_deref(), json);
+        }
+        RolloutCommand::History { name } => {
+            let all = records().await?;
+            let name = pick_of(&all, name, place)?;
+            let r = all
+                .iter()
+                .find(|r| r.spec.name == name)
+                .with_context(|| format!("no rollout named {name:?}"))?;
+            print!("{}", history(r));
+            return Ok(());
+        }
+        RolloutCommand::Abort { name, forget: true } => {
+            let name = pick_of(&records().await?, name, place)?;
+            if !fleet::forget(store, &name).await? {
+                bail!("no rollout named {name:?} in the fleet store");
+            }
+            println!("rollout/{name} aborted and forgotten");
+            return Ok(());
+        }
+        RolloutCommand::Promote { name, full } => {
+            let name = pick_of(&records().await?, name, place)?;
+            fleet::command(store, &name, Command::Promote { full }).await?
+        }
+        RolloutCommand::Pause { name } => {
+            let name = pick_of(&records().await?, name, place)?;
+            fleet::command(store, &name, Command::Pause).await?
+        }
+        RolloutCommand::Resume { name } => {
+            let name = pick_of(&records().await?, name, place)?;
+            fleet::command(store, &name, Command::Resume).await?
+        }
+        RolloutCommand::Abort { name, .. } => {
+            let name = pick_of(&records().await?, name, place)?;
+            fleet::command(store, &name, Command::Abort).await?
+        }
+    };
+    print!("{}", describe(&record));
+    Ok(())
+}
+
+/// `rollout status` output of `all` (`name`: the one asked for).
+fn show(all: &[RolloutRecord], name: Option<&str>, json: bool) -> Result<()> {
+    if let Some(n) = name
+        && all.is_empty()
+    {
+        bail!("no rollout named {n:?}");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(all)?);
+    } else if all.is_empty() {
+        println!("(no rollouts)");
+    } else {
+        for r in all {
+            print!("{}", describe(r));
+        }
+    }
+    Ok(())
+}
+
+/// `rollout history` output.
+fn history(r: &RolloutRecord) -> String {
+    let mut out = String::new();
+    for h in &r.history {
+        let _ = writeln!(out, "{}  {:<13} {}", h.at, h.event.reason, h.event.message);
+    }
+    out
+}
+
 /// `tcpshiftctl rollout ...`.
-pub fn run(netns: &Netns, args: RolloutArgs) -> Result<()> {
+pub fn run(netns: &Netns, args: RolloutArgs, local: bool) -> Result<()> {
+    if changes(&args) {
+        crate::fleet::guard(netns, local)?;
+    }
     let mut state = State::open(netns)?;
     match args.command {
         RolloutCommand::Start {
@@ -120,30 +294,21 @@ pub fn run(netns: &Netns, args: RolloutArgs) -> Result<()> {
             min_connections,
             failure_limit,
         } => {
-            let interval = parse_duration(&interval)
-                .map_err(anyhow::Error::msg)
-                .context("--interval")?;
-            let stable = match stable {
-                Some(s) => s,
-                None => {
-                    let views = state.services()?;
-                    let view = views
-                        .iter()
-                        .find(|v| v.config.name == service)
-                        .with_context(|| format!("no service named {service:?}; apply it first"))?;
-                    view.config
-                        .subsets
-                        .iter()
-                        .map(|s| s.name.clone())
-                        .find(|s| *s != canary)
-                        .with_context(|| {
-                            format!("service {service:?} has no subset besides {canary:?}")
-                        })?
-                }
-            };
-            let mut spec = RolloutSpec::short(&service, &stable, &canary, &steps, interval);
-            spec.analysis.min_connections = min_connections;
-            spec.analysis.failure_limit = failure_limit;
+            let subsets = state
+                .services()?
+                .into_iter()
+                .find(|v| v.config.name == service)
+                .map(|v| v.config.subsets.into_iter().map(|s| s.name).collect());
+            let stable = stable_of(stable, &service, &canary, subsets)?;
+            let spec = short_spec(
+                &service,
+                &stable,
+                &canary,
+                &steps,
+                &interval,
+                min_connections,
+                failure_limit,
+            )?;
             let record = drive::start(&mut state, spec)?;
             print!("{}", describe(&record));
         }
@@ -153,20 +318,7 @@ pub fn run(netns: &Netns, args: RolloutArgs) -> Result<()> {
                 .into_iter()
                 .filter(|r| name.as_ref().is_none_or(|n| &r.spec.name == n))
                 .collect();
-            if let Some(n) = &name
-                && all.is_empty()
-            {
-                bail!("no rollout named {n:?}");
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
-            } else if all.is_empty() {
-                println!("(no rollouts)");
-            } else {
-                for r in &all {
-                    print!("{}", describe(r));
-                }
-            }
+            show(&all, name.as_deref(), json)?;
         }
         RolloutCommand::Promote { name, full } => {
             let name = pick(&state, name)?;
@@ -193,7 +345,14 @@ pub fn run(netns: &Netns, args: RolloutArgs) -> Result<()> {
                 describe(&drive::command(&mut state, &name, Command::Resume)?)
             );
         }
-        RolloutCommand::Abort { name } => {
+        RolloutCommand::Abort { name, forget: true } => {
+            let name = pick(&state, name)?;
+            if !drive::forget(&mut state, &name)? {
+                bail!("no rollout named {name:?}");
+            }
+            println!("rollout/{name} aborted and forgotten");
+        }
+        RolloutCommand::Abort { name, .. } => {
             let name = pick(&state, name)?;
             print!(
                 "{}",
@@ -205,9 +364,7 @@ pub fn run(netns: &Netns, args: RolloutArgs) -> Result<()> {
             let r = state
                 .rollout(&name)?
                 .with_context(|| format!("no rollout named {name:?}"))?;
-            for h in &r.history {
-                println!("{}  {:<13} {}", h.at, h.event.reason, h.event.message);
-            }
+            print!("{}", history(&r));
         }
     }
     Ok(())
@@ -260,5 +417,11 @@ fn describe(r: &RolloutRecord) -> String {
         );
     }
     let _ = writeln!(out, "  why      {}", st.message);
+    if let Some(node) = &r.driver {
+        let _ = writeln!(
+            out,
+            "  driver   {node} (the fleet node that wrote this last)"
+        );
+    }
     out
 }

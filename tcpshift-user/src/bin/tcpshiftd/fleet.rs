@@ -64,15 +64,28 @@ pub fn start(options: StoreOptions, node: String) -> Result<(Fleet, Starter)> {
                 }
             };
             runtime.block_on(async move {
-                let (apply, report) = match (State::open(&netns), State::open(&netns)) {
-                    (Ok(a), Ok(r)) => (a, r),
-                    (Err(e), _) | (_, Err(e)) => {
+                let (apply, report, rollouts) = match (
+                    State::open(&netns),
+                    State::open(&netns),
+                    State::open(&netns),
+                ) {
+                    (Ok(a), Ok(r), Ok(o)) => (a, r, o),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         error!("the fleet store's follower cannot open the pinned state: {e}");
                         return;
                     }
                 };
                 let url = options.url.to_string();
-                follow(options, apply, tx, thread_node, url, netns.inode(), report).await;
+                follow(
+                    options,
+                    apply,
+                    tx,
+                    thread_node,
+                    url,
+                    netns.inode(),
+                    [report, rollouts],
+                )
+                .await;
             });
         })
         .context("cannot start the fleet store's thread")?;
@@ -134,7 +147,7 @@ async fn follow(
     node: String,
     url: String,
     netns_inode: u64,
-    report: State,
+    [report, rollouts]: [State; 2],
 ) {
     let seed = match state.hash_seed() {
         Ok(s) => s,
@@ -147,6 +160,7 @@ async fn follow(
     let follower = Follower::new(store.clone(), FollowOptions::default());
     let inner = follower.status();
     tokio::spawn(forward(inner.clone(), tx, url, node.clone(), netns_inode));
+    crate::fleet_rollouts::spawn(store.clone(), node.clone(), rollouts);
     tokio::spawn(publish(store, node, inner, report));
     follower
         .run(|snapshot| {
