@@ -292,7 +292,9 @@ pub(crate) fn plan(
                 }
                 let change = if !same {
                     Change::Redefined
-                } else if old.config.weights() == config.weights() {
+                } else if old.config.weights() == config.weights()
+                    && old.config.fail_closed == config.fail_closed
+                {
                     Change::Unchanged
                 } else {
                     Change::Reweighted
@@ -451,6 +453,7 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            fail_closed: false,
         }
     }
 

@@ -106,7 +106,7 @@ impl State {
         if !self.dir.join(ROLLOUTS).exists() {
             return Ok(None);
         }
-        open_map(&self.dir, ROLLOUTS).map(Some)
+        self.open_pinned(ROLLOUTS).map(Some)
     }
 
     fn create_rollouts(&self) -> Result<RolloutsMap> {
@@ -120,6 +120,7 @@ impl State {
             what: format!("cannot pin {}", path.display()),
             error: Box::new(e),
         })?;
+        self.share_new_pin(&path)?;
         open_map(&self.dir, ROLLOUTS)
     }
 
