@@ -280,13 +280,10 @@ pub(super) fn pin_error(e: MapError, path: &Path) -> StateError {
         if let Some(refused) = super::access::refusal(&s.io_error, path, false) {
             return refused;
         }
-        match s.io_error.kind() {
-            io::ErrorKind::NotFound => {
-                return StateError::NotInstalled {
-                    dir: path.parent().unwrap_or(path).to_path_buf(),
-                };
-            }
-            _ => {}
+        if s.io_error.kind() == io::ErrorKind::NotFound {
+            return StateError::NotInstalled {
+                dir: path.parent().unwrap_or(path).to_path_buf(),
+            };
         }
     }
     map_err(format!("cannot open pinned map {}", path.display()))(e)
