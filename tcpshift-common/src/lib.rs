@@ -15,7 +15,7 @@
 //! | map | kind | key | value | who writes |
 //! |---|---|---|---|---|
 //! | `TS_GLOBAL` | array, 1 entry | `0` | [`Global`]: magic, layout version, hash seed, flags (debug events), netns cookie | loader (at install; flags by `tcpshiftd --log-level`) |
-//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, weights | userspace |
+//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, flags ([`service_flags`]: fail-closed), weights | userspace |
 //! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
 //! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
@@ -41,7 +41,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -124,6 +124,15 @@ pub mod mode {
     pub const ROUND_ROBIN: u8 = 2;
 }
 
+/// Bits of [`ServiceEntry::flags`].
+pub mod service_flags {
+    /// Fail closed: when no subset of the service has a live socket, sk_lookup refuses the
+    /// connection (`SK_DROP`: the kernel answers the SYN with a RST) instead of letting the
+    /// normal lookup run, so no other socket bound to the service's address can receive it.
+    /// Without it (the default) such a connection sees the normal lookup, as without tcpshift.
+    pub const FAIL_CLOSED: u16 = 1;
+}
+
 /// Bits of [`Global::flags`].
 pub mod global_flags {
     /// Emit aya-log debug events (subset chosen, fallback, miss, connection opened and
@@ -184,8 +193,8 @@ pub struct ServiceEntry {
     pub mode: u8,
     /// Number of subsets in use (indices `0..n_subsets`).
     pub n_subsets: u8,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// Per-service options, see [`service_flags`] (0: none).
+    pub flags: u16,
     /// Bit `i` set when subset `i` has a weight above zero (fallback order).
     pub weighted_mask: u32,
     /// Relative weight of each subset: the source of truth for weights.

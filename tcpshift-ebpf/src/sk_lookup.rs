@@ -8,7 +8,9 @@
 //!    bucket table: that is the chosen subset;
 //! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
 //!    the socket from the map), try the other subsets — weighted ones first, then any — and
-//!    count a fallback; if none is alive, count a miss and let the normal lookup run.
+//!    count a fallback; if none is alive, count a miss and let the normal lookup run — or,
+//!    for a fail-closed service (`service_flags::FAIL_CLOSED`), refuse the connection
+//!    (`SK_DROP`), so that no other socket bound to the service's address receives it.
 
 use aya_ebpf::{
     bindings::sk_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::sk_lookup,
@@ -16,18 +18,18 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode, slot,
-    table_key,
+    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode,
+    service_flags, slot, table_key,
 };
 
 use crate::maps::{AF_INET, TS_BUCKETS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
-    steer(&ctx);
-    // Whether or not a socket was assigned, let the lookup go on: with an assignment the
-    // kernel uses it, without one the normal lookup runs.
-    sk_action::SK_PASS
+    // SK_PASS whether or not a socket was assigned: with an assignment the kernel uses it,
+    // without one the normal lookup runs. SK_DROP only for a fail-closed service none of
+    // whose subsets has a live socket.
+    steer(&ctx)
 }
 
 /// Counts a connection steered to a subset, in its total and in the recent-seconds ring.
@@ -39,8 +41,9 @@ fn count_steered(c: &mut Counters) {
     c.recent[second as usize % RECENT_SECONDS].count(second);
 }
 
+/// Steers one lookup; returns the program's verdict.
 #[inline(always)]
-fn steer(ctx: &SkLookupContext) {
+fn steer(ctx: &SkLookupContext) -> u32 {
     let sk = ctx.lookup;
     // Every context field is read with a single load at a constant offset: the verifier
     // refuses loads through a context pointer the compiler has moved.
@@ -55,7 +58,7 @@ fn steer(ctx: &SkLookupContext) {
         };
     }
     if field!(protocol) != IPPROTO_TCP as u32 {
-        return;
+        return sk_action::SK_PASS;
     }
     let v4 = field!(family) == AF_INET;
     let local_port = field!(local_port);
@@ -83,7 +86,7 @@ fn steer(ctx: &SkLookupContext) {
         (local6, remote6)
     };
     let Some(entry) = lookup_service(&local, local_port as u16) else {
-        return;
+        return sk_action::SK_PASS;
     };
     let global = TS_GLOBAL.get(0);
     let seed = match global {
@@ -111,7 +114,7 @@ fn steer(ctx: &SkLookupContext) {
     let id = entry.id;
     let n_subsets = entry.n_subsets as u32;
     let Some(table) = TS_BUCKETS.get_ptr(table_key(id, entry.generation)) else {
-        return;
+        return sk_action::SK_PASS;
     };
     // SAFETY: the table pointer is valid for this run; the index is masked to its size.
     let chosen = unsafe { (*table).subset[(hash & BUCKET_MASK) as usize] } as u32;
@@ -129,7 +132,7 @@ fn steer(ctx: &SkLookupContext) {
                 hash & BUCKET_MASK
             );
         }
-        return;
+        return sk_action::SK_PASS;
     }
     // Fallback: weighted subsets first, then any subset.
     let weighted = entry.weighted_mask;
@@ -159,7 +162,7 @@ fn steer(ctx: &SkLookupContext) {
                         i
                     );
                 }
-                return;
+                return sk_action::SK_PASS;
             }
         }
     }
@@ -172,5 +175,17 @@ fn steer(ctx: &SkLookupContext) {
             local_port,
             chosen
         );
+    }
+    miss_verdict(entry.flags)
+}
+
+/// The verdict when no subset has a live socket: refuse (fail-closed service) or let the
+/// normal lookup run.
+#[inline(always)]
+fn miss_verdict(flags: u16) -> u32 {
+    if flags & service_flags::FAIL_CLOSED != 0 {
+        sk_action::SK_DROP
+    } else {
+        sk_action::SK_PASS
     }
 }

@@ -298,8 +298,10 @@ mod tests {
                     process: "legacy".into(),
                     user: "root".into(),
                 }],
+                fail_closed: false,
             }],
             warnings: vec![],
+            read_only: false,
         }
     }
 

@@ -4,7 +4,7 @@
 //! tcpshift on 127.0.0.1:31400 at 80/20), keeps a paced load of new connections plus some
 //! long-lived connections exchanging lines, and meanwhile injects one fault after another:
 //! weight changes, the loader killed or stopped and restarted, the programs replaced in place,
-//! each backend killed and restarted, malformed input. Every reply is checked byte for byte.
+//! each backend killed and restarted, v2's address hijacked by another user, malformed input. Every reply is checked byte for byte.
 //!
 //! A new connection belongs to the phase in which it started, a long-lived connection's
 //! exchange or failure to the phase in which it happened. Every record is counted in exactly
@@ -925,6 +925,64 @@ fn drive(
             )?;
         }
     }
+    // The backend's address hijacked: v2 dies and another user (uid 65534) listens on its
+    // address. The registrar refuses that socket (issue 12), so not one connection reaches
+    // it: a reply from it would be a mismatched record of this row.
+    phase(
+        "backend v2 hijacked: killed, uid 65534 listens on its address".into(),
+        progress,
+        &mut |p| {
+            let pid = ns.pid(*v2);
+            let signalled = Instant::now();
+            let held = (|| -> Result<HashSet<u16>> {
+                gate.close(scaled(Duration::from_secs(2)))?;
+                // SAFETY: plain kill(2) on our own child, not yet reaped (killed and reaped
+                // just below).
+                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } != 0 {
+                    bail!("cannot stop v2: {}", std::io::Error::last_os_error());
+                }
+                let ports = client_ports_held_by(pid, seed_addr().port(), 9001);
+                ns.kill(*v2)?;
+                ports
+            })();
+            gate.open();
+            p.kill = Some(Kill {
+                signalled,
+                reaped: Instant::now(),
+                backend: 2,
+                ports: held?,
+            });
+            let refused_before = v2_refused(ns)?;
+            let hijacker = Hijacker::start(9002)?;
+            let seen = crate::poll_until(
+                Duration::from_secs(5),
+                "the hijacker's socket refused",
+                || {
+                    let n = v2_refused(ns)?;
+                    Ok((n > refused_before).then_some(n))
+                },
+            )?;
+            // Under load for a while with the hijacker listening.
+            std::thread::sleep(opts.backend_down);
+            let status = ns.status()?;
+            if subset(&status, "v2").is_some_and(|s| s["live"] == true) {
+                p.problems
+                    .push("v2 was live while only the hijacker listened on its address".into());
+            }
+            drop(hijacker);
+            *v2 = ns.echo("127.0.0.1", 9002, "two")?;
+            crate::poll_until(Duration::from_secs(5), "v2 registered again", || {
+                let status = ns.status()?;
+                Ok(subset(&status, "v2")
+                    .is_some_and(|s| s["live"] == true)
+                    .then_some(()))
+            })?;
+            p.detail = format!(
+                "hijacker refused by the registrar (refusals {refused_before} -> {seen}); v2 registered again"
+            );
+            Ok(())
+        },
+    )?;
     phase(
         format!("{} malformed inputs", BAD_INPUTS.len()),
         progress,
@@ -958,6 +1016,45 @@ fn drive(
         },
     )?;
     Ok(())
+}
+
+/// How many sockets the registrar refused for v2 (`status --json`).
+fn v2_refused(ns: &TestNs) -> Result<u64> {
+    let status = ns.status()?;
+    Ok(subset(&status, "v2").map_or(0, |s| s["owner"]["refused"].as_u64().unwrap_or(0)))
+}
+
+/// `tcp-echo` as uid 65534 on `127.0.0.1:PORT`, replying "evil" (killed on drop).
+struct Hijacker(std::process::Child);
+
+impl Hijacker {
+    fn start(port: u16) -> Result<Self> {
+        let mut child = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(crate::bin_dir().join("tcp-echo"))
+            .args(["--bind", "127.0.0.1", &port.to_string(), "evil"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run setpriv (util-linux)")?;
+        let stdout = child.stdout.take().context("tcp-echo stdout")?;
+        let me = Self(child);
+        let mut lines = BufReader::new(stdout).lines();
+        if !lines
+            .by_ref()
+            .any(|l| l.is_ok_and(|l| l.contains("listening on")))
+        {
+            bail!("tcp-echo as uid 65534 on port {port} did not start");
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(me)
+    }
+}
+
+impl Drop for Hijacker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A malformed input: what it is, tcpshiftctl's arguments, and the content of a file

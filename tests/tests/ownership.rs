@@ -7,6 +7,7 @@
 //! while the legitimate server, started again, is registered at once.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -383,4 +384,96 @@ fn a_cgroup_rule_registers_only_sockets_held_in_that_cgroup() -> Result<()> {
     })();
     drop(cgroup);
     result
+}
+
+/// Connects `n` times to `addr`: how many were refused, and the reply prefixes of the others.
+fn attempts(addr: std::net::SocketAddr, n: usize) -> Result<(usize, BTreeMap<String, usize>)> {
+    let mut refused = 0;
+    let mut answered = BTreeMap::new();
+    for i in 0..n {
+        match std::net::TcpStream::connect_timeout(&addr, scaled(Duration::from_secs(5))) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => bail!("connection {i} to {addr}: {e}"),
+            Ok(stream) => {
+                drop(stream);
+                let prefix = tcpshift_tests::exchange(addr, &format!("hello {i}"))?;
+                *answered.entry(prefix).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok((refused, answered))
+}
+
+/// Sum of a counter over the service's subsets.
+fn total(status: &Value, field: &str) -> u64 {
+    tcpshift_tests::subsets(status)
+        .map(|s| s["counters"][field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+const FAIL_CLOSED: &str = "services:\n  tcp-echo:\n    listen: 31400\n    subsets:\n      v1: 127.0.0.1:9001\n      v2: 127.0.0.1:9002\n    weights: {v1: 50, v2: 50}\n    failClosed: true\n";
+
+#[test]
+fn fail_closed_refuses_while_no_subset_is_live_and_steers_again_once_one_is() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    let v1 = ns.echo("127.0.0.1", 9001, "one")?;
+    let v2 = ns.echo("127.0.0.1", 9002, "two")?;
+    ns.loader_with(FAIL_CLOSED, &[])?;
+    let status = ns.status()?;
+    assert_eq!(status["services"][0]["fail_closed"], true, "{status:#}");
+    let yaml = ns.ctl_ok(&["get", "services", "-o", "yaml"])?;
+    assert!(yaml.contains("failClosed: true"), "{yaml}");
+    let table = ns.ctl_ok(&["status"])?;
+    assert!(table.contains("note: tcp-echo fails closed"), "{table}");
+
+    // Both backends die; an unprivileged process binds the service's own address.
+    ns.kill(v1)?;
+    ns.kill(v2)?;
+    poll_until(Duration::from_secs(5), "no subset live", || {
+        let s = ns.status()?;
+        Ok(tcpshift_tests::subsets(&s)
+            .all(|x| x["live"] == false)
+            .then_some(()))
+    })?;
+    let misses_before = total(&ns.status()?, "misses");
+    let rogue = Foreign::echo(HIJACKER_UID, seed_addr().port(), "rogue")?;
+    let (refused, answered) = attempts(seed_addr(), 50)?;
+    assert_eq!(refused, 50, "answered: {answered:?}");
+    assert!(answered.is_empty(), "{answered:?}");
+    assert_eq!(total(&ns.status()?, "misses") - misses_before, 50);
+    let table = ns.ctl_ok(&["status"])?;
+    assert!(table.contains("no subset is live now"), "{table}");
+
+    // v2 is back: steered again as soon as its socket is registered, none to the rogue.
+    let v2 = ns.echo("127.0.0.1", 9002, "two")?;
+    poll_until(Duration::from_secs(5), "v2 live again", || {
+        Ok((v2_live(&ns)?).then_some(()))
+    })?;
+    let counts = count_prefixes(seed_addr(), 50)?;
+    assert_eq!(counts.get("two"), Some(&50), "{counts:?}");
+
+    // The same outage without failClosed (today's pass-through): the rogue gets them. This is
+    // what the flag prevents.
+    let passing = FAIL_CLOSED.replace("failClosed: true", "failClosed: false");
+    let path = ns.file("pass-through.yaml");
+    std::fs::write(&path, passing)?;
+    let out = ns.ctl_ok(&["apply", "-f", path.to_str().context("path")?])?;
+    assert!(out.contains("service/tcp-echo"), "{out}");
+    assert_eq!(ns.status()?["services"][0]["fail_closed"], false);
+    ns.kill(v2)?;
+    poll_until(Duration::from_secs(5), "v2 not live", || {
+        Ok((!v2_live(&ns)?).then_some(()))
+    })?;
+    let (refused, answered) = attempts(seed_addr(), 20)?;
+    assert_eq!(refused, 0, "{answered:?}");
+    assert_eq!(answered.get("rogue"), Some(&20), "{answered:?}");
+    drop(rogue);
+    Ok(())
+}
+
+fn v2_live(ns: &TestNs) -> Result<bool> {
+    Ok(v2(&ns.status()?)?["live"] == true)
 }

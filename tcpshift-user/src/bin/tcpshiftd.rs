@@ -36,7 +36,7 @@ use tcpshift::{
     config::Config,
     model::Weights,
     netns::Netns,
-    state::{Installed, State},
+    state::{DEFAULT_READ_GROUP, Installed, ReadGroup, State},
     store::StoreArgs,
 };
 use tracing::{error, info, warn};
@@ -110,6 +110,13 @@ struct Args {
     /// kernel meanwhile.
     #[arg(long)]
     takeover: bool,
+    /// Group whose members may read the pinned state without root (`tcpshiftctl status`,
+    /// `top`, `metrics`, `get`; every change still needs root): the namespace's state
+    /// directory becomes 0750 and its maps 0640 with that group. Default `tcpshift` when
+    /// that group exists (the package creates it); without it the state stays root-only. A
+    /// group named here must exist.
+    #[arg(long, value_name = "GROUP")]
+    read_group: Option<String>,
 
     #[command(flatten)]
     store: StoreArgs,
@@ -196,7 +203,9 @@ fn run(args: Args) -> Result<()> {
         Some(addr) => Some(http::bind(addr)?),
         None => None,
     };
+    let read_group = read_group(args.read_group.as_deref())?;
     let (mut state, installed) = State::install(&netns, EBPF_OBJECT)?;
+    share_read_only(&state, read_group.as_ref())?;
     let policy = match installed {
         Installed::Created => Weights::FromConfig,
         Installed::Adopted => {
@@ -287,4 +296,41 @@ async fn forward_kernel_events(logger: aya_log::EbpfLogger<&'static dyn log::Log
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
+}
+
+/// The read group: the one named by `--read-group` (which must exist), or `tcpshift` when it
+/// exists.
+fn read_group(named: Option<&str>) -> Result<Option<ReadGroup>> {
+    let name = named.unwrap_or(DEFAULT_READ_GROUP);
+    let group = ReadGroup::lookup(name)
+        .with_context(|| format!("cannot look up the group {name:?} (--read-group)"))?;
+    match (group, named) {
+        (Some(g), _) => Ok(Some(g)),
+        (None, Some(_)) => anyhow::bail!(
+            "--read-group {name}: no such group; create it (groupadd --system {name}) or name an existing one"
+        ),
+        (None, None) => {
+            info!(
+                "no group {DEFAULT_READ_GROUP:?}: the pinned state stays root-only (create the group, or name another with --read-group, to let its members run tcpshiftctl status, top, metrics and get)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Gives the read group, if any, read access to the pinned state.
+fn share_read_only(state: &State, group: Option<&ReadGroup>) -> Result<()> {
+    let Some(group) = group else {
+        return Ok(());
+    };
+    let changed = state
+        .share_read_only(group)
+        .with_context(|| format!("cannot give group {} read access to the state", group.name))?;
+    info!(
+        group = %group.name,
+        dir = %state.dir().display(),
+        changed = changed.len(),
+        "members of the read group may read the pinned state (status, top, metrics, get); changes need root"
+    );
+    Ok(())
 }

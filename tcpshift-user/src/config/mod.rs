@@ -113,7 +113,7 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `failClosed`"
 )]
 struct RawService {
     listen: Listen,
@@ -123,6 +123,9 @@ struct RawService {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    /// `failClosed: true`: refuse the service's connections while no subset is live.
+    #[serde(default, rename = "failClosed")]
+    fail_closed: bool,
 }
 
 impl EntryKind for RawService {
@@ -151,6 +154,7 @@ impl RawConfig {
                 listen: raw.listen,
                 subsets,
                 take_over: raw.take_over,
+                fail_closed: raw.fail_closed,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -238,6 +242,7 @@ mod tests {
                         },
                     ],
                     take_over: false,
+                    fail_closed: false,
                 }],
             }
         );

@@ -39,6 +39,9 @@ pub fn services_document(views: &[ServiceView]) -> Value {
         }
         svc.insert("subsets".into(), Value::Mapping(subsets));
         svc.insert("weights".into(), Value::Mapping(weights));
+        if v.config.fail_closed {
+            svc.insert("failClosed".into(), true.into());
+        }
         services.insert(v.config.name.clone().into(), Value::Mapping(svc));
     }
     let mut doc = Mapping::new();

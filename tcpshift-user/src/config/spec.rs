@@ -31,6 +31,9 @@ pub struct ServiceSpec {
     /// `takeOver: true`: the service may take over a listen address another server listens on
     /// (see [`crate::model::ServiceConfig::take_over`]).
     pub take_over: bool,
+    /// `failClosed`, when the document says (see [`crate::model::ServiceConfig::fail_closed`]);
+    /// left out, an existing service keeps the kernel's setting and a new one passes through.
+    pub fail_closed: Option<bool>,
 }
 
 impl ServiceSpec {
@@ -52,7 +55,7 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `failClosed`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -63,6 +66,9 @@ struct RawSpec {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    /// `failClosed: true|false`: refuse the service's connections while no subset is live.
+    #[serde(default, rename = "failClosed")]
+    fail_closed: Option<bool>,
 }
 
 impl EntryKind for RawSpec {
@@ -100,6 +106,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             subsets,
             weights_given,
             take_over: raw.take_over,
+            fail_closed: raw.fail_closed,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

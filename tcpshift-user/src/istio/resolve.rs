@@ -925,6 +925,10 @@ fn plan_service(
             listen,
             subsets,
             take_over: spec.is_some_and(|(_, s)| s.take_over),
+            fail_closed: spec
+                .and_then(|(_, s)| s.fail_closed)
+                .or(old.map(|o| o.config.fail_closed))
+                .unwrap_or(false),
         },
         route: route.map(|r| r.info.clone()),
     })

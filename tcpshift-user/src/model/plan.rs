@@ -38,10 +38,18 @@ impl Change {
         match old {
             None => Change::Created,
             Some(old) if !same_definition(old, new) => Change::Redefined,
-            Some(old) if old.weights() == new.weights() => Change::Unchanged,
+            Some(old) if old.weights() == new.weights() && same_settings(old, new) => {
+                Change::Unchanged
+            }
             Some(_) => Change::Reweighted,
         }
     }
+}
+
+/// Whether two definitions carry the same per-service settings the data path reads from the
+/// service's entry (rewritten in place, like weights, when they differ).
+fn same_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.fail_closed == b.fail_closed
 }
 
 /// Whether two definitions of a service are the same in the kernel: the same listen key

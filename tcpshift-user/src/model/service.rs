@@ -32,6 +32,11 @@ pub struct ServiceConfig {
     /// its subsets) already listens (`takeOver: true`). Only checked when the service is
     /// created or its listen address changes; not stored in the kernel (read back as `false`).
     pub take_over: bool,
+    /// Whether the service fails closed (`failClosed: true`): while no subset has a live
+    /// socket its new connections are refused by tcpshift (`SK_DROP`) instead of seeing the
+    /// normal lookup, where another socket bound to the listen address could take them.
+    /// Stored in the kernel (`ServiceEntry::flags`).
+    pub fail_closed: bool,
 }
 
 /// One subset (version) of a service.

@@ -3,9 +3,11 @@
 //! - [`status`]: the `status` table and the `top` screen, from a [`crate::state::Status`];
 //! - [`services`]: `get services`, `get virtualservice` and the result of `apply`.
 
+mod fail_closed;
 mod services;
 mod status;
 
+pub use fail_closed::{fail_closed_notes, fail_closed_view_notes};
 pub use services::{applied, change_word, services_table, virtual_services_table};
 pub use status::{status_table, top_frame};
 

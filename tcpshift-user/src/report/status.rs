@@ -65,7 +65,10 @@ pub fn status_table(status: &Status) -> String {
             );
         }
     }
-    if status.accounting_program_id.is_none() {
+    out.push_str(&crate::report::fail_closed_notes(status));
+    if status.read_only {
+        out.push_str("note: read-only view (not root): program ids are not shown\n");
+    } else if status.accounting_program_id.is_none() {
         out.push_str(
             "note: connection accounting is off (no cgroup2 mount when tcpshift was installed): OPENED, ACTIVE, CLOSED and bytes stay 0\n",
         );
@@ -283,8 +286,10 @@ mod tests {
                 mode: "hash",
                 subsets: vec![subset("v1", 80, 80.0, v1), subset("v2", 20, 20.0, v2)],
                 shadows: vec![],
+                fail_closed: false,
             }],
             warnings: vec![],
+            read_only: false,
         }
     }
 

@@ -231,6 +231,7 @@ impl State {
                 generation(step.id),
                 step.n_subsets() as u8,
                 &step.config.weights(),
+                step.config.fail_closed,
             );
             let key = service_key(&step.config.listen);
             let services = &mut self.maps.services;

@@ -6,14 +6,20 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, MapData, MapError};
 use tcpshift_common::{
     IPPROTO_TCP, MAX_SUBSETS, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta,
-    mode,
+    mode, service_flags,
 };
 
 use crate::model::{Listen, ServiceConfig};
 
 use super::error::*;
 
-pub(super) fn new_entry(id: u32, generation: u32, n_subsets: u8, ws: &[u32]) -> ServiceEntry {
+pub(super) fn new_entry(
+    id: u32,
+    generation: u32,
+    n_subsets: u8,
+    ws: &[u32],
+    fail_closed: bool,
+) -> ServiceEntry {
     let mut weights = [0u32; MAX_SUBSETS];
     let mut weighted_mask = 0;
     for (i, w) in ws.iter().enumerate().take(MAX_SUBSETS) {
@@ -27,7 +33,11 @@ pub(super) fn new_entry(id: u32, generation: u32, n_subsets: u8, ws: &[u32]) -> 
         generation,
         mode: mode::HASH_CONNECTION,
         n_subsets,
-        _pad: 0,
+        flags: if fail_closed {
+            service_flags::FAIL_CLOSED
+        } else {
+            0
+        },
         weighted_mask,
         weights,
     }

@@ -33,13 +33,35 @@ pub enum StateError {
         /// The state directory.
         dir: PathBuf,
     },
-    /// Not allowed to reach the state.
+    /// Not allowed to change the state (or to reach it at all).
     #[error(
-        "permission denied on {path}: tcpshift's state is root-only; run this command as root (it needs CAP_BPF and CAP_SYS_ADMIN)"
+        "permission denied on {path}: changing tcpshift's state needs root (CAP_BPF/CAP_SYS_ADMIN); {}",
+        read_group_text(group)
     )]
     Permission {
         /// What could not be accessed.
         path: PathBuf,
+        /// The read group of that state, when it has one the caller can see.
+        group: Option<String>,
+    },
+    /// Not allowed to read the state.
+    #[error(
+        "permission denied on {path}: reading tcpshift's state needs root or membership of its read group (tcpshiftd --read-group, default `tcpshift`: members can run status, top, metrics and get); run this command as root or ask to be added to that group"
+    )]
+    ReadPermission {
+        /// What could not be read.
+        path: PathBuf,
+    },
+    /// The kernel refused `bpf()` to a caller without CAP_BPF.
+    #[error(
+        "the kernel refused the bpf() system call on {path} (EPERM): {}; run this command as root",
+        super::access::sysctl_text(sysctl)
+    )]
+    BpfRefused {
+        /// What was being opened.
+        path: PathBuf,
+        /// The value of `kernel.unprivileged_bpf_disabled`, if readable.
+        sysctl: Option<u32>,
     },
     /// The pinned state was made by a tcpshift with another layout.
     #[error(
@@ -184,6 +206,14 @@ pub enum StateError {
     },
 }
 
+/// What a permission error says about reading.
+fn read_group_text(group: &Option<String>) -> String {
+    match group {
+        Some(g) => format!("members of group {g} can only read (status, top, metrics, get)"),
+        None => "run this command as root (members of tcpshift's read group, see tcpshiftd --read-group, can only read: status, top, metrics, get)".into(),
+    }
+}
+
 /// The listeners' descriptions, comma-separated.
 fn shadowed_list(listeners: &[ShadowedListener]) -> String {
     listeners
@@ -233,12 +263,9 @@ pub(super) fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> State
 
 pub(super) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
     let path = path.to_path_buf();
-    move |error| {
-        if is_unprivileged(&error) {
-            StateError::Permission { path }
-        } else {
-            StateError::Io { what, path, error }
-        }
+    move |error| match super::access::refusal(&error, &path, false) {
+        Some(refused) => refused,
+        None => StateError::Io { what, path, error },
     }
 }
 
@@ -250,18 +277,13 @@ pub(super) fn is_unprivileged(e: &io::Error) -> bool {
 
 pub(super) fn pin_error(e: MapError, path: &Path) -> StateError {
     if let MapError::SyscallError(s) = &e {
-        match s.io_error.kind() {
-            io::ErrorKind::PermissionDenied if is_unprivileged(&s.io_error) => {
-                return StateError::Permission {
-                    path: path.to_path_buf(),
-                };
-            }
-            io::ErrorKind::NotFound => {
-                return StateError::NotInstalled {
-                    dir: path.parent().unwrap_or(path).to_path_buf(),
-                };
-            }
-            _ => {}
+        if let Some(refused) = super::access::refusal(&s.io_error, path, false) {
+            return refused;
+        }
+        if s.io_error.kind() == io::ErrorKind::NotFound {
+            return StateError::NotInstalled {
+                dir: path.parent().unwrap_or(path).to_path_buf(),
+            };
         }
     }
     map_err(format!("cannot open pinned map {}", path.display()))(e)

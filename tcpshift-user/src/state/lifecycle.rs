@@ -86,7 +86,9 @@ impl State {
         }
         let base = Path::new(BASE_DIR);
         fs::create_dir_all(base).map_err(io_err("cannot create", base))?;
-        fs::set_permissions(base, fs::Permissions::from_mode(0o700))
+        // Others may pass through (not list) to a namespace's directory, whose own mode
+        // decides: 0700, or 0750 with a read group (`State::share_read_only`).
+        fs::set_permissions(base, fs::Permissions::from_mode(0o711))
             .map_err(io_err("cannot set permissions of", base))?;
         let dir = state_dir(netns);
         {

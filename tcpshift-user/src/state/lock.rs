@@ -38,6 +38,13 @@ impl Lock {
 impl State {
     /// Locks this namespace's state against concurrent changes.
     pub(super) fn lock(&self) -> Result<Lock> {
+        if self.read_only {
+            // Opened for reading (`State::open_read_only`): no change may start.
+            return Err(StateError::Permission {
+                path: self.dir.clone(),
+                group: super::access::read_group_of(&self.dir),
+            });
+        }
         Lock::on(&self.dir)
     }
 }

@@ -39,7 +39,10 @@
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
 //! - `encode.rs`: domain types to kernel records and back (`ServiceMeta`, `ServiceEntry`,
 //!   [`service_key`], names, annotations);
-//! - `sys.rs`: the only raw `bpf()` calls (pinned links, program info, link update);
+//! - `sys.rs`: the only raw `bpf()` calls (read-only maps, pinned links, program info, link
+//!   update);
+//! - `access.rs`: the read-only group ([`ReadGroup`], [`State::share_read_only`]) and the
+//!   permission errors;
 //! - `failpoints.rs` (feature `failpoints`, tests only): injected map-write failures.
 
 use std::{
@@ -60,6 +63,7 @@ use crate::{
     netns::Netns,
 };
 
+mod access;
 mod commit;
 mod encode;
 mod error;
@@ -86,6 +90,7 @@ mod failpoints {
     }
 }
 
+pub use access::{DEFAULT_READ_GROUP, ReadGroup};
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
@@ -128,8 +133,17 @@ struct Maps {
 }
 
 fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
+    open_map_as(dir, name, false)
+}
+
+/// Opens the pinned map `name` of `dir`, read-only when `read_only` (`BPF_F_RDONLY`).
+fn open_map_as<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &str,
+    read_only: bool,
+) -> Result<T> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| pin_error(e, &path))?;
+    let data = open_map_data(&path, read_only)?;
     let map = Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))?;
     T::try_from(map).map_err(|_| StateError::Layout {
         dir: dir.to_path_buf(),
@@ -138,10 +152,37 @@ fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result
     })
 }
 
+/// The pinned map at `path`: read-write (aya's `from_pin`), or read-only through
+/// `BPF_OBJ_GET` with `BPF_F_RDONLY` (`sys.rs`), which a member of the read group may do.
+fn open_map_data(path: &Path, read_only: bool) -> Result<MapData> {
+    if !read_only {
+        return MapData::from_pin(path).map_err(|e| pin_error(e, path));
+    }
+    let fd = obj_get_read_only(path).map_err(|e| {
+        if let Some(refused) = access::refusal(&e, path, true) {
+            refused
+        } else if e.kind() == io::ErrorKind::NotFound {
+            StateError::NotInstalled {
+                dir: path.parent().unwrap_or(path).to_path_buf(),
+            }
+        } else {
+            StateError::Io {
+                what: "cannot open pinned map",
+                path: path.to_path_buf(),
+                error: e,
+            }
+        }
+    })?;
+    MapData::from_fd(fd).map_err(map_err(format!(
+        "cannot open pinned map {}",
+        path.display()
+    )))
+}
+
 /// Opens `TS_SOCKTAG` as an untyped map (checked to be socket storage).
-fn open_socktag(dir: &Path) -> Result<Map> {
+fn open_socktag(dir: &Path, read_only: bool) -> Result<Map> {
     let path = dir.join(map_names::SOCKTAG);
-    let data = MapData::from_pin(&path).map_err(|e| pin_error(e, &path))?;
+    let data = open_map_data(&path, read_only)?;
     match Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))? {
         m @ Map::SkStorage(_) => Ok(m),
         _ => Err(StateError::Layout {
@@ -157,6 +198,9 @@ pub struct State {
     dir: PathBuf,
     netns_inode: u64,
     maps: Maps,
+    /// Opened with [`State::open_read_only`]: every map fd is read-only and changes are
+    /// refused before they start.
+    read_only: bool,
 }
 
 impl State {
@@ -180,8 +224,48 @@ impl State {
         Self::open_dir(dir, netns)
     }
 
+    /// Opens the existing state of `netns` for reading only (`status`, `top`, `metrics`,
+    /// `get`): every map is opened with `BPF_F_RDONLY`, which needs only read permission on
+    /// the pinned files, so members of the read group can (see [`ReadGroup`]). Every change
+    /// through the returned state is refused.
+    pub fn open_read_only(netns: &Netns) -> Result<Self> {
+        let dir = state_dir(netns);
+        match fs::metadata(&dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::NotInstalled { dir });
+            }
+            Err(e) => {
+                return Err(
+                    access::refusal(&e, &dir, true).unwrap_or_else(|| StateError::Io {
+                        what: "cannot read",
+                        path: dir.clone(),
+                        error: e,
+                    }),
+                );
+            }
+        }
+        // The link opens only read-write: a reader that may not cannot tell a stale state
+        // (its namespace gone) from a live one, and shows it as it is.
+        if let Ok(ino) = link_netns(&dir.join(LINK))
+            && u64::from(ino) != netns.inode()
+        {
+            return Err(StateError::Stale { dir });
+        }
+        Self::open_dir_as(dir, netns, true)
+    }
+
+    /// Whether this state was opened read-only ([`State::open_read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn open_dir(dir: PathBuf, netns: &Netns) -> Result<Self> {
-        let global: Array<MapData, Global> = open_map(&dir, map_names::GLOBAL)?;
+        Self::open_dir_as(dir, netns, false)
+    }
+
+    fn open_dir_as(dir: PathBuf, netns: &Netns, read_only: bool) -> Result<Self> {
+        let global: Array<MapData, Global> = open_map_as(&dir, map_names::GLOBAL, read_only)?;
         let g = global
             .get(&0, 0)
             .map_err(map_err("cannot read the global settings"))?;
@@ -194,19 +278,26 @@ impl State {
         }
         let maps = Maps {
             global,
-            services: open_map(&dir, map_names::SERVICES)?,
-            buckets: open_map(&dir, map_names::BUCKETS)?,
-            sockets: open_map(&dir, map_names::SOCKETS)?,
-            counters: open_map(&dir, map_names::COUNTERS)?,
-            meta: open_map(&dir, map_names::META)?,
-            socktag: open_socktag(&dir)?,
+            services: open_map_as(&dir, map_names::SERVICES, read_only)?,
+            buckets: open_map_as(&dir, map_names::BUCKETS, read_only)?,
+            sockets: open_map_as(&dir, map_names::SOCKETS, read_only)?,
+            counters: open_map_as(&dir, map_names::COUNTERS, read_only)?,
+            meta: open_map_as(&dir, map_names::META, read_only)?,
+            socktag: open_socktag(&dir, read_only)?,
         };
-        debug!(dir = %dir.display(), "opened pinned state");
+        debug!(dir = %dir.display(), read_only, "opened pinned state");
         Ok(Self {
             dir,
             netns_inode: netns.inode(),
             maps,
+            read_only,
         })
+    }
+
+    /// Opens a map of this state created on first use (`TS_ROUTES`, `TS_OWNERS`,
+    /// `TS_ROLLOUTS`), read-only when the state is.
+    fn open_pinned<T: TryFrom<Map, Error = MapError>>(&self, name: &str) -> Result<T> {
+        open_map_as(&self.dir, name, self.read_only)
     }
 
     /// The state directory.
@@ -333,6 +424,7 @@ impl State {
                     listen: listen_of(meta),
                     subsets,
                     take_over: false,
+                    fail_closed: entry.flags & tcpshift_common::service_flags::FAIL_CLOSED != 0,
                 },
                 live: (0..n as u32)
                     .map(|i| live.contains(&slot(*id, i)))
@@ -353,7 +445,7 @@ impl State {
         if !path.exists() {
             return Ok(None);
         }
-        open_map(&self.dir, ROUTES).map(Some)
+        self.open_pinned(ROUTES).map(Some)
     }
 
     /// Creates and pins `TS_ROUTES` (a userspace-only map, created on first use: states
@@ -366,6 +458,7 @@ impl State {
             what: format!("cannot pin {}", path.display()),
             error: Box::new(e),
         })?;
+        self.share_new_pin(&path)?;
         open_map(&self.dir, ROUTES)
     }
 }

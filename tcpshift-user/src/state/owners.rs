@@ -288,7 +288,7 @@ impl State {
         if !self.dir.join(OWNERS).exists() {
             return Ok(None);
         }
-        open_map(&self.dir, OWNERS).map(Some)
+        self.open_pinned(OWNERS).map(Some)
     }
 
     /// `TS_OWNERS`, created and pinned if absent.
@@ -303,6 +303,7 @@ impl State {
             what: format!("cannot pin {}", path.display()),
             error: Box::new(e),
         })?;
+        self.share_new_pin(&path)?;
         open_map(&self.dir, OWNERS)
     }
 

@@ -447,6 +447,7 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            fail_closed: false,
         }
     }
 

@@ -119,7 +119,7 @@ impl State {
         if !self.dir.join(ROLLOUTS).exists() {
             return Ok(None);
         }
-        open_map(&self.dir, ROLLOUTS).map(Some)
+        self.open_pinned(ROLLOUTS).map(Some)
     }
 
     fn create_rollouts(&self) -> Result<RolloutsMap> {
@@ -133,6 +133,7 @@ impl State {
             what: format!("cannot pin {}", path.display()),
             error: Box::new(e),
         })?;
+        self.share_new_pin(&path)?;
         open_map(&self.dir, ROLLOUTS)
     }
 

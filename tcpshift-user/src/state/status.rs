@@ -5,7 +5,9 @@ use std::{collections::HashMap as StdHashMap, net::SocketAddr, os::fd::AsFd, pat
 
 use aya::maps::{Map, MapError, PerCpuValues};
 use serde::Serialize;
-use tcpshift_common::{Counters, MAX_SUBSETS, SRTT_BUCKETS, global_flags, mode, slot, tag};
+use tcpshift_common::{
+    Counters, MAX_SUBSETS, SRTT_BUCKETS, global_flags, mode, service_flags, slot, tag,
+};
 
 use crate::{
     discovery::ShadowedListener,
@@ -103,6 +105,9 @@ pub struct ServiceStatus {
     /// Listeners on its listen address that are not its subsets (their new connections go to
     /// the subsets), read from `/proc` when the status is taken.
     pub shadows: Vec<ShadowedListener>,
+    /// Whether the service fails closed: while no subset has a live socket, its new
+    /// connections are refused (counted in `misses`) instead of seeing the normal lookup.
+    pub fail_closed: bool,
 }
 
 /// The whole namespace as shown by `status`.
@@ -124,6 +129,9 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Problems that make some numbers incomplete (e.g. open connections' bytes unavailable).
     pub warnings: Vec<String>,
+    /// Read without root by a member of the read group (`State::open_read_only`): the pinned
+    /// links open only read-write, so the program ids are unknown (`None`), not absent.
+    pub read_only: bool,
 }
 
 impl State {
@@ -192,9 +200,15 @@ impl State {
             let open = match sockdiag::tagged_connections(data.fd().as_fd(), map_id) {
                 Ok(open) => open,
                 Err(e) => {
-                    let warning = format!(
-                        "bytes of open connections unavailable (sock_diag: {e}); only closed connections' bytes are counted"
-                    );
+                    let warning = if self.read_only {
+                        format!(
+                            "bytes of open connections need root (sock_diag of socket storage needs CAP_BPF: {e}); only closed connections' bytes are counted"
+                        )
+                    } else {
+                        format!(
+                            "bytes of open connections unavailable (sock_diag: {e}); only closed connections' bytes are counted"
+                        )
+                    };
                     return Ok((before, vec![warning]));
                 }
             };
@@ -275,6 +289,7 @@ impl State {
                     })
                     .collect(),
                 take_over: false,
+                fail_closed: entry.flags & service_flags::FAIL_CLOSED != 0,
             });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
@@ -287,6 +302,7 @@ impl State {
                 },
                 subsets,
                 shadows: Vec::new(),
+                fail_closed: entry.flags & service_flags::FAIL_CLOSED != 0,
             });
         }
         let mut warnings = warnings;
@@ -300,10 +316,11 @@ impl State {
                 "which listeners the services shadow is unknown: {e}"
             )),
         }
+        let program_id = link_program(&self.dir.join(LINK)).ok();
         Ok(Status {
             netns_inode: self.netns_inode,
             state_dir: self.dir.clone(),
-            program_id: link_program(&self.dir.join(LINK)).ok(),
+            program_id,
             accounting_program_id: link_program(&self.dir.join(SOCKOPS_LINK)).ok(),
             observed_window_secs: OBSERVED_WINDOW_SECS,
             debug_events: self
@@ -316,6 +333,7 @@ impl State {
                 != 0,
             services,
             warnings,
+            read_only: self.read_only && program_id.is_none(),
         })
     }
 }

@@ -1,5 +1,5 @@
 //! The only place that calls `bpf()` directly, for what aya does not offer: opening a pinned
-//! link, reading link and program info, opening a program by id and replacing a link's
+//! map read-only or a pinned link, reading link and program info, opening a program by id and replacing a link's
 //! program in place.
 //!
 //! Every command's attribute is a `#[repr(C)]` struct laid out as its member of the kernel's
@@ -20,6 +20,9 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_OBJ_GET` file flag: the fd may look up, not update (read permission on the pinned
+/// file is enough).
+const BPF_F_RDONLY: u32 = 1 << 3;
 /// `BPF_LINK_UPDATE` flag: replace only if the link still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 4;
 
@@ -125,10 +128,21 @@ fn owned_fd(fd: libc::c_long) -> io::Result<OwnedFd> {
 
 /// Opens the pinned BPF object at `path` (`BPF_OBJ_GET`).
 pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, 0)
+}
+
+/// Opens the pinned map at `path` read-only (`BPF_OBJ_GET` with `BPF_F_RDONLY`): the kernel
+/// checks only read permission on the pinned file, and the fd cannot update the map.
+pub(super) fn obj_get_read_only(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, BPF_F_RDONLY)
+}
+
+fn obj_get_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
+        file_flags,
         ..Default::default()
     };
     // SAFETY: ObjGetAttr is BPF_OBJ_GET's layout; `pathname` points to `c`, NUL-terminated

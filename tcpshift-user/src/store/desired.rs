@@ -317,6 +317,7 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            fail_closed: false,
         }
     }
 

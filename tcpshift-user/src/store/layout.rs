@@ -199,6 +199,7 @@ impl ServiceRecord {
                 // A take-over is a local decision, checked when a node applies: the fleet's
                 // desired state does not carry it.
                 take_over: false,
+                fail_closed: false,
             },
             self.annotation.clone(),
         ))
@@ -246,6 +247,7 @@ mod tests {
                 },
             ],
             take_over: false,
+            fail_closed: false,
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();

@@ -59,7 +59,7 @@ pub fn run(netns: &Netns, args: GetArgs) -> Result<()> {
     if args.kind == GetKind::Nodes {
         bail!("`get nodes` lists the nodes of a fleet store: add --store URL");
     }
-    let state = State::open(netns)?;
+    let state = State::open_read_only(netns)?;
     show(state.services()?, &args)
 }
 
@@ -76,7 +76,11 @@ pub fn show(views: Vec<ServiceView>, args: &GetArgs) -> Result<()> {
                 None => views,
             };
             match args.output {
-                Format::Table => print!("{}", report::services_table(&views)),
+                Format::Table => print!(
+                    "{}{}",
+                    report::services_table(&views),
+                    report::fail_closed_view_notes(&views)
+                ),
                 Format::Yaml => print!(
                     "{}",
                     serde_yaml::to_string(&istio::services_document(&views))?

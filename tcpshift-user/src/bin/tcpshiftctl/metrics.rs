@@ -6,7 +6,7 @@ use tcpshift::{metrics, netns::Netns, state::State};
 
 /// `tcpshiftctl metrics`.
 pub fn run(netns: &Netns) -> Result<()> {
-    let status = State::open(netns)?.status()?;
+    let status = State::open_read_only(netns)?.status()?;
     print!("{}", metrics::render(&status)?);
     Ok(())
 }

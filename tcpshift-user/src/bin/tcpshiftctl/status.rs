@@ -5,7 +5,7 @@ use tcpshift::{netns::Netns, report, state::State};
 
 /// `tcpshiftctl status [--json]`.
 pub fn run(netns: &Netns, json: bool) -> Result<()> {
-    let status = State::open(netns)?.status()?;
+    let status = State::open_read_only(netns)?.status()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

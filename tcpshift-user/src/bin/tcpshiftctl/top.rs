@@ -129,7 +129,7 @@ pub fn run(netns: &Netns, interval: f64, iterations: Option<u64>) -> Result<()> 
         anyhow::bail!("--interval {interval}: give a number of seconds in 0.1..=3600");
     }
     let interval = Duration::from_secs_f64(interval);
-    let state = State::open(netns)?;
+    let state = State::open_read_only(netns)?;
     let screen = std::io::stdout().is_terminal();
     let keys = std::io::stdin().is_terminal() && iterations != Some(1);
     catch_signals()?;

@@ -88,9 +88,11 @@ fn desired(svc: &ServiceConfig, last: &Config, current: &[ServiceView]) -> Servi
         .is_some_and(|l| weights(l) == weights(svc));
     let kernel = current.iter().find(|v| v.config.name == svc.name);
     match kernel {
-        Some(view) if weights_unchanged && same_definition(&view.config, svc) => {
-            view.config.clone()
-        }
+        Some(view) if weights_unchanged && same_definition(&view.config, svc) => ServiceConfig {
+            // The file decides whether the service fails closed.
+            fail_closed: svc.fail_closed,
+            ..view.config.clone()
+        },
         _ => svc.clone(),
     }
 }
