@@ -27,6 +27,7 @@
 //! Reading, documents, locations, weights, ports and the error type come from
 //! [`crate::yaml`].
 
+mod balance;
 mod fields;
 pub mod render;
 pub mod spec;
@@ -113,7 +114,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
+                 `affinity` and `balance`"
 )]
 struct RawService {
     listen: Listen,
@@ -123,6 +125,12 @@ struct RawService {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    /// `affinity: source-ip`: every connection of a client to one subset.
+    #[serde(default)]
+    affinity: Option<balance::Affinity>,
+    /// `balance: round-robin`: exact weighted round-robin.
+    #[serde(default)]
+    balance: Option<balance::BalanceKey>,
 }
 
 impl EntryKind for RawService {
@@ -146,11 +154,13 @@ impl RawConfig {
                 .claim(&raw.listen, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
+            let balance = balance::balance_of(file, &path, raw.affinity, raw.balance)?;
             services.push(ServiceConfig {
                 name,
                 listen: raw.listen,
                 subsets,
                 take_over: raw.take_over,
+                balance: balance.unwrap_or_default(),
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -238,6 +248,7 @@ mod tests {
                         },
                     ],
                     take_over: false,
+                    balance: Default::default(),
                 }],
             }
         );

@@ -3,12 +3,13 @@
 
 use serde::Deserialize;
 
+use super::balance::{Affinity, BalanceKey, balance_of};
 use super::fields::{
     Entries, EntryKind, SERVICES_MAPPING, SubsetAddr, check_service_count, invalid,
     validate_subsets,
 };
 use super::{ConfigError, parse};
-use crate::model::{Listen, ListenClaims, SubsetConfig, validate_service_name};
+use crate::model::{Balance, Listen, ListenClaims, SubsetConfig, validate_service_name};
 use crate::yaml::{Weight, seg};
 
 /// One service of a `services:` document given to `tcpshiftctl apply`.
@@ -31,6 +32,8 @@ pub struct ServiceSpec {
     /// `takeOver: true`: the service may take over a listen address another server listens on
     /// (see [`crate::model::ServiceConfig::take_over`]).
     pub take_over: bool,
+    /// How its connections are placed (`affinity`, `balance`), when the document says.
+    pub balance: Option<Balance>,
 }
 
 impl ServiceSpec {
@@ -52,7 +55,8 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
+                 `affinity` and `balance`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -63,6 +67,12 @@ struct RawSpec {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    /// `affinity: source-ip`: every connection of a client to one subset.
+    #[serde(default)]
+    affinity: Option<Affinity>,
+    /// `balance: round-robin`: exact weighted round-robin.
+    #[serde(default)]
+    balance: Option<BalanceKey>,
 }
 
 impl EntryKind for RawSpec {
@@ -94,12 +104,14 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         }
         let weights_given = raw.weights.is_some();
         let subsets = validate_subsets(source, &path, raw.subsets.0, raw.weights, false)?;
+        let balance = balance_of(source, &path, raw.affinity, raw.balance)?;
         specs.push(ServiceSpec {
             name,
             listen: raw.listen,
             subsets,
             weights_given,
             take_over: raw.take_over,
+            balance,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

@@ -226,6 +226,7 @@ mod tests {
                 owner: Default::default(),
             }],
             take_over: false,
+            balance: Default::default(),
         };
         let all = [
             l(1, "0.0.0.0:8080"),

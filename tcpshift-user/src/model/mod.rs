@@ -10,10 +10,12 @@
 //!   ([`Desired`]), and what a change did to a service ([`Change`]);
 //! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
 
+pub mod balance;
 pub mod plan;
 pub mod rollout;
 pub mod service;
 
+pub use balance::Balance;
 pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,

@@ -32,6 +32,8 @@ pub struct ServiceConfig {
     /// its subsets) already listens (`takeOver: true`). Only checked when the service is
     /// created or its listen address changes; not stored in the kernel (read back as `false`).
     pub take_over: bool,
+    /// How new connections are placed on the subsets (stored in the kernel entry's `mode`).
+    pub balance: super::Balance,
 }
 
 /// One subset (version) of a service.

@@ -125,6 +125,7 @@ mod tests {
             listen: Listen::parse("*:31400").expect("listen"),
             subsets: vec![subset("v1", 9001, 80), subset("v2", 9002, 20)],
             take_over: false,
+            balance: Default::default(),
         }
     }
 

@@ -72,6 +72,7 @@ mod rollouts;
 mod sockets;
 mod status;
 mod sys;
+mod tables;
 
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -332,6 +333,7 @@ impl State {
                     listen: listen_of(meta),
                     subsets,
                     take_over: false,
+                    balance: balance_of(entry.mode),
                 },
                 live: (0..n as u32)
                     .map(|i| live.contains(&slot(*id, i)))

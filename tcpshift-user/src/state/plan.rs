@@ -346,9 +346,11 @@ pub(crate) fn plan(
 }
 
 /// Whether two definitions of a service are the same in the kernel: same listen key, same
-/// subsets (names and backends, in order). Weights are not part of the definition.
+/// subsets (names and backends, in order), same [`crate::model::Balance`]. Weights are not
+/// part of the definition.
 pub(crate) fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     a.listen.same_key(&b.listen)
+        && a.balance == b.balance
         && a.subsets.len() == b.subsets.len()
         && a.subsets
             .iter()
@@ -451,6 +453,7 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            balance: Default::default(),
         }
     }
 

@@ -275,6 +275,7 @@ impl State {
                     })
                     .collect(),
                 take_over: false,
+                balance: Default::default(),
             });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
