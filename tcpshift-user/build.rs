@@ -80,7 +80,9 @@ fn main() {
     .current_dir(&root)
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        // BPF ISA v3 (kernel >= 5.1; atomics with fetch need >= 5.12, tcpshift needs 6.1):
+        // the round-robin cursor's atomic fetch-add needs it.
+        ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"),
     )
     .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker);
     for key in [

@@ -19,6 +19,7 @@
 //! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
 //! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
+//! | `TS_CURSORS` | array, [`MAX_SERVICES`] entries | service id | `u64`: the service's round-robin cursor, shared by all CPUs ([`mode::ROUND_ROBIN`]; atomic fetch-add by sk_lookup) | sk_lookup (never written by userspace) |
 //! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
@@ -81,9 +82,13 @@ pub mod map_names {
     /// first `tcpshiftctl rollout start` or `apply` of a `Rollout` (not declared in the eBPF
     /// object, never read by the programs).
     pub const ROLLOUTS: &str = "TS_ROLLOUTS";
+    /// Round-robin cursors, one `u64` per service id ([`super::mode::ROUND_ROBIN`]).
+    pub const CURSORS: &str = "TS_CURSORS";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
-    pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
+    pub const ALL: [&str; 8] = [
+        GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG, CURSORS,
+    ];
 }
 
 /// Every map name that can be pinned in a namespace's state directory: the maps of the eBPF
@@ -98,6 +103,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::SOCKTAG,
     map_names::ROUTES,
     map_names::ROLLOUTS,
+    map_names::CURSORS,
 ];
 const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
 
@@ -117,10 +123,13 @@ pub mod mode {
     /// independently, a retransmitted SYN lands in the same bucket.
     pub const HASH_CONNECTION: u8 = 0;
     /// Hash of the client address only: one client always reaches the same subset while the
-    /// weights do not change (source-IP affinity). Reserved; the data path already honours it.
+    /// weights do not change (source-IP affinity). Userspace rebuilds the bucket table of such
+    /// a service with as few changed buckets as possible on a weight change.
     pub const HASH_SOURCE_IP: u8 = 1;
-    /// Exact weighted round-robin through the bucket table (reserved for a later release; it
-    /// needs only a per-service cursor, not a new layout).
+    /// Exact weighted round-robin: a per-service cursor in `TS_CURSORS`, shared by all CPUs
+    /// and advanced with an atomic fetch-add, walks the first
+    /// [`super::ServiceEntry::rr_period`] buckets of the table, which userspace lays out as a
+    /// smooth weighted sequence.
     pub const ROUND_ROBIN: u8 = 2;
 }
 
@@ -199,6 +208,13 @@ pub struct ServiceEntry {
     pub weighted_mask: u32,
     /// Relative weight of each subset: the source of truth for weights.
     pub weights: [u32; MAX_SUBSETS],
+    /// [`mode::ROUND_ROBIN`]: length of the weighted sequence at the start of the bucket
+    /// table (1 to [`NUM_BUCKETS`]); the cursor is taken modulo this. 0 in the other modes.
+    pub rr_period: u32,
+    /// The order in which the data path tries the other subsets when the chosen one has no
+    /// live socket: subsets with a weight above 0 first, then the rest, each group by index
+    /// (entries `0..n_subsets`; computed by userspace so that the program walks a list).
+    pub fallback_order: [u8; MAX_SUBSETS],
 }
 
 /// Value of `TS_BUCKETS`: subset index for each bucket.
@@ -496,7 +512,7 @@ macro_rules! assert_size {
 }
 assert_size!(Global, 32);
 assert_size!(ServiceKey, 20);
-assert_size!(ServiceEntry, 80);
+assert_size!(ServiceEntry, 80 + 4 + MAX_SUBSETS);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(RecentSecond, 8);
 assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);

@@ -8,6 +8,10 @@
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The round-robin cursor needs an atomic fetch-add: `AtomicU64::fetch_add` is not available on
+// bpfel-unknown-none, the intrinsic (BPF_ATOMIC | BPF_FETCH, kernel >= 5.12) is.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod maps;

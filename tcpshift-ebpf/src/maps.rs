@@ -30,6 +30,10 @@ static TS_SERVICES: HashMap<ServiceKey, ServiceEntry> =
 pub(crate) static TS_BUCKETS: HashMap<u32, BucketTable> =
     HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
 
+/// Round-robin cursors, one per service id, shared by all CPUs (`mode::ROUND_ROBIN`).
+#[map(name = "TS_CURSORS")]
+pub(crate) static TS_CURSORS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
 #[map(name = "TS_SOCKETS")]
 pub(crate) static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
 

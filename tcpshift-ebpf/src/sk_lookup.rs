@@ -4,13 +4,17 @@
 //! For every socket lookup in the network namespace:
 //! 1. not TCP, or destination not a configured service (exact address, then any address):
 //!    `SK_PASS` without selecting anything — the normal lookup runs;
-//! 2. hash the connection, take the bucket `hash & BUCKET_MASK` of the service's active
-//!    bucket table: that is the chosen subset;
+//! 2. pick a bucket of the service's active bucket table ([`bucket_index`]): the hash of the
+//!    connection (or of the client address only, for source-IP affinity), or the next position
+//!    of the service's shared round-robin cursor; the bucket holds the chosen subset;
 //! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
-//!    the socket from the map), try the other subsets — weighted ones first, then any — and
-//!    count a fallback; if none is alive, count a miss and let the normal lookup run — or,
-//!    for a fail-closed service (`service_flags::FAIL_CLOSED`), refuse the connection
-//!    (`SK_DROP`), so that no other socket bound to the service's address receives it.
+//!    the socket from the map), try the other subsets in the service's precomputed fallback
+//!    order — weighted ones first, then any ([`next_candidate`]) — and count a fallback; if none
+//!    is alive, count a miss and let the normal lookup run — or, for a fail-closed service
+//!    (`service_flags::FAIL_CLOSED`), refuse the connection (`SK_DROP`), so that no other
+//!    socket bound to the service's address receives it.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::sk_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::sk_lookup,
@@ -18,11 +22,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode,
+    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry, flow_hash, mode,
     service_flags, slot, table_key,
 };
 
-use crate::maps::{AF_INET, TS_BUCKETS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
+use crate::maps::{
+    AF_INET, TS_BUCKETS, TS_CURSORS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service,
+};
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -106,18 +112,15 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         remote_port,
         local_port,
     ];
-    let hash = if entry.mode == mode::HASH_SOURCE_IP {
-        flow_hash(seed, &words, 4)
-    } else {
-        flow_hash(seed, &words, 10)
-    };
     let id = entry.id;
-    let n_subsets = entry.n_subsets as u32;
     let Some(table) = TS_BUCKETS.get_ptr(table_key(id, entry.generation)) else {
         return sk_action::SK_PASS;
     };
+    let Some(bucket) = bucket_index(entry, seed, &words) else {
+        return sk_action::SK_PASS;
+    };
     // SAFETY: the table pointer is valid for this run; the index is masked to its size.
-    let chosen = unsafe { (*table).subset[(hash & BUCKET_MASK) as usize] } as u32;
+    let chosen = unsafe { (*table).subset[(bucket & BUCKET_MASK) as usize] } as u32;
     let chosen_slot = slot(id, chosen);
     count(chosen_slot, |c| c.chosen += 1);
     if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
@@ -125,46 +128,28 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         if log {
             debug!(
                 ctx,
-                "service {} port {}: subset {} chosen (bucket {})",
-                id,
-                local_port,
-                chosen,
-                hash & BUCKET_MASK
+                "service {} port {}: subset {} chosen (bucket {})", id, local_port, chosen, bucket
             );
         }
         return sk_action::SK_PASS;
     }
-    // Fallback: weighted subsets first, then any subset.
-    let weighted = entry.weighted_mask;
-    for pass in 0..2u32 {
-        for i in 0..MAX_SUBSETS as u32 {
-            if i >= n_subsets {
-                break;
-            }
-            let is_weighted = weighted & (1 << i) != 0;
-            if i == chosen || (pass == 0) != is_weighted {
-                continue;
-            }
-            let s = slot(id, i);
-            if TS_SOCKETS.redirect_sk_lookup(ctx, s, 0).is_ok() {
-                count(chosen_slot, |c| c.fallback_out += 1);
-                count(s, |c| {
-                    count_steered(c);
-                    c.fallback_in += 1;
-                });
-                if log {
-                    debug!(
-                        ctx,
-                        "service {} port {}: subset {} has no live socket, fell back to subset {}",
-                        id,
-                        local_port,
-                        chosen,
-                        i
-                    );
-                }
-                return sk_action::SK_PASS;
-            }
+    if let Some(i) = next_candidate(ctx, entry, chosen) {
+        count(chosen_slot, |c| c.fallback_out += 1);
+        count(slot(id, i), |c| {
+            count_steered(c);
+            c.fallback_in += 1;
+        });
+        if log {
+            debug!(
+                ctx,
+                "service {} port {}: subset {} has no live socket, fell back to subset {}",
+                id,
+                local_port,
+                chosen,
+                i
+            );
         }
+        return sk_action::SK_PASS;
     }
     count(chosen_slot, |c| c.misses += 1);
     if log {
@@ -188,4 +173,57 @@ fn miss_verdict(flags: u16) -> u32 {
     } else {
         sk_action::SK_PASS
     }
+}
+
+/// The bucket of the service's table a new connection takes (before masking): by its
+/// service's [`ServiceEntry::mode`], the hash of the 4-tuple, the hash of the client address
+/// only, or the next position of the service's round-robin cursor. `None` when the cursor
+/// cannot be read (never, once loaded: `TS_CURSORS` is an array).
+#[inline(always)]
+fn bucket_index(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u32> {
+    match entry.mode {
+        mode::ROUND_ROBIN => {
+            let cursor = TS_CURSORS.get_ptr_mut(entry.id)?;
+            // SAFETY: the pointer is to a live, aligned u64 of an array map value; every CPU
+            // updates it only atomically, so one fetch-add per connection hands out each
+            // position once, whichever CPUs the connections arrive on. (SeqCst, not Relaxed:
+            // LLVM 22 lowers a relaxed fetch-add to BPF's plain `lock add`, which returns
+            // nothing, and then reads the addend as the result.)
+            let position =
+                unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+            let period = u64::from(entry.rr_period);
+            Some(if period == 0 {
+                position as u32
+            } else {
+                (position % period) as u32
+            })
+        }
+        mode::HASH_SOURCE_IP => Some(flow_hash(seed, words, 4)),
+        _ => Some(flow_hash(seed, words, 10)),
+    }
+}
+
+/// Assigns the first subset of the service's fallback order, other than `chosen`, that has a
+/// live socket, and returns its index; `None` when no subset has one (the caller counts a
+/// miss). The order (weighted subsets first, then the rest) is computed by userspace
+/// ([`ServiceEntry::fallback_order`]), so this is one pass over at most `n_subsets` entries.
+#[inline(always)]
+fn next_candidate(ctx: &SkLookupContext, entry: &ServiceEntry, chosen: u32) -> Option<u32> {
+    let n = entry.n_subsets as usize;
+    for k in 0..MAX_SUBSETS {
+        if k >= n {
+            break;
+        }
+        let i = entry.fallback_order[k] as u32;
+        if i == chosen || i >= MAX_SUBSETS as u32 {
+            continue;
+        }
+        if TS_SOCKETS
+            .redirect_sk_lookup(ctx, slot(entry.id, i), 0)
+            .is_ok()
+        {
+            return Some(i);
+        }
+    }
+    None
 }

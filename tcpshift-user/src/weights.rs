@@ -170,8 +170,21 @@ pub fn bucket_counts(weights: &[u32]) -> Result<Vec<u32>, WeightError> {
 /// them.
 pub fn build_table(weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
     let counts = bucket_counts(weights)?;
-    // (j, subset) for every bucket of every subset.
-    let mut slots: Vec<(u64, u8)> = Vec::with_capacity(NUM_BUCKETS);
+    let mut table = Box::new(BucketTable {
+        subset: [0; NUM_BUCKETS],
+    });
+    for (bucket, i) in table.subset.iter_mut().zip(spread(&counts)) {
+        *bucket = i;
+    }
+    Ok(table)
+}
+
+/// The subsets of `counts[i]` positions each, spread evenly (see [`build_table`]): the `j`-th
+/// position of subset `i` is ideally at `(j + 1/2) / counts[i]` of the sequence.
+fn spread(counts: &[u32]) -> Vec<u8> {
+    // (j, subset) for every position of every subset.
+    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    let mut slots: Vec<(u64, u8)> = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     for (i, &c) in counts.iter().enumerate() {
         // i < MAX_SUBSETS <= 32, so it fits in a u8.
         let i = u8::try_from(i).unwrap_or(u8::MAX);
@@ -191,13 +204,45 @@ pub fn build_table(weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
             other => other,
         }
     });
+    slots.into_iter().map(|(_, i)| i).collect()
+}
+
+/// The table of an exact weighted round-robin ([`tcpshift_common::mode::ROUND_ROBIN`]) and its
+/// period: the data path takes position `cursor % period` for each new connection.
+///
+/// The weights divided by their greatest common divisor are the counts of a sequence of
+/// `period = sum / gcd` positions, spread evenly as in [`build_table`] and repeated over the
+/// whole table: 80/20 is `0 0 1 0 0`, period 5. So every `k * period` consecutive connections
+/// are split exactly by the weights, and for two subsets every run of `N` consecutive
+/// connections gives each subset its exact share `N * w / sum` rounded down or up (within one
+/// connection); with `n` subsets, within `n - 1`. Weights whose reduced sum exceeds
+/// [`NUM_BUCKETS`] use the table of [`build_table`] as the sequence (period
+/// [`NUM_BUCKETS`], the bucket counts' granularity of 1/16 384).
+pub fn round_robin_table(weights: &[u32]) -> Result<(Box<BucketTable>, u32), WeightError> {
+    check_weights(weights)?;
+    let divisor = weights
+        .iter()
+        .filter(|&&w| w > 0)
+        .fold(0u32, |g, &w| gcd(g, w))
+        .max(1);
+    let reduced: Vec<u32> = weights.iter().map(|&w| w / divisor).collect();
+    let period: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
+    if period > NUM_BUCKETS as u64 {
+        return Ok((build_table(weights)?, NUM_BUCKETS as u32));
+    }
+    let sequence = spread(&reduced);
     let mut table = Box::new(BucketTable {
         subset: [0; NUM_BUCKETS],
     });
-    for (bucket, &(_, i)) in table.subset.iter_mut().zip(slots.iter()) {
+    for (bucket, &i) in table.subset.iter_mut().zip(sequence.iter().cycle()) {
         *bucket = i;
     }
-    Ok(table)
+    // period <= NUM_BUCKETS, so it fits in a u32.
+    Ok((table, u32::try_from(period).unwrap_or(NUM_BUCKETS as u32)))
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The table for `weights` that changes as few buckets of `old` as possible (minimal-change
@@ -465,6 +510,21 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_80_20_is_exact_in_every_ten() {
+        let (table, period) = round_robin_table(&[80, 20]).unwrap();
+        assert_eq!(period, 5);
+        assert_eq!(&table.subset[..10], &[0, 0, 1, 0, 0, 0, 0, 1, 0, 0]);
+        let (table, period) = round_robin_table(&[0, 3, 0]).unwrap();
+        assert_eq!(period, 1);
+        assert!(table.subset.iter().all(|&s| s == 1));
+        // A reduced sum beyond the table: the bucket table is the sequence.
+        let (table, period) = round_robin_table(&[999_983, 1]).unwrap();
+        assert_eq!(period, NUM_BUCKETS as u32);
+        assert_eq!(table, build_table(&[999_983, 1]).unwrap());
+        assert!(round_robin_table(&[0, 0]).is_err());
+    }
+
+    #[test]
     fn build_table_examples() {
         let table = build_table(&[1, 1]).unwrap();
         assert!(
@@ -728,6 +788,30 @@ mod tests {
             }
         }
 
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Two subsets: every run of n consecutive positions of the round-robin cursor (the
+        /// table's first `period` buckets, repeated) gives each subset its exact share within
+        /// one connection.
+        #[test]
+        fn round_robin_windows_within_one(a in 0..=1000u32, b in 0..=1000u32, n in 1..=1000u64) {
+            prop_assume!(a + b > 0);
+            let (table, period) = round_robin_table(&[a, b]).unwrap();
+            let p = u64::from(period);
+            let seq: Vec<u8> = (0..p).map(|i| table.subset[i as usize]).collect();
+            let sum = u64::from(a + b);
+            for start in 0..p {
+                let got = (start..start + n).filter(|&i| seq[(i % p) as usize] == 1).count();
+                // |got - n * b / sum| <= 1
+                let exact = n * u64::from(b);
+                let got = got as u64 * sum;
+                prop_assert!(got + sum >= exact && got <= exact + sum,
+                    "{}/{}: {} of {} from {}", a, b, got / sum, n, start);
+            }
+        }
     }
 
     proptest! {

@@ -49,6 +49,7 @@ fn service(name: &str, port: u16, weights: &[u32]) -> ServiceConfig {
             .collect(),
         take_over: false,
         fail_closed: false,
+        balance: Default::default(),
     }
 }
 

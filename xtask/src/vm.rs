@@ -17,6 +17,7 @@ mod initramfs;
 mod kernel;
 mod probe;
 mod qemu;
+mod verified;
 
 use std::{
     fs::File,
@@ -98,6 +99,11 @@ pub struct VmTestArgs {
     /// Run inside the guest: check the kernel for what tcpshift needs (used by the guest script).
     #[arg(long, hide = true)]
     guest_probe: bool,
+    /// Run inside the guest (or on the host): print the verified instruction count of each of
+    /// tcpshift's programs, loaded by the tcpshiftd of `TCPSHIFT_BIN_DIR` (default
+    /// target/release) in a throwaway network namespace.
+    #[arg(long, hide = true)]
+    guest_verified: bool,
     /// Arguments for every test binary, after `--`: a test-name filter, `--test-threads 1`,
     /// `--nocapture`, ...
     #[arg(last = true, value_name = "TEST_ARGS")]
@@ -153,6 +159,8 @@ struct Outcome {
     /// `None`: the kernel passed.
     problem: Option<String>,
     log: Option<PathBuf>,
+    /// (program, instructions its verifier walked), as the guest printed them.
+    verified: Vec<(String, u64)>,
 }
 
 impl Outcome {
@@ -169,6 +177,7 @@ impl Outcome {
             failures: Vec::new(),
             problem: Some(problem),
             log: None,
+            verified: Vec::new(),
         }
     }
 }
@@ -177,6 +186,17 @@ impl Outcome {
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     if args.guest_probe {
         return probe::run();
+    }
+    if args.guest_verified {
+        let bin_dir = match std::env::var_os("TCPSHIFT_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => cmd::target_dir()?.join("release"),
+        };
+        let scale = std::env::var(TIME_SCALE_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        return verified::run(&bin_dir, scale);
     }
     if args.memory < 512 || args.cpus == 0 || args.timeout == 0 {
         bail!("--memory must be at least 512 (MiB), --cpus and --timeout at least 1");
@@ -519,6 +539,7 @@ fn run_kernel(setup: &Setup, index: usize, kernel: &Kernel) -> Result<Outcome> {
         failures: console.failures,
         problem,
         log: Some(log_path),
+        verified: console.verified,
     })
 }
 
@@ -628,11 +649,12 @@ fn guest_script(setup: &Setup, accel: Accel, status_file: &Path) -> Result<Strin
         Plan::Suite { bin_dir, tests } => {
             s.push_str(&format!(
                 "export TCPSHIFT_BIN_DIR={} {TIME_SCALE_VAR}={}\n\
-                 if ! {} vm-test --guest-probe; then echo {EXIT_MISSING_FEATURE} > {status}; exit 0; fi\n\
+                 if ! {xtask} vm-test --guest-probe; then echo {EXIT_MISSING_FEATURE} > {status}; exit 0; fi\n\
+                 {xtask} vm-test --guest-verified || echo \"tcpshift-vm: verified counts unavailable\"\n\
                  rc=0\n",
                 quote_path(bin_dir)?,
                 time_scale(accel),
-                quote_path(&setup.xtask)?
+                xtask = quote_path(&setup.xtask)?
             ));
             let args: Vec<String> = setup.args_for_tests.iter().map(|a| quote(a)).collect();
             for test in tests {
@@ -659,12 +681,15 @@ struct Console {
     failures: Vec<String>,
     missing_feature: Option<String>,
     guest_error: Option<String>,
+    verified: Vec<(String, u64)>,
 }
 
 impl Console {
     fn observe(&mut self, line: &str) {
         let line = line.trim();
-        if let Some(rest) = line.strip_prefix("tcpshift-vm: kernel ") {
+        if let Some(v) = verified::parse_line(line) {
+            self.verified.push(v);
+        } else if let Some(rest) = line.strip_prefix("tcpshift-vm: kernel ") {
             if self.release.is_none() {
                 self.release = rest.split_whitespace().next().map(str::to_string);
             }
@@ -779,6 +804,18 @@ fn summarize(outcomes: &[Outcome]) -> Result<()> {
             o.ignored,
             o.wall.map_or("-".to_string(), minutes),
             if o.problem.is_none() { "ok" } else { "FAILED" }
+        );
+    }
+    // Instructions each program's verifier walked (the limit is 1 000 000; sk_lookup must stay
+    // under half of it).
+    for o in outcomes.iter().filter(|o| !o.verified.is_empty()) {
+        let counts: Vec<String> = (o.verified.iter())
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        println!(
+            "  {}: verified instructions: {}",
+            name(o),
+            counts.join(", ")
         );
     }
     let bad: Vec<&Outcome> = outcomes.iter().filter(|o| o.problem.is_some()).collect();

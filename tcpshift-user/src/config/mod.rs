@@ -27,6 +27,7 @@
 //! Reading, documents, locations, weights, ports and the error type come from
 //! [`crate::yaml`].
 
+mod balance;
 mod fields;
 pub mod render;
 pub mod spec;
@@ -113,7 +114,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `failClosed`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
+                 `failClosed`, `affinity` and `balance`"
 )]
 struct RawService {
     listen: Listen,
@@ -126,6 +128,12 @@ struct RawService {
     /// `failClosed: true`: refuse the service's connections while no subset is live.
     #[serde(default, rename = "failClosed")]
     fail_closed: bool,
+    /// `affinity: source-ip`: every connection of a client to one subset.
+    #[serde(default)]
+    affinity: Option<balance::Affinity>,
+    /// `balance: round-robin`: exact weighted round-robin.
+    #[serde(default)]
+    balance: Option<balance::BalanceKey>,
 }
 
 impl EntryKind for RawService {
@@ -149,12 +157,14 @@ impl RawConfig {
                 .claim(&raw.listen, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
+            let balance = balance::balance_of(file, &path, raw.affinity, raw.balance)?;
             services.push(ServiceConfig {
                 name,
                 listen: raw.listen,
                 subsets,
                 take_over: raw.take_over,
                 fail_closed: raw.fail_closed,
+                balance: balance.unwrap_or_default(),
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -243,6 +253,7 @@ mod tests {
                     ],
                     take_over: false,
                     fail_closed: false,
+                    balance: Default::default(),
                 }],
             }
         );

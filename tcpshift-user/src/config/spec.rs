@@ -3,12 +3,13 @@
 
 use serde::Deserialize;
 
+use super::balance::{Affinity, BalanceKey, balance_of};
 use super::fields::{
     Entries, EntryKind, SERVICES_MAPPING, SubsetAddr, check_service_count, invalid,
     validate_subsets,
 };
 use super::{ConfigError, parse};
-use crate::model::{Listen, ListenClaims, SubsetConfig, validate_service_name};
+use crate::model::{Balance, Listen, ListenClaims, SubsetConfig, validate_service_name};
 use crate::yaml::{Weight, seg};
 
 /// One service of a `services:` document given to `tcpshiftctl apply`.
@@ -34,6 +35,8 @@ pub struct ServiceSpec {
     /// `failClosed`, when the document says (see [`crate::model::ServiceConfig::fail_closed`]);
     /// left out, an existing service keeps the kernel's setting and a new one passes through.
     pub fail_closed: Option<bool>,
+    /// How its connections are placed (`affinity`, `balance`), when the document says.
+    pub balance: Option<Balance>,
 }
 
 impl ServiceSpec {
@@ -55,7 +58,8 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `failClosed`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
+                 `failClosed`, `affinity` and `balance`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -69,6 +73,12 @@ struct RawSpec {
     /// `failClosed: true|false`: refuse the service's connections while no subset is live.
     #[serde(default, rename = "failClosed")]
     fail_closed: Option<bool>,
+    /// `affinity: source-ip`: every connection of a client to one subset.
+    #[serde(default)]
+    affinity: Option<Affinity>,
+    /// `balance: round-robin`: exact weighted round-robin.
+    #[serde(default)]
+    balance: Option<BalanceKey>,
 }
 
 impl EntryKind for RawSpec {
@@ -100,6 +110,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         }
         let weights_given = raw.weights.is_some();
         let subsets = validate_subsets(source, &path, raw.subsets.0, raw.weights, false)?;
+        let balance = balance_of(source, &path, raw.affinity, raw.balance)?;
         specs.push(ServiceSpec {
             name,
             listen: raw.listen,
@@ -107,6 +118,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             weights_given,
             take_over: raw.take_over,
             fail_closed: raw.fail_closed,
+            balance,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

@@ -227,6 +227,7 @@ mod tests {
             }],
             take_over: false,
             fail_closed: false,
+            balance: Default::default(),
         };
         let all = [
             l(1, "0.0.0.0:8080"),

@@ -52,6 +52,7 @@
 //! ([`crate::config::spec`]).
 
 pub mod gateway_api;
+mod load_balancer;
 pub mod objects;
 pub mod parse;
 pub mod render;

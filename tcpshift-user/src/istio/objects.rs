@@ -180,7 +180,8 @@ pub struct DestinationRuleSpec {
     /// Its subsets; each must be a subset of the service.
     #[serde(default)]
     pub subsets: Vec<DestinationRuleSubset>,
-    /// Traffic policy: ignored, with a warning.
+    /// Traffic policy: its `loadBalancer` sets the service's mode (`load_balancer.rs`); the rest
+    /// is ignored, with a warning.
     #[serde(default, skip_serializing)]
     pub traffic_policy: Option<Mapping>,
     /// `exportTo`: no local meaning.
@@ -200,7 +201,8 @@ pub struct DestinationRuleSubset {
     /// Labels: no local meaning.
     #[serde(default, skip_serializing)]
     pub labels: Option<BTreeMap<String, String>>,
-    /// Traffic policy: ignored, with a warning.
+    /// Traffic policy: its `loadBalancer` sets the service's mode (`load_balancer.rs`); the rest
+    /// is ignored, with a warning.
     #[serde(default, skip_serializing)]
     pub traffic_policy: Option<Mapping>,
 }

@@ -6,11 +6,12 @@ use std::collections::{HashMap, HashSet};
 use super::ApplyError;
 use super::GROUP;
 use super::gateway_api::{self, GATEWAY_API_GROUP};
+use super::load_balancer;
 use super::objects::*;
 use super::parse::{Body, Document, Manifest};
 use crate::config::{DEFAULT_SINGLE_WEIGHT, ServiceSpec};
 use crate::model::{
-    Annotation, Desired, DesiredService, Listen, ListenClaims, ServiceConfig, ServiceView,
+    Annotation, Balance, Desired, DesiredService, Listen, ListenClaims, ServiceConfig, ServiceView,
     SubsetConfig,
 };
 use crate::state::MAX_ANNOTATION;
@@ -246,15 +247,8 @@ impl<'a> Objects<'a> {
                 };
                 shown.push(format!("{} ({})", s.name, local.addr));
             }
-            if dr.spec.traffic_policy.is_some()
-                || dr.spec.subsets.iter().any(|s| s.traffic_policy.is_some())
-            {
-                plan.warnings.push(format!(
-                    "DestinationRule {}: trafficPolicy is ignored (tcpshift places each new \
-                     connection by weight only)",
-                    dr.metadata.name
-                ));
-            }
+            let (_, warnings) = load_balancer::rule_balance(doc, dr)?;
+            plan.warnings.extend(warnings);
             plan.objects.push(format!(
                 "destinationrule.{GROUP}/{} accepted: host {host}, subsets {}",
                 dr.metadata.name,
@@ -576,7 +570,14 @@ impl Manifest {
             let spec = objects.spec_by_name.get(name.as_str()).copied();
             let route = routed_index.get(name.as_str()).copied();
             let old = objects.kernel.get(name.as_str()).copied();
-            plan.services.push(plan_service(&name, spec, route, old)?);
+            let rule = match objects.rules.get(name.as_str()) {
+                Some((doc, dr)) => load_balancer::rule_balance(doc, dr)?
+                    .0
+                    .map(|b| (b, dr.metadata.name.as_str())),
+                None => None,
+            };
+            plan.services
+                .push(plan_service(&name, spec, route, old, rule)?);
         }
         objects.check_listen_claims(current, &plan.services, &routed_index)?;
         Ok(plan)
@@ -743,7 +744,9 @@ fn plan_service(
     spec: Option<(&Document, &ServiceSpec)>,
     route: Option<&Routed>,
     old: Option<&ServiceView>,
+    rule: Option<(Balance, &str)>,
 ) -> Result<PlannedService, ApplyError> {
+    let balance = balance_of(name, spec, old, rule)?;
     let mut subsets: Vec<SubsetConfig> = match (spec, old) {
         (Some((_, s)), _) => s.subsets.clone(),
         (None, Some(v)) => v.config.subsets.clone(),
@@ -929,8 +932,35 @@ fn plan_service(
                 .and_then(|(_, s)| s.fail_closed)
                 .or(old.map(|o| o.config.fail_closed))
                 .unwrap_or(false),
+            balance,
         },
         route: route.map(|r| r.info.clone()),
+    })
+}
+
+/// How service `name` places connections: as its DestinationRule of this apply says (`rule`:
+/// the mode and the rule's name), else as its `services:` document says, else as the kernel
+/// holds it now, else by hash. A rule and a document that disagree are refused.
+fn balance_of(
+    name: &str,
+    spec: Option<(&Document, &ServiceSpec)>,
+    old: Option<&ServiceView>,
+    rule: Option<(Balance, &str)>,
+) -> Result<Balance, ApplyError> {
+    let given = spec.and_then(|(doc, s)| s.balance.map(|b| (doc, s, b)));
+    Ok(match (rule, given) {
+        (Some((r, rule_name)), Some((doc, s, b))) if r != b => {
+            return Err(doc.error(
+                &spec_path(s),
+                format!(
+                    "service {name:?} is placed by {b} here and by {r} by DestinationRule \
+                     {rule_name} (its trafficPolicy.loadBalancer); give the mode in one place"
+                ),
+            ));
+        }
+        (Some((r, _)), _) => r,
+        (None, Some((_, _, b))) => b,
+        (None, None) => old.map_or(Balance::Hash, |v| v.config.balance),
     })
 }
 

@@ -10,6 +10,7 @@
 //!   ([`Desired`]), and what a change does to a service ([`Change::classify`]);
 //! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
 
+pub mod balance;
 pub mod plan;
 pub mod rollout;
 pub mod service;
@@ -17,6 +18,7 @@ pub mod service;
 pub use plan::{
     Annotation, Change, Desired, DesiredService, ServiceView, Weights, same_definition,
 };
+pub use balance::Balance;
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,
     ServiceConfig, SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,

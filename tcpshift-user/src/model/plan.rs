@@ -54,10 +54,11 @@ fn same_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
 
 /// Whether two definitions of a service are the same in the kernel: the same listen key
 /// ([`super::Listen::same_key`]: an IPv4-mapped IPv6 address equals its IPv4 address) and
-/// the same subsets (names and backends, in order). Weights and owner rules are not part of
+/// the same subsets (names and backends, in order) and the same [`super::Balance`]. Weights and owner rules are not part of
 /// the definition.
 pub fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     a.listen.same_key(&b.listen)
+        && a.balance == b.balance
         && a.subsets.len() == b.subsets.len()
         && a.subsets
             .iter()

@@ -37,6 +37,8 @@ pub struct ServiceConfig {
     /// normal lookup, where another socket bound to the listen address could take them.
     /// Stored in the kernel (`ServiceEntry::flags`).
     pub fail_closed: bool,
+    /// How new connections are placed on the subsets (stored in the kernel entry's `mode`).
+    pub balance: super::Balance,
 }
 
 /// One subset (version) of a service.

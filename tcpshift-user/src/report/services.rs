@@ -126,6 +126,7 @@ mod tests {
             subsets: vec![subset("v1", 9001, 80), subset("v2", 9002, 20)],
             take_over: false,
             fail_closed: false,
+            balance: Default::default(),
         }
     }
 

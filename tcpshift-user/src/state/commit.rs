@@ -168,7 +168,8 @@ impl State {
                 .and_then(|(_, e)| *e)
                 .map_or(0, |e| e.generation ^ 1)
         };
-        let mut tables = StdHashMap::new();
+        let mut fresh = super::tables::Fresh::new();
+        let mut periods = StdHashMap::new();
         // 1. Everything the data path reaches only through the new entries. Sockets of subsets
         //    whose backend changed go first, so that no connection reaches an old backend
         //    under a new subset (it falls back to the other subsets until the new socket is
@@ -191,14 +192,12 @@ impl State {
                 continue;
             }
             let ws = step.config.weights();
-            if !tables.contains_key(&ws) {
-                let table = weights::build_table(&ws)?;
-                tables.insert(ws.clone(), table);
-            }
-            let table = &tables[&ws];
+            let old = before.get(&id).and_then(|(_, e)| e.as_ref());
+            let (table, period) = self.table_for(step.config.balance, &ws, old, &mut fresh)?;
+            periods.insert(id, period);
             let m = &mut self.maps;
             write("table", "cannot write a bucket table", || {
-                m.buckets.insert(table_key(id, generation(id)), **table, 0)
+                m.buckets.insert(table_key(id, generation(id)), *table, 0)
             })?;
             if step.change == Change::Reweighted {
                 continue;
@@ -232,6 +231,8 @@ impl State {
                 step.n_subsets() as u8,
                 &step.config.weights(),
                 step.config.fail_closed,
+                step.config.balance,
+                periods.get(&step.id).copied().unwrap_or(0),
             );
             let key = service_key(&step.config.listen);
             let services = &mut self.maps.services;

@@ -9,16 +9,21 @@ use tcpshift_common::{
     mode, service_flags,
 };
 
-use crate::model::{Listen, ServiceConfig};
+use crate::model::{Balance, Listen, ServiceConfig};
 
 use super::error::*;
 
+/// The `TS_SERVICES` entry of service `id` with weights `ws`, table generation `generation`,
+/// placed by `balance` (`rr_period`: the round-robin sequence's length, see
+/// [`crate::weights::round_robin_table`]; 0 in the other modes).
 pub(super) fn new_entry(
     id: u32,
     generation: u32,
     n_subsets: u8,
     ws: &[u32],
     fail_closed: bool,
+    balance: Balance,
+    rr_period: u32,
 ) -> ServiceEntry {
     let mut weights = [0u32; MAX_SUBSETS];
     let mut weighted_mask = 0;
@@ -31,7 +36,7 @@ pub(super) fn new_entry(
     ServiceEntry {
         id,
         generation,
-        mode: mode::HASH_CONNECTION,
+        mode: entry_mode(balance),
         n_subsets,
         flags: if fail_closed {
             service_flags::FAIL_CLOSED
@@ -40,6 +45,44 @@ pub(super) fn new_entry(
         },
         weighted_mask,
         weights,
+        rr_period: if balance == Balance::RoundRobin {
+            rr_period
+        } else {
+            0
+        },
+        fallback_order: fallback_order(&ws[..ws.len().min(MAX_SUBSETS)]),
+    }
+}
+
+/// The order in which the data path tries the subsets when the chosen one has no live socket
+/// ([`ServiceEntry::fallback_order`]): those with a weight above 0, then the others, each group
+/// by index; unused entries 0.
+pub(super) fn fallback_order(ws: &[u32]) -> [u8; MAX_SUBSETS] {
+    let mut order = [0u8; MAX_SUBSETS];
+    let weighted = (0..ws.len()).filter(|&i| ws[i] > 0);
+    let rest = (0..ws.len()).filter(|&i| ws[i] == 0);
+    for (slot, i) in order.iter_mut().zip(weighted.chain(rest)) {
+        // i < MAX_SUBSETS <= 32.
+        *slot = i as u8;
+    }
+    order
+}
+
+/// [`ServiceEntry::mode`] of a [`Balance`].
+pub(super) fn entry_mode(balance: Balance) -> u8 {
+    match balance {
+        Balance::Hash => mode::HASH_CONNECTION,
+        Balance::SourceIp => mode::HASH_SOURCE_IP,
+        Balance::RoundRobin => mode::ROUND_ROBIN,
+    }
+}
+
+/// The [`Balance`] of a [`ServiceEntry::mode`] (an unknown mode steers as the hash mode).
+pub(super) fn balance_of(entry_mode: u8) -> Balance {
+    match entry_mode {
+        mode::HASH_SOURCE_IP => Balance::SourceIp,
+        mode::ROUND_ROBIN => Balance::RoundRobin,
+        _ => Balance::Hash,
     }
 }
 
@@ -161,5 +204,26 @@ pub(super) fn listen_of(meta: &ServiceMeta) -> Listen {
             meta.key.port,
         )),
         _ => Listen::Addr(SocketAddr::new(IpAddr::V6(v6), meta.key.port)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_order_weighted_first() {
+        assert_eq!(&fallback_order(&[0, 5, 0, 1])[..4], &[1, 3, 0, 2]);
+        assert_eq!(&fallback_order(&[100])[..1], &[0]);
+        let e = new_entry(7, 1, 3, &[0, 80, 20], Balance::RoundRobin, 5);
+        assert_eq!(
+            (e.mode, e.rr_period, &e.fallback_order[..3]),
+            (mode::ROUND_ROBIN, 5, &[1u8, 2, 0][..])
+        );
+        let e = new_entry(7, 1, 2, &[80, 20], Balance::SourceIp, 5);
+        assert_eq!((e.mode, e.rr_period), (mode::HASH_SOURCE_IP, 0));
+        for b in [Balance::Hash, Balance::SourceIp, Balance::RoundRobin] {
+            assert_eq!(balance_of(entry_mode(b)), b);
+        }
     }
 }

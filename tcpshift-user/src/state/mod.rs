@@ -76,6 +76,7 @@ mod rollouts;
 mod sockets;
 mod status;
 mod sys;
+mod tables;
 
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -425,6 +426,7 @@ impl State {
                     subsets,
                     take_over: false,
                     fail_closed: entry.flags & tcpshift_common::service_flags::FAIL_CLOSED != 0,
+                    balance: balance_of(entry.mode),
                 },
                 live: (0..n as u32)
                     .map(|i| live.contains(&slot(*id, i)))

@@ -448,6 +448,7 @@ mod tests {
                 .collect(),
             take_over: false,
             fail_closed: false,
+            balance: Default::default(),
         }
     }
 

@@ -290,6 +290,7 @@ impl State {
                     .collect(),
                 take_over: false,
                 fail_closed: entry.flags & service_flags::FAIL_CLOSED != 0,
+                balance: Default::default(),
             });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Listen, ServiceConfig, SubsetConfig, parse_subset_addr};
+use crate::model::{Balance, Listen, ServiceConfig, SubsetConfig, parse_subset_addr};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/tcpshift/v1/";
@@ -140,6 +140,9 @@ pub struct ServiceRecord {
     /// The Istio route the service came from (see [`crate::istio::RouteInfo`]), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotation: Option<String>,
+    /// How connections are placed ([`crate::model::Balance::name`]); absent for `hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
 }
 
 /// One subset of a [`ServiceRecord`].
@@ -169,6 +172,7 @@ impl ServiceRecord {
                 })
                 .collect(),
             annotation: annotation.map(str::to_string),
+            balance: (config.balance != Balance::Hash).then(|| config.balance.name().to_owned()),
         }
     }
 
@@ -176,6 +180,12 @@ impl ServiceRecord {
     /// which field is wrong.
     pub fn to_config(&self, name: &str) -> Result<(ServiceConfig, Option<String>), String> {
         let listen = Listen::parse(&self.listen).map_err(|e| format!("listen: {e}"))?;
+        let balance = match self.balance.as_deref() {
+            None => Balance::Hash,
+            Some(name) => Balance::from_name(name).ok_or_else(|| {
+                format!("balance: unknown mode {name:?}; expected hash, source-ip or round-robin")
+            })?,
+        };
         let subsets = self
             .subsets
             .iter()
@@ -200,6 +210,7 @@ impl ServiceRecord {
                 // desired state does not carry it.
                 take_over: false,
                 fail_closed: false,
+                balance,
             },
             self.annotation.clone(),
         ))
@@ -248,6 +259,7 @@ mod tests {
             ],
             take_over: false,
             fail_closed: false,
+            balance: Default::default(),
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();
@@ -268,6 +280,7 @@ mod tests {
                 weight: 1,
             }],
             annotation: None,
+            balance: None,
         };
         assert!(
             bad.to_config("x")
