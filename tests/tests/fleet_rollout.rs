@@ -543,3 +543,43 @@ fn the_driving_node_killed_mid_pause_another_node_goes_on_from_the_same_step() -
     nodes[killed].wait_weights(0, 100)?;
     Ok(())
 }
+
+#[test]
+fn store_set_weight_pauses_resume_rewrites_and_abort_forget_drains_every_node() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (cluster, nodes) = fleet("manual", &[])?;
+    let url = cluster.url();
+    let file = cluster.dir().join("rollout.yaml");
+    std::fs::write(&file, DOC.replace("{duration: 10s}", "{duration: 1h}"))?;
+    store_ctl(&url, &["apply", "-f", &file.to_string_lossy()])?;
+    for n in &nodes {
+        n.wait_weights(70, 30)?;
+    }
+    // A local rollout change on a node that follows the store is refused, naming the store.
+    let local = nodes[0].ctl(&["rollout", "pause", "echo"])?;
+    ensure!(!local.status.success());
+    let err = String::from_utf8_lossy(&local.stderr);
+    ensure!(err.contains("follows the fleet store"), "{err}");
+    // A fleet set-weight pauses the rollout (the driver notices) and says so.
+    store_ctl(&url, &["set-weight", "v2=50"])?;
+    let r = wait_phase(&url, "Paused", Duration::from_secs(30), &nodes)?;
+    let why = r["state"]["message"].as_str().unwrap_or("");
+    ensure!(why.contains("changed by hand (v1=50 v2=50"), "{why}");
+    // resume writes the rollout's weights again, on every node.
+    let out = store_ctl(&url, &["rollout", "resume", "echo"])?;
+    ensure!(out.contains("phase    Progressing"), "{out}");
+    for n in &nodes {
+        n.wait_weights(70, 30)?;
+    }
+    // abort --forget drains the canary everywhere and removes the record.
+    let out = store_ctl(&url, &["rollout", "abort", "--forget", "echo"])?;
+    ensure!(out.contains("rollout/echo aborted and forgotten"), "{out}");
+    for n in &nodes {
+        n.wait_weights(100, 0)?;
+    }
+    let out = store_ctl(&url, &["rollout", "status"])?;
+    ensure!(out.contains("(no rollouts)"), "{out}");
+    Ok(())
+}
