@@ -356,6 +356,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon",
     "signals",
     "ownership",
+    "read_only",
     "takeover",
     "rollout",
     "gateway_api",
