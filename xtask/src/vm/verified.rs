@@ -5,8 +5,8 @@
 //!
 //! In a throwaway network namespace it starts `tcpshiftd` (from `TCPSHIFT_BIN_DIR`) with one
 //! service, takes the programs' ids from `tcpshiftctl status --json` (`program_id`,
-//! `accounting_program_id`), reads each program's `bpf_prog_info.verified_insns` (Linux
-//! >= 5.16) and prints one line per program, [`LINE_PREFIX`]` NAME COUNT`, which the host
+//! `accounting_program_id`), reads each program's `bpf_prog_info.verified_insns` (Linux 5.16
+//! and later) and prints one line per program, [`LINE_PREFIX`]` NAME COUNT`, which the host
 //! reads from the console ([`parse_line`]). tcpshiftd is then stopped and the state removed.
 
 use std::{
