@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode, slot,
-    table_key,
+    BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, flow_hash, mode,
+    slot, table_key,
 };
 
 use crate::maps::{AF_INET, TS_BUCKETS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
@@ -54,7 +54,8 @@ fn steer(ctx: &SkLookupContext) {
             unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$f[$i])) }
         };
     }
-    if field!(protocol) != IPPROTO_TCP as u32 {
+    let protocol = field!(protocol);
+    if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
         return;
     }
     let v4 = field!(family) == AF_INET;
@@ -82,6 +83,17 @@ fn steer(ctx: &SkLookupContext) {
     } else {
         (local6, remote6)
     };
+    if protocol == IPPROTO_UDP as u32 {
+        crate::udp::steer_udp(
+            ctx,
+            TS_GLOBAL.get(0),
+            local,
+            remote,
+            local_port,
+            remote_port,
+        );
+        return;
+    }
     let Some(entry) = lookup_service(&local, local_port as u16) else {
         return;
     };

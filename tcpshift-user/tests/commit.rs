@@ -135,6 +135,7 @@ fn service(name: &str, port: u16, w1: u32, w2: u32) -> DesiredService {
                 },
             ],
             take_over: false,
+            protocol: Default::default(),
         },
         annotation: Annotation::Keep,
     }

@@ -14,6 +14,7 @@
 
 mod env;
 mod peers;
+mod udp;
 
 use std::{
     fs::OpenOptions,
@@ -43,6 +44,15 @@ pub struct BenchArgs {
     /// Fixed connection rate of the latency workload.
     #[arg(long, default_value_t = 1000.0, value_name = "PER_SECOND")]
     latency_rate: f64,
+    /// Run one section only: `udp` (the UDP datagram rate and round trip, see
+    /// bench/udp.rs), written to udp.json and udp.md.
+    #[arg(long, value_name = "SECTION", value_parser = ["udp"])]
+    only: Option<String>,
+}
+
+/// Seconds of each UDP measurement.
+fn udp_secs(quick: bool) -> f64 {
+    if quick { 1.0 } else { 5.0 }
 }
 
 /// Service ports of the targets (direct goes to the backends themselves).
@@ -157,6 +167,8 @@ struct Plan {
     scale_rounds: u32,
     scale_concurrency: usize,
     flips: usize,
+    /// Seconds of each UDP measurement (bench/udp.rs).
+    udp_secs: f64,
 }
 
 impl Plan {
@@ -180,6 +192,7 @@ impl Plan {
                 scale_concurrency: 4,
                 scale_subsets: vec![2, 16],
                 flips: 3,
+                udp_secs: udp_secs(true),
             }
         } else {
             let rounds = args.rounds.unwrap_or(5);
@@ -198,6 +211,7 @@ impl Plan {
                 scale_rounds: rounds.min(3),
                 scale_concurrency: 4,
                 flips: 10,
+                udp_secs: udp_secs(false),
             }
         };
         if plan.rounds == 0 || plan.rounds > 100 {
@@ -228,6 +242,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let plan = Plan::new(args)?;
     let bins = build(Profile::Release)?;
+    if args.only.as_deref() == Some("udp") {
+        peers::ensure_packages()?;
+        env::install_signal_handler()?;
+        let out = cmd::target_dir()?
+            .join("bench")
+            .join(if args.quick { "quick" } else { "" });
+        let logs = out.join("logs");
+        std::fs::create_dir_all(&logs)
+            .with_context(|| format!("cannot create {}", logs.display()))?;
+        let mut env = Env::create(&bins, &logs)?;
+        let result = udp::run(&mut env, &out, plan.udp_secs);
+        env.clean_up();
+        result?;
+        say(format_args!(
+            "wrote {} and {} in {:.0} s",
+            cmd::short(&out.join("udp.json")).display(),
+            cmd::short(&out.join("udp.md")).display(),
+            started.elapsed().as_secs_f64()
+        ));
+        return Ok(());
+    }
     cmd::run(cmd::cargo().args([
         "build",
         "--release",
@@ -359,6 +394,7 @@ impl Bench {
         }
         self.scale()?;
         self.weight_change(&main_config)?;
+        udp::run(&mut self.env, &self.out, self.plan.udp_secs)?;
         Ok(())
     }
 

@@ -35,7 +35,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::model::{ListenClaims, ServiceConfig, validate_service_name};
+use crate::model::{ListenClaims, Protocol, ServiceConfig, validate_service_name};
 use crate::yaml::{self, Weight, seg};
 use fields::{Entries, EntryKind, SubsetAddr, check_service_count, invalid, validate_subsets};
 
@@ -113,7 +113,7 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `protocol`"
 )]
 struct RawService {
     listen: Listen,
@@ -123,6 +123,8 @@ struct RawService {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    #[serde(default)]
+    protocol: Protocol,
 }
 
 impl EntryKind for RawService {
@@ -143,7 +145,7 @@ impl RawConfig {
             let path = format!("services.{}", seg(&name));
             validate_service_name(&name).map_err(|m| invalid(file, &path, m))?;
             listens
-                .claim(&raw.listen, &name)
+                .claim_protocol(&raw.listen, raw.protocol, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             services.push(ServiceConfig {
@@ -151,6 +153,7 @@ impl RawConfig {
                 listen: raw.listen,
                 subsets,
                 take_over: raw.take_over,
+                protocol: raw.protocol,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -238,6 +241,7 @@ mod tests {
                         },
                     ],
                     take_over: false,
+                    protocol: Protocol::Tcp,
                 }],
             }
         );

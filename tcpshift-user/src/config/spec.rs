@@ -8,7 +8,7 @@ use super::fields::{
     validate_subsets,
 };
 use super::{ConfigError, parse};
-use crate::model::{Listen, ListenClaims, SubsetConfig, validate_service_name};
+use crate::model::{Listen, ListenClaims, Protocol, SubsetConfig, validate_service_name};
 use crate::yaml::{Weight, seg};
 
 /// One service of a `services:` document given to `tcpshiftctl apply`.
@@ -31,6 +31,8 @@ pub struct ServiceSpec {
     /// `takeOver: true`: the service may take over a listen address another server listens on
     /// (see [`crate::model::ServiceConfig::take_over`]).
     pub take_over: bool,
+    /// The protocol, when the document says (else the service's in the kernel, or TCP).
+    pub protocol: Option<Protocol>,
 }
 
 impl ServiceSpec {
@@ -52,7 +54,7 @@ struct RawSpecs {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver` and `protocol`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -63,6 +65,8 @@ struct RawSpec {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    #[serde(default)]
+    protocol: Option<Protocol>,
 }
 
 impl EntryKind for RawSpec {
@@ -89,7 +93,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         validate_service_name(&name).map_err(|m| invalid(source, &path, m))?;
         if let Some(listen) = &raw.listen {
             listens
-                .claim(listen, &name)
+                .claim_protocol(listen, raw.protocol.unwrap_or_default(), &name)
                 .map_err(|e| invalid(source, format!("{path}.listen"), e.to_string()))?;
         }
         let weights_given = raw.weights.is_some();
@@ -100,6 +104,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             subsets,
             weights_given,
             take_over: raw.take_over,
+            protocol: raw.protocol,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

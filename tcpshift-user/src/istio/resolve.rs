@@ -925,6 +925,10 @@ fn plan_service(
             listen,
             subsets,
             take_over: spec.is_some_and(|(_, s)| s.take_over),
+            protocol: spec
+                .and_then(|(_, s)| s.protocol)
+                .or(old.map(|v| v.config.protocol))
+                .unwrap_or_default(),
         },
         route: route.map(|r| r.info.clone()),
     })

@@ -17,5 +17,6 @@ pub mod service;
 pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,
-    ServiceConfig, SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,
+    PROTOCOL_FORMS, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr,
+    validate_service_name, validate_subset_name,
 };

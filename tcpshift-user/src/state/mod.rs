@@ -8,6 +8,7 @@
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_UDP_SOCKETS TS_UDP_COUNTERS TS_UDP_FLOWS  UDP services' sockets, counters, flows
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
 //!     link                         the sk_lookup link: keeps the program attached
@@ -34,6 +35,8 @@
 //!   by [`State::apply_with`], [`State::set_weights`] and [`State::delete_with`], and the dry
 //!   run [`State::plan_with`];
 //! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
+//! - `udp.rs`: UDP services' flow table settings (size at install, idle timeout) and
+//!   counters ([`UdpSubsetCounters`]);
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
 //! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
@@ -72,6 +75,7 @@ mod rollouts;
 mod sockets;
 mod status;
 mod sys;
+mod udp;
 
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -86,13 +90,14 @@ mod failpoints {
     }
 }
 
-pub use encode::{MAX_ANNOTATION, service_key};
+pub use encode::{MAX_ANNOTATION, service_key, service_key_for};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
 pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
+pub use udp::{UdpSubsetCounters, set_flow_table_size};
 
 use encode::*;
 use error::*;
@@ -124,6 +129,10 @@ struct Maps {
     meta: HashMap<MapData, u32, ServiceMeta>,
     /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
     socktag: Map,
+    /// `TS_UDP_SOCKETS`.
+    udp_sockets: SockHash<MapData, u32>,
+    /// `TS_UDP_COUNTERS`.
+    udp_counters: PerCpuHashMap<MapData, u32, tcpshift_common::UdpCounters>,
 }
 
 fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
@@ -199,6 +208,8 @@ impl State {
             counters: open_map(&dir, map_names::COUNTERS)?,
             meta: open_map(&dir, map_names::META)?,
             socktag: open_socktag(&dir)?,
+            udp_sockets: open_map(&dir, map_names::UDP_SOCKETS)?,
+            udp_counters: open_map(&dir, map_names::UDP_COUNTERS)?,
         };
         debug!(dir = %dir.display(), "opened pinned state");
         Ok(Self {
@@ -251,6 +262,15 @@ impl State {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err("cannot list registered sockets"))
+    }
+
+    /// Slots with a registered UDP socket.
+    fn live_udp_slots(&self) -> Result<HashSet<u32>> {
+        self.maps
+            .udp_sockets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("cannot list registered UDP sockets"))
     }
 
     /// Id of the attached sk_lookup program (e.g. to read its aya-log events).
@@ -310,6 +330,7 @@ impl State {
 
     fn views(&self, all: &[(u32, ServiceMeta)]) -> Result<Vec<ServiceView>> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let routes = self.open_routes()?;
         let mut out = Vec::with_capacity(all.len());
         for (id, meta) in all {
@@ -332,9 +353,15 @@ impl State {
                     listen: listen_of(meta),
                     subsets,
                     take_over: false,
+                    protocol: protocol_of(meta.protocols),
                 },
+                // Every protocol the service steers has a socket.
                 live: (0..n as u32)
-                    .map(|i| live.contains(&slot(*id, i)))
+                    .map(|i| {
+                        let p = protocol_of(meta.protocols);
+                        (!p.tcp() || live.contains(&slot(*id, i)))
+                            && (!p.udp() || live_udp.contains(&slot(*id, i)))
+                    })
                     .collect(),
                 annotation: match &routes {
                     Some(r) => read_annotation(r, *id)?,

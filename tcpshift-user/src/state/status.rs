@@ -38,6 +38,8 @@ pub struct SubsetStatus {
     pub counters: CounterStatus,
     /// Whose socket is registered, which uid is trusted, and refused sockets (`TS_OWNERS`).
     pub owner: OwnerStatus,
+    /// For a service that steers UDP: its UDP flows' counters (`null` for TCP services).
+    pub udp: Option<super::UdpSubsetCounters>,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -103,6 +105,8 @@ pub struct ServiceStatus {
     /// Listeners on its listen address that are not its subsets (their new connections go to
     /// the subsets), read from `/proc` when the status is taken.
     pub shadows: Vec<ShadowedListener>,
+    /// What it steers: `tcp`, `udp` or `tcp+udp`.
+    pub protocol: crate::model::Protocol,
 }
 
 /// The whole namespace as shown by `status`.
@@ -124,6 +128,8 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Problems that make some numbers incomplete (e.g. open connections' bytes unavailable).
     pub warnings: Vec<String>,
+    /// Idle timeout of UDP flows, in seconds.
+    pub udp_idle_timeout_secs: u32,
 }
 
 impl State {
@@ -225,7 +231,13 @@ impl State {
     /// Everything `tcpshiftctl status` shows, read from the maps.
     pub fn status(&self) -> Result<Status> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let all = self.all_meta()?;
+        let occupancy = if all.iter().any(|(_, m)| protocol_of(m.protocols).udp()) {
+            self.udp_occupancy()?
+        } else {
+            StdHashMap::new()
+        };
         let slots: Vec<u32> = all
             .iter()
             .flat_map(|(id, m)| (0..u32::from(m.n_subsets)).map(move |i| slot(*id, i)))
@@ -239,6 +251,13 @@ impl State {
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
             let ws = &entry.weights[..n];
             let shares = weights::shares(ws);
+            let protocol = protocol_of(meta.protocols);
+            let mut udp = if protocol.udp() {
+                self.udp_counters(id, n as u32, &occupancy)?
+            } else {
+                Vec::new()
+            }
+            .into_iter();
             let mut subsets = Vec::with_capacity(n);
             for (i, s) in meta.subsets[..n].iter().enumerate() {
                 let slot = slot(id, i as u32);
@@ -250,10 +269,12 @@ impl State {
                     backend,
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
-                    live: live.contains(&slot),
+                    live: (!protocol.tcp() || live.contains(&slot))
+                        && (!protocol.udp() || live_udp.contains(&slot)),
                     observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
                     owner,
+                    udp: udp.next(),
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
@@ -275,6 +296,7 @@ impl State {
                     })
                     .collect(),
                 take_over: false,
+                protocol,
             });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
@@ -287,6 +309,7 @@ impl State {
                 },
                 subsets,
                 shadows: Vec::new(),
+                protocol,
             });
         }
         let mut warnings = warnings;
@@ -316,6 +339,7 @@ impl State {
                 != 0,
             services,
             warnings,
+            udp_idle_timeout_secs: self.udp_idle_timeout()?,
         })
     }
 }
@@ -330,4 +354,10 @@ pub(super) fn coarse_second() -> u32 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
+}
+
+impl Serialize for crate::model::Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }

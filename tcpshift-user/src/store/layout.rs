@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Listen, ServiceConfig, SubsetConfig, parse_subset_addr};
+use crate::model::{Listen, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/tcpshift/v1/";
@@ -140,6 +140,9 @@ pub struct ServiceRecord {
     /// The Istio route the service came from (see [`crate::istio::RouteInfo`]), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotation: Option<String>,
+    /// `udp` or `tcp+udp` (see [`Protocol`]); absent for a TCP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// One subset of a [`ServiceRecord`].
@@ -169,6 +172,7 @@ impl ServiceRecord {
                 })
                 .collect(),
             annotation: annotation.map(str::to_string),
+            protocol: (config.protocol != Protocol::Tcp).then(|| config.protocol.to_string()),
         }
     }
 
@@ -191,6 +195,10 @@ impl ServiceRecord {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let protocol = match &self.protocol {
+            Some(p) => Protocol::parse(p).map_err(|e| format!("protocol: {e}"))?,
+            None => Protocol::Tcp,
+        };
         Ok((
             ServiceConfig {
                 name: name.to_string(),
@@ -199,6 +207,7 @@ impl ServiceRecord {
                 // A take-over is a local decision, checked when a node applies: the fleet's
                 // desired state does not carry it.
                 take_over: false,
+                protocol,
             },
             self.annotation.clone(),
         ))
@@ -266,6 +275,7 @@ mod tests {
                 weight: 1,
             }],
             annotation: None,
+            protocol: None,
         };
         assert!(
             bad.to_config("x")
