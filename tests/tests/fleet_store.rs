@@ -48,6 +48,7 @@ fn service(name: &str, port: u16, weights: &[u32]) -> ServiceConfig {
             })
             .collect(),
         take_over: false,
+        protocol: Default::default(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use tcpshift_tests::{Conn, TestNs, exchange, privileged, scaled};
+use tcpshift_tests::{Conn, TestNs, exchange, poll_until, privileged, scaled};
 
 /// One UDP flow: a socket bound to its own client address.
 struct Flow(UdpSocket);
@@ -276,5 +276,55 @@ fn a_tcp_and_a_udp_service_on_one_port_are_both_steered() -> Result<()> {
     let both = SocketAddr::from(([127, 0, 0, 1], 5401));
     assert_eq!(Conn::open(both)?.exchange("x")?, "both-tcp");
     assert_eq!(Flow::new(client(42_001))?.ask(both, "x")?, "both-udp");
+    Ok(())
+}
+
+/// The take-over guard is per protocol: a UDP server on a UDP service's port blocks it unless
+/// `takeOver: true`; it does not block a TCP service on that port.
+#[test]
+fn a_udp_server_on_the_port_needs_take_over() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    ns.bare_loader()?;
+    ns.echo_args(&["--udp", "--bind", "127.0.0.1", "9101", "one"])?;
+    ns.echo_args(&["--udp", "--bind", "127.0.0.1", "9102", "two"])?;
+    ns.echo_args(&["--udp", "--bind", "0.0.0.0", "5300", "legacy"])?;
+    let apply = |yaml: &str| -> Result<std::process::Output> {
+        let file = ns.file("services.yaml");
+        std::fs::write(&file, yaml)?;
+        ns.ctl(&["apply", "-f", &file.to_string_lossy()])
+    };
+    let udp = udp_config("127.0.0.1:5300", "127.0.0.1:9101", "127.0.0.1:9102", 100, 0);
+    let refused = apply(&udp)?;
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "applied over a UDP server");
+    assert!(
+        message.contains("where another server already listens: 0.0.0.0:5300 (pid "),
+        "{message}"
+    );
+    assert_eq!(Flow::new(client(43_000))?.ask(service(), "x")?, "legacy");
+    // A TCP service on the same port is not in the UDP server's way.
+    let tcp = "services:\n  t:\n    listen: 5300\n    subsets: {v1: 127.0.0.1:9201}\n";
+    let out = apply(tcp)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let taken = apply(&format!("{udp}    takeOver: true\n"))?;
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    // Its subsets' sockets are registered by the apply or the next scan.
+    let mut port = 43_000;
+    poll_until(Duration::from_secs(10), "datagrams steered to v1", || {
+        port += 1;
+        let answer = Flow::new(client(port))?.ask(service(), "x")?;
+        Ok((answer == "one").then_some(()))
+    })?;
     Ok(())
 }

@@ -356,6 +356,7 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            protocol: Default::default(),
         }
     }
 

@@ -255,6 +255,7 @@ mod tests {
                 },
             ],
             take_over: false,
+            protocol: Protocol::TcpUdp,
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();
