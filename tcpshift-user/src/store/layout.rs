@@ -255,7 +255,7 @@ mod tests {
                 },
             ],
             take_over: false,
-            protocol: Protocol::TcpUdp,
+            protocol: Protocol::Tcp,
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();
@@ -266,8 +266,17 @@ mod tests {
         let back: ServiceRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(
             back.to_config("tcp-echo").unwrap(),
-            (config, Some("{}".into()))
+            (config.clone(), Some("{}".into()))
         );
+        // A UDP service's record says so; a TCP one's (above) has no `protocol`.
+        let udp = ServiceConfig {
+            protocol: Protocol::TcpUdp,
+            ..config
+        };
+        let json = serde_json::to_string(&ServiceRecord::new(&udp, None)).unwrap();
+        assert!(json.ends_with(r#""protocol":"tcp+udp"}"#), "{json}");
+        let back: ServiceRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_config("tcp-echo").unwrap(), (udp, None));
         let bad = ServiceRecord {
             listen: "31400".into(),
             subsets: vec![SubsetRecord {
