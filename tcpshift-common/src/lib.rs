@@ -25,6 +25,9 @@
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
 //! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (explicit rule or the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `TS_UDP_SOCKETS` | sockhash | [`slot`] | the subset's UDP socket (a `tcp+udp` service has one in each sockhash under the same slot) | loader (the kernel removes closed sockets) |
+//! | `TS_UDP_COUNTERS` | per-CPU hash | [`slot`] | [`UdpCounters`] | sk_lookup (userspace creates each UDP slot's zeroed entry) |
+//! | `TS_UDP_FLOWS` | LRU hash, `max_entries` set at install | [`UdpFlowKey`]: service id, 4-tuple | [`UdpFlow`]: subset, last datagram time | sk_lookup (the kernel evicts the least recently used entry when full) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
@@ -84,10 +87,26 @@ pub mod map_names {
     pub const ROLLOUTS: &str = "TS_ROLLOUTS";
     /// Round-robin cursors, one `u64` per service id ([`super::mode::ROUND_ROBIN`]).
     pub const CURSORS: &str = "TS_CURSORS";
+    /// UDP sockets of the subsets, keyed by [`super::slot`].
+    pub const UDP_SOCKETS: &str = "TS_UDP_SOCKETS";
+    /// See [`super::UdpCounters`].
+    pub const UDP_COUNTERS: &str = "TS_UDP_COUNTERS";
+    /// See [`super::UdpFlow`].
+    pub const UDP_FLOWS: &str = "TS_UDP_FLOWS";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
-    pub const ALL: [&str; 8] = [
-        GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG, CURSORS,
+    pub const ALL: [&str; 11] = [
+        GLOBAL,
+        SERVICES,
+        BUCKETS,
+        SOCKETS,
+        COUNTERS,
+        META,
+        SOCKTAG,
+        CURSORS,
+        UDP_SOCKETS,
+        UDP_COUNTERS,
+        UDP_FLOWS,
     ];
 }
 
@@ -104,6 +123,9 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::ROUTES,
     map_names::ROLLOUTS,
     map_names::CURSORS,
+    map_names::UDP_SOCKETS,
+    map_names::UDP_COUNTERS,
+    map_names::UDP_FLOWS,
 ];
 const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
 
@@ -114,8 +136,28 @@ pub const PROGRAM_SOCK_OPS: &str = "tcpshift_sock_ops";
 
 /// IANA protocol number of TCP, as used in [`ServiceKey::proto`].
 pub const IPPROTO_TCP: u8 = 6;
-/// IANA protocol number of UDP (reserved: UDP services fit the same layout).
+/// IANA protocol number of UDP, as used in [`ServiceKey::proto`] of `udp` services.
 pub const IPPROTO_UDP: u8 = 17;
+
+/// Bits of [`ServiceEntry::flags`]: per-service switches of the data path.
+
+/// Values of [`ServiceMeta::protocols`]: which protocols a service steers. A `tcp` or
+/// `tcp+udp` service is stored under a [`ServiceKey`] with [`IPPROTO_TCP`] (the TCP path's one
+/// lookup stays as it was; `tcp+udp` also sets [`service_flags::UDP`]), a `udp` service under
+/// [`IPPROTO_UDP`].
+pub mod protocols {
+    /// The service steers TCP connections. 0 (an entry written before UDP existed) means TCP.
+    pub const TCP: u8 = 1;
+    /// The service steers UDP flows.
+    pub const UDP: u8 = 2;
+}
+
+/// Default idle timeout of a UDP flow, in seconds ([`Global::udp_idle_secs`]): 30 s, the
+/// kernel's conntrack UDP timeout (`nf_conntrack_udp_timeout`). Clients behind NAT already
+/// keep flows alive more often than that, so a flow that survives their NAT survives here.
+pub const DEFAULT_UDP_IDLE_SECS: u32 = 30;
+/// Default number of entries of `TS_UDP_FLOWS` (about 4.5 MiB of kernel memory).
+pub const DEFAULT_UDP_FLOWS: u32 = 65_536;
 
 /// How a service picks a bucket for a new connection ([`ServiceEntry::mode`]).
 pub mod mode {
@@ -140,6 +182,10 @@ pub mod service_flags {
     /// normal lookup run, so no other socket bound to the service's address can receive it.
     /// Without it (the default) such a connection sees the normal lookup, as without tcpshift.
     pub const FAIL_CLOSED: u16 = 1;
+    /// A service stored under its TCP key (`protocol: tcp+udp`) that also steers UDP flows:
+    /// the UDP path looks up the UDP key first, then the TCP key, and takes the TCP key's
+    /// entry only when it has this bit.
+    pub const UDP: u16 = 8;
 }
 
 /// Bits of [`Global::flags`].
@@ -161,8 +207,9 @@ pub struct Global {
     pub hash_seed: u32,
     /// See [`global_flags`].
     pub flags: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Idle timeout of a UDP flow, in seconds: a flow whose last datagram is older chooses
+    /// its subset again. 0 means [`DEFAULT_UDP_IDLE_SECS`].
+    pub udp_idle_secs: u32,
     /// Cookie of the network namespace this state belongs to (`SO_NETNS_COOKIE`). The sock_ops
     /// program is attached to the cgroup v2 root and sees every socket of the host: it ignores
     /// every socket whose namespace cookie differs.
@@ -436,8 +483,10 @@ pub struct ServiceMeta {
     pub listen_family: u8,
     /// Number of valid entries in `subsets`.
     pub n_subsets: u8,
+    /// See [`protocols`] (0 means TCP only).
+    pub protocols: u8,
     /// Explicit padding.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The subsets, indices matching [`ServiceEntry::weights`].
     pub subsets: [SubsetMeta; MAX_SUBSETS],
 }
@@ -505,6 +554,65 @@ pub const fn flow_hash(seed: u32, words: &[u32; 10], n: usize) -> u32 {
     finish(h ^ (n as u32 * 4))
 }
 
+/// Key of `TS_UDP_FLOWS`: one UDP flow of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// Remote (client) address, IPv6 or v4-mapped, four network-order words.
+    pub remote: [u32; 4],
+    /// Local (service) address, likewise.
+    pub local: [u32; 4],
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Service id.
+    pub id: u32,
+}
+
+/// Value of `TS_UDP_FLOWS`: the subset a flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlow {
+    /// Subset index.
+    pub subset: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC_COARSE` time of the flow's last datagram, in nanoseconds.
+    pub last_seen_ns: u64,
+}
+
+/// Per-subset counters of a UDP service (`TS_UDP_COUNTERS`, one per CPU, summed by
+/// userspace).
+///
+/// Flow table entries are written only by the program and removed only by the kernel's LRU,
+/// so the evictions of a subset are `inserted - retired - (entries of the subset now in
+/// the table)`, computed by userspace when it reads the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpCounters {
+    /// Flows that chose this subset: first datagrams of new flows, and datagrams of flows
+    /// idle for longer than the timeout (they choose again).
+    pub flows: u64,
+    /// Datagrams assigned to this subset's socket.
+    pub datagrams: u64,
+    /// Flows moved here because their subset had no live socket (counted once per flow: the
+    /// flow stays here).
+    pub fallback_in: u64,
+    /// Flows moved away from this subset because it had no live socket.
+    pub fallback_out: u64,
+    /// Datagrams for this subset dropped to the normal lookup because no subset had a live
+    /// socket.
+    pub misses: u64,
+    /// Flow table entries written with this subset (new keys).
+    pub inserted: u64,
+    /// Flow table entries of this subset given to another subset (idle flow choosing
+    /// again, or fallback).
+    pub retired: u64,
+    /// Flows whose entry had expired (idle longer than the timeout) when a datagram came.
+    pub expired: u64,
+}
+
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
@@ -520,6 +628,9 @@ const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
+assert_size!(UdpFlowKey, 40);
+assert_size!(UdpFlow, 16);
+assert_size!(UdpCounters, 64);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
 const _: () = assert!(
     srtt_bucket(0) == 0
@@ -560,6 +671,9 @@ mod user {
         RecentSecond,
         SubsetMeta,
         ServiceMeta,
-        SockTag
+        SockTag,
+        UdpFlowKey,
+        UdpFlow,
+        UdpCounters
     );
 }

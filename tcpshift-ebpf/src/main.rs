@@ -4,6 +4,8 @@
 //!   of one of the service's subsets, chosen by weight.
 //! - `sock_ops`: attached to the cgroup v2 root, accounts the connections established on the
 //!   subsets' sockets (opened, closed, bytes).
+//! - `udp`: the UDP path of `sk_lookup`: each datagram of a flow to the subset the flow
+//!   started on (the flow table), new flows by weight.
 //! - `maps`: the maps both programs share and the helpers that read and write them. What
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -19,6 +21,8 @@ mod maps;
 mod sk_lookup;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod udp;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

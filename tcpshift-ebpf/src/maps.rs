@@ -12,11 +12,11 @@ use aya_ebpf::{
     bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, bpf_map_type, bpf_sock},
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
 };
 use tcpshift_common::{
-    BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, ServiceEntry, ServiceKey,
-    ServiceMeta, SockTag, global_flags,
+    BucketTable, Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS,
+    ServiceEntry, ServiceKey, ServiceMeta, SockTag, UdpCounters, UdpFlow, UdpFlowKey, global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -40,6 +40,18 @@ pub(crate) static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLO
 #[map(name = "TS_COUNTERS")]
 static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
     PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "TS_UDP_SOCKETS")]
+pub(crate) static TS_UDP_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
+
+#[map(name = "TS_UDP_COUNTERS")]
+static TS_UDP_COUNTERS: PerCpuHashMap<u32, UdpCounters> =
+    PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// The UDP flow table; the loader sets its size at install (`max_entries`).
+#[map(name = "TS_UDP_FLOWS")]
+pub(crate) static TS_UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
+    LruHashMap::with_max_entries(DEFAULT_UDP_FLOWS, 0);
 
 /// Userspace-only description of each service; declared here so that it is created, pinned
 /// and versioned together with the maps the data path uses.
@@ -84,10 +96,20 @@ pub(crate) fn log_on(global: Option<&Global>) -> bool {
 /// the exact address first, then the wildcard.
 #[inline(always)]
 pub(crate) fn lookup_service(local: &[u32; 4], port: u16) -> Option<&'static ServiceEntry> {
+    lookup_service_proto(local, port, IPPROTO_TCP)
+}
+
+/// [`lookup_service`] for the services stored under protocol `proto`.
+#[inline(always)]
+pub(crate) fn lookup_service_proto(
+    local: &[u32; 4],
+    port: u16,
+    proto: u8,
+) -> Option<&'static ServiceEntry> {
     let mut key = ServiceKey {
         addr: [0; 16],
         port,
-        proto: IPPROTO_TCP,
+        proto,
         _pad: 0,
     };
     let wildcard = key;
@@ -104,6 +126,16 @@ pub(crate) fn lookup_service(local: &[u32; 4], port: u16) -> Option<&'static Ser
 #[inline(always)]
 pub(crate) fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
     if let Some(c) = TS_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, the program is not preempted while it runs.
+        f(unsafe { &mut *c });
+    }
+}
+
+/// Updates this CPU's UDP counters of `slot` with `f` (nothing if userspace has not created
+/// them).
+#[inline(always)]
+pub(crate) fn count_udp(slot: u32, f: impl FnOnce(&mut UdpCounters)) {
+    if let Some(c) = TS_UDP_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, the program is not preempted while it runs.
         f(unsafe { &mut *c });
     }

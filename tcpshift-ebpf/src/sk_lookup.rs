@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry, flow_hash, mode,
-    service_flags, slot, table_key,
+    BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry, flow_hash,
+    mode, service_flags, slot, table_key,
 };
 
 use crate::maps::{
@@ -63,7 +63,8 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$f[$i])) }
         };
     }
-    if field!(protocol) != IPPROTO_TCP as u32 {
+    let protocol = field!(protocol);
+    if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
         return sk_action::SK_PASS;
     }
     let v4 = field!(family) == AF_INET;
@@ -91,6 +92,17 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     } else {
         (local6, remote6)
     };
+    if protocol == IPPROTO_UDP as u32 {
+        crate::udp::steer_udp(
+            ctx,
+            TS_GLOBAL.get(0),
+            local,
+            remote,
+            local_port,
+            remote_port,
+        );
+        return sk_action::SK_PASS;
+    }
     let Some(entry) = lookup_service(&local, local_port as u16) else {
         return sk_action::SK_PASS;
     };

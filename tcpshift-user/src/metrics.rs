@@ -220,8 +220,93 @@ impl Collector for Snapshot {
                 .encode_family(&labels)?
                 .encode_histogram::<NoLabelSet>(0.0, count, &buckets, None)?;
         }
-        Ok(())
+        encode_udp(&self.0, &mut encoder)
     }
+}
+
+/// (name without `_total`, help, type, value) of the UDP subsets' series.
+type UdpFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&crate::state::UdpSubsetCounters) -> u64,
+);
+
+const UDP_FAMILIES: &[UdpFamily] = &[
+    (
+        "tcpshift_udp_flows_started",
+        "UDP flows that chose the subset: new flows, and flows idle past the timeout choosing again.",
+        MetricType::Counter,
+        |c| c.flows_started,
+    ),
+    (
+        "tcpshift_udp_datagrams_steered",
+        "UDP datagrams assigned to the subset's socket.",
+        MetricType::Counter,
+        |c| c.datagrams,
+    ),
+    (
+        "tcpshift_udp_fallbacks_out",
+        "UDP flows moved away from the subset because it had no live socket.",
+        MetricType::Counter,
+        |c| c.fallback_out,
+    ),
+    (
+        "tcpshift_udp_fallbacks_in",
+        "UDP flows moved to the subset because theirs had no live socket.",
+        MetricType::Counter,
+        |c| c.fallback_in,
+    ),
+    (
+        "tcpshift_udp_misses",
+        "UDP datagrams for the subset that found no subset with a live socket.",
+        MetricType::Counter,
+        |c| c.misses,
+    ),
+    (
+        "tcpshift_udp_flows_expired",
+        "UDP flows idle longer than the timeout when their next datagram came.",
+        MetricType::Counter,
+        |c| c.expired,
+    ),
+    (
+        "tcpshift_udp_flow_evictions",
+        "UDP flows of the subset forgotten by the full flow table (LRU eviction).",
+        MetricType::Counter,
+        |c| c.evictions,
+    ),
+    (
+        "tcpshift_udp_flows_tracked",
+        "UDP flows of the subset in the flow table now (idle ones included).",
+        MetricType::Gauge,
+        |c| c.flows_in_table,
+    ),
+];
+
+/// The `tcpshift_udp_*` series, for the subsets of services that steer UDP.
+fn encode_udp(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let udp: Vec<_> = status
+        .services
+        .iter()
+        .flat_map(|svc| svc.subsets.iter().map(move |s| (svc, s)))
+        .filter_map(|(svc, s)| s.udp.map(|c| (svc, s, c)))
+        .collect();
+    if udp.is_empty() {
+        return Ok(());
+    }
+    for (name, help, kind, value) in UDP_FAMILIES {
+        let mut family = encoder.encode_descriptor(name, help, None, *kind)?;
+        for (svc, s, c) in &udp {
+            let labels = [("service", svc.name.as_str()), ("subset", s.name.as_str())];
+            let v = value(c);
+            let metric = family.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(v).encode(metric)?,
+                _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(metric)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -238,6 +323,7 @@ mod tests {
             weight,
             share: 0.0,
             live,
+            udp: None,
             observed_share: None,
             counters,
             owner: Default::default(),
@@ -254,6 +340,7 @@ mod tests {
                 id: 0,
                 listen: "*:31400".into(),
                 mode: "hash",
+                protocol: Default::default(),
                 subsets: vec![
                     subset(
                         "v1",
@@ -302,7 +389,33 @@ mod tests {
             }],
             warnings: vec![],
             read_only: false,
+            udp_idle_timeout_secs: 30,
         }
+    }
+
+    #[test]
+    fn udp_series_only_for_udp_subsets() {
+        let mut st = status();
+        assert!(!render(&st).expect("render").contains("tcpshift_udp_"));
+        st.services[0].subsets[0].udp = Some(crate::state::UdpSubsetCounters {
+            flows_started: 5,
+            datagrams: 50,
+            evictions: 2,
+            flows_in_table: 3,
+            ..Default::default()
+        });
+        let text = render(&st).expect("render");
+        for line in [
+            "tcpshift_udp_flows_started_total{service=\"tcp-echo\",subset=\"v1\"} 5",
+            "tcpshift_udp_datagrams_steered_total{service=\"tcp-echo\",subset=\"v1\"} 50",
+            "tcpshift_udp_flow_evictions_total{service=\"tcp-echo\",subset=\"v1\"} 2",
+            "tcpshift_udp_flows_tracked{service=\"tcp-echo\",subset=\"v1\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        assert!(
+            !text.contains("tcpshift_udp_flows_started_total{service=\"tcp-echo\",subset=\"v2\"}")
+        );
     }
 
     #[test]

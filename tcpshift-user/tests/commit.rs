@@ -137,6 +137,7 @@ fn service(name: &str, port: u16, w1: u32, w2: u32) -> DesiredService {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Default::default(),
         },
         annotation: Annotation::Keep,
     }

@@ -50,6 +50,7 @@ fn service(name: &str, port: u16, weights: &[u32]) -> ServiceConfig {
         take_over: false,
         fail_closed: false,
         balance: Default::default(),
+        protocol: Default::default(),
     }
 }
 

@@ -15,6 +15,7 @@
 mod env;
 mod fleet;
 mod peers;
+mod udp;
 
 use std::{
     fs::OpenOptions,
@@ -44,7 +45,8 @@ pub struct BenchArgs {
     /// Fixed connection rate of the latency workload.
     #[arg(long, default_value_t = 1000.0, value_name = "PER_SECOND")]
     latency_rate: f64,
-    /// Run only this section (`fleet`: 8 nodes following a 1-member etcd; see bench/fleet.rs).
+    /// Run only this section (`fleet`: 8 nodes following a 1-member etcd, see bench/fleet.rs; `udp`: the UDP datagram
+    /// rate and round trip, see bench/udp.rs, written to udp.json and udp.md).
     #[arg(long, value_enum, value_name = "SECTION")]
     only: Option<Section>,
 }
@@ -54,6 +56,13 @@ pub struct BenchArgs {
 enum Section {
     /// Weight-change propagation, 1 000 services and idle CPU of a fleet of 8 nodes.
     Fleet,
+    /// The UDP datagram rate and round trip: direct, tcpshift and nftables DNAT.
+    Udp,
+}
+
+/// Seconds of each UDP measurement.
+fn udp_secs(quick: bool) -> f64 {
+    if quick { 1.0 } else { 5.0 }
 }
 
 /// Service ports of the targets (direct goes to the backends themselves).
@@ -168,6 +177,8 @@ struct Plan {
     scale_rounds: u32,
     scale_concurrency: usize,
     flips: usize,
+    /// Seconds of each UDP measurement (bench/udp.rs).
+    udp_secs: f64,
 }
 
 impl Plan {
@@ -191,6 +202,7 @@ impl Plan {
                 scale_concurrency: 4,
                 scale_subsets: vec![2, 16],
                 flips: 3,
+                udp_secs: udp_secs(true),
             }
         } else {
             let rounds = args.rounds.unwrap_or(5);
@@ -209,6 +221,7 @@ impl Plan {
                 scale_rounds: rounds.min(3),
                 scale_concurrency: 4,
                 flips: 10,
+                udp_secs: udp_secs(false),
             }
         };
         if plan.rounds == 0 || plan.rounds > 100 {
@@ -243,6 +256,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let out = fleet_out(args.quick)?;
         env::install_signal_handler()?;
         return fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick));
+    }
+    if args.only == Some(Section::Udp) {
+        peers::ensure_packages()?;
+        env::install_signal_handler()?;
+        let out = cmd::target_dir()?
+            .join("bench")
+            .join(if args.quick { "quick" } else { "" });
+        let logs = out.join("logs");
+        std::fs::create_dir_all(&logs)
+            .with_context(|| format!("cannot create {}", logs.display()))?;
+        let mut env = Env::create(&bins, &logs)?;
+        let result = udp::run(&mut env, &out, plan.udp_secs);
+        env.clean_up();
+        result?;
+        say(format_args!(
+            "wrote {} and {} in {:.0} s",
+            cmd::short(&out.join("udp.json")).display(),
+            cmd::short(&out.join("udp.md")).display(),
+            started.elapsed().as_secs_f64()
+        ));
+        return Ok(());
     }
     cmd::run(cmd::cargo().args([
         "build",
@@ -386,6 +420,7 @@ impl Bench {
         }
         self.scale()?;
         self.weight_change(&main_config)?;
+        udp::run(&mut self.env, &self.out, self.plan.udp_secs)?;
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! `tcp-echo`: a line-echo TCP server compatible with Istio's `tcp-echo` sample.
 //!
 //! For every line a client sends, it writes back `PREFIX <line>`. It serves as a test backend
-//! for tcpshift: run several with different prefixes and see which one answers.
+//! for tcpshift: run several with different prefixes and see which one answers. With `--udp` it
+//! answers each UDP datagram with `PREFIX <datagram>` instead.
 
 use std::{
     collections::HashSet,
@@ -17,7 +18,7 @@ use clap::Parser;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     signal::unix::{SignalKind, signal},
 };
 
@@ -35,7 +36,7 @@ const MAX_LINE: u64 = 1 << 20;
 #[derive(Debug, Parser)]
 #[command(
     name = "tcp-echo",
-    override_usage = "tcp-echo [--bind ADDR] [--port-in-prefix] PORTS PREFIX",
+    override_usage = "tcp-echo [--bind ADDR] [--port-in-prefix] [--udp] PORTS PREFIX",
     after_help = "Example:\n  \
         tcp-echo 9000,9001 one\n  \
         printf 'hello\\nworld\\n' | nc -q1 127.0.0.1 9000    # prints \"one hello\" and \"one world\""
@@ -60,6 +61,11 @@ struct Cli {
     /// tell apart the ports of one process.
     #[arg(long)]
     port_in_prefix: bool,
+
+    /// Serve UDP instead of TCP: answer each datagram received with one datagram,
+    /// "PREFIX <datagram>", sent back to its sender.
+    #[arg(long)]
+    udp: bool,
 
     /// Fault injection: reset this percentage of connections (0-100) after reading their first
     /// line, without a reply (SO_LINGER 0, so the kernel sends a RST). Spread evenly: with 30,
@@ -169,6 +175,41 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Creates a UDP socket bound to `addr`, like [`listen`].
+fn bind_udp(addr: SocketAddr, dual_stack: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Answers every datagram with the prefix, forever.
+async fn udp_loop(socket: UdpSocket, prefix: Arc<[u8]>) {
+    let mut buf = vec![0u8; 65_536];
+    let mut reply = Vec::with_capacity(65_536 + prefix.len() + 1);
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, peer)) => {
+                reply.clear();
+                reply.extend_from_slice(&prefix);
+                reply.push(b' ');
+                reply.extend_from_slice(&buf[..n]);
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    tracing::debug!(%peer, "cannot answer: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections forever, one task per connection.
 async fn accept_loop(listener: TcpListener, prefix: Arc<[u8]>, faults: Arc<Faults>) {
     loop {
@@ -262,8 +303,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     raise_fd_limit(cli.ports.0.len());
     let ip = cli.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     let mut listeners = Vec::with_capacity(cli.ports.0.len());
+    let mut udp_sockets = Vec::new();
     for &port in &cli.ports.0 {
         let addr = SocketAddr::new(ip, port);
+        if cli.udp {
+            let socket = bind_udp(addr, cli.bind.is_none())
+                .with_context(|| format!("cannot bind UDP {addr}"))?;
+            let local = socket
+                .local_addr()
+                .with_context(|| format!("cannot get the local address of {addr}"))?;
+            udp_sockets.push((socket, local));
+            continue;
+        }
         let listener = listen(addr, cli.bind.is_none()).map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::AddrInUse => format!(" (is another process using port {port}?)"),
@@ -284,7 +335,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let mut out = io::stdout().lock();
-    for (_, local) in &listeners {
+    for local in listeners
+        .iter()
+        .map(|(_, l)| l)
+        .chain(udp_sockets.iter().map(|(_, l)| l))
+    {
         if let Err(e) = writeln!(out, "listening on {local}, prefix: {}", cli.prefix) {
             tracing::warn!("cannot write to stdout: {e}");
         }
@@ -308,6 +363,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Arc::clone(&prefix)
         };
         tokio::spawn(accept_loop(listener, prefix, Arc::clone(&faults)));
+    }
+    for (socket, local) in udp_sockets {
+        let prefix = if cli.port_in_prefix {
+            Arc::from(format!("{}:{}", cli.prefix, local.port()).into_bytes())
+        } else {
+            Arc::clone(&prefix)
+        };
+        tokio::spawn(udp_loop(socket, prefix));
     }
 
     tokio::select! {

@@ -127,6 +127,20 @@ struct Args {
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
     scan_interval_ms: u64,
+
+    /// Idle timeout of a UDP flow: a flow without a datagram for this long chooses its subset
+    /// again (by the weights of then). Default 30, the kernel's conntrack UDP timeout. Set at
+    /// every start, for every flow.
+    #[arg(long, default_value_t = tcpshift_common::DEFAULT_UDP_IDLE_SECS, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    udp_idle_timeout: u32,
+
+    /// Size of the UDP flow table, in flows (an LRU table: when it is full the least recently
+    /// used flow is forgotten and counted as evicted). Fixed when tcpshift is installed in the
+    /// namespace; an adopted state keeps its table.
+    #[arg(long, default_value_t = tcpshift_common::DEFAULT_UDP_FLOWS, value_name = "FLOWS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    udp_flow_table_size: u32,
 }
 
 fn main() {
@@ -204,6 +218,7 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
     let read_group = read_group(args.read_group.as_deref())?;
+    tcpshift::state::set_flow_table_size(args.udp_flow_table_size);
     let (mut state, installed) = State::install(&netns, EBPF_OBJECT)?;
     share_read_only(&state, read_group.as_ref())?;
     let policy = match installed {
@@ -215,6 +230,9 @@ fn run(args: Args) -> Result<()> {
             Weights::KeepExisting
         }
     };
+    state
+        .set_udp_idle_timeout(args.udp_idle_timeout)
+        .context("cannot set the UDP idle timeout")?;
     state
         .apply(&config.services, policy)
         .context("cannot apply the configuration")?;

@@ -36,7 +36,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::model::{ListenClaims, ServiceConfig, validate_service_name};
+use crate::model::{ListenClaims, Protocol, ServiceConfig, validate_service_name};
 use crate::yaml::{self, Weight, seg};
 use fields::{Entries, EntryKind, SubsetAddr, check_service_count, invalid, validate_subsets};
 
@@ -115,7 +115,7 @@ struct RawConfig {
 #[serde(
     deny_unknown_fields,
     expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
-                 `failClosed`, `affinity` and `balance`"
+                 `failClosed`, `affinity`, `balance` and `protocol`"
 )]
 struct RawService {
     listen: Listen,
@@ -134,6 +134,8 @@ struct RawService {
     /// `balance: round-robin`: exact weighted round-robin.
     #[serde(default)]
     balance: Option<balance::BalanceKey>,
+    #[serde(default)]
+    protocol: Protocol,
 }
 
 impl EntryKind for RawService {
@@ -154,7 +156,7 @@ impl RawConfig {
             let path = format!("services.{}", seg(&name));
             validate_service_name(&name).map_err(|m| invalid(file, &path, m))?;
             listens
-                .claim(&raw.listen, &name)
+                .claim_protocol(&raw.listen, raw.protocol, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             let balance = balance::balance_of(file, &path, raw.affinity, raw.balance)?;
@@ -165,6 +167,7 @@ impl RawConfig {
                 take_over: raw.take_over,
                 fail_closed: raw.fail_closed,
                 balance: balance.unwrap_or_default(),
+                protocol: raw.protocol,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -254,6 +257,7 @@ mod tests {
                     take_over: false,
                     fail_closed: false,
                     balance: Default::default(),
+                    protocol: Protocol::Tcp,
                 }],
             }
         );

@@ -3,7 +3,7 @@
 
 use serde_yaml::{Mapping, Value};
 
-use crate::model::{Listen, ServiceView};
+use crate::model::{Listen, Protocol, ServiceView};
 
 /// A `services:` document describing `views` (the loader's configuration format, weights
 /// included): what `tcpshiftctl get services -o yaml` prints.
@@ -41,6 +41,9 @@ pub fn services_document(views: &[ServiceView]) -> Value {
         svc.insert("weights".into(), Value::Mapping(weights));
         if v.config.fail_closed {
             svc.insert("failClosed".into(), true.into());
+        }
+        if v.config.protocol != Protocol::Tcp {
+            svc.insert("protocol".into(), v.config.protocol.as_str().into());
         }
         services.insert(v.config.name.clone().into(), Value::Mapping(svc));
     }

@@ -9,7 +9,7 @@ use super::fields::{
     validate_subsets,
 };
 use super::{ConfigError, parse};
-use crate::model::{Balance, Listen, ListenClaims, SubsetConfig, validate_service_name};
+use crate::model::{Balance, Listen, ListenClaims, Protocol, SubsetConfig, validate_service_name};
 use crate::yaml::{Weight, seg};
 
 /// One service of a `services:` document given to `tcpshiftctl apply`.
@@ -37,6 +37,8 @@ pub struct ServiceSpec {
     pub fail_closed: Option<bool>,
     /// How its connections are placed (`affinity`, `balance`), when the document says.
     pub balance: Option<Balance>,
+    /// The protocol, when the document says (else the service's in the kernel, or TCP).
+    pub protocol: Option<Protocol>,
 }
 
 impl ServiceSpec {
@@ -59,7 +61,7 @@ struct RawSpecs {
 #[serde(
     deny_unknown_fields,
     expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
-                 `failClosed`, `affinity` and `balance`"
+                 `failClosed`, `affinity`, `balance` and `protocol`"
 )]
 struct RawSpec {
     #[serde(default)]
@@ -79,6 +81,8 @@ struct RawSpec {
     /// `balance: round-robin`: exact weighted round-robin.
     #[serde(default)]
     balance: Option<BalanceKey>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
 }
 
 impl EntryKind for RawSpec {
@@ -105,7 +109,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
         validate_service_name(&name).map_err(|m| invalid(source, &path, m))?;
         if let Some(listen) = &raw.listen {
             listens
-                .claim(listen, &name)
+                .claim_protocol(listen, raw.protocol.unwrap_or_default(), &name)
                 .map_err(|e| invalid(source, format!("{path}.listen"), e.to_string()))?;
         }
         let weights_given = raw.weights.is_some();
@@ -119,6 +123,7 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
             take_over: raw.take_over,
             fail_closed: raw.fail_closed,
             balance,
+            protocol: raw.protocol,
         });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));

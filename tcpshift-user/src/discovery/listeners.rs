@@ -53,7 +53,7 @@ pub fn parse_proc_net_tcp(text: &str, path: &Path) -> Result<Vec<Listener>, Disc
         if i == 0 || line.trim().is_empty() {
             continue;
         }
-        let parsed = parse_line(line).map_err(|reason| DiscoveryError::Parse {
+        let parsed = parse_line(line, TCP_LISTEN).map_err(|reason| DiscoveryError::Parse {
             path: path.to_path_buf(),
             line_no: i + 1,
             line: line.to_owned(),
@@ -66,8 +66,53 @@ pub fn parse_proc_net_tcp(text: &str, path: &Path) -> Result<Vec<Listener>, Disc
     Ok(out)
 }
 
-/// Parses one socket line; `Ok(None)` for sockets that are not listening.
-fn parse_line(line: &str) -> Result<Option<Listener>, String> {
+/// `TCP_CLOSE` in the `st` column of `/proc/net/udp`: an unconnected UDP socket.
+const UDP_UNCONNECTED: u8 = 0x07;
+/// Where the current thread's IPv4 UDP sockets are listed.
+pub(super) const PROC_NET_UDP: &str = "/proc/thread-self/net/udp";
+/// Where the current thread's IPv6 UDP sockets are listed.
+const PROC_NET_UDP6: &str = "/proc/thread-self/net/udp6";
+
+/// Bound, unconnected UDP sockets in the current thread's netns, from
+/// `/proc/thread-self/net/udp` and `udp6` (state `07`), decoded as [`listeners`] does; a UDP
+/// server's socket is one of them. A missing `udp6` is not an error.
+pub fn udp_sockets() -> Result<Vec<Listener>, DiscoveryError> {
+    let mut out = Vec::new();
+    for (path, optional) in [(PROC_NET_UDP, false), (PROC_NET_UDP6, true)] {
+        let path = Path::new(path);
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if optional && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(DiscoveryError::ReadProc {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        for (i, line) in text.lines().enumerate() {
+            if i == 0 || line.trim().is_empty() {
+                continue;
+            }
+            let parsed =
+                parse_line(line, UDP_UNCONNECTED).map_err(|reason| DiscoveryError::Parse {
+                    path: path.to_path_buf(),
+                    line_no: i + 1,
+                    line: line.to_owned(),
+                    reason,
+                })?;
+            // Bound to a port: an unbound socket shows port 0.
+            if let Some(l) = parsed.filter(|l| l.local.port() != 0) {
+                out.push(l);
+            }
+        }
+    }
+    out.sort_by_key(|l| (l.local, l.inode));
+    Ok(out)
+}
+
+/// Parses one socket line; `Ok(None)` for sockets not in state `wanted`.
+fn parse_line(line: &str, wanted: u8) -> Result<Option<Listener>, String> {
     // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...
     let fields: Vec<&str> = line.split_whitespace().collect();
     if fields.len() < 10 {
@@ -75,7 +120,7 @@ fn parse_line(line: &str) -> Result<Option<Listener>, String> {
     }
     let state =
         u8::from_str_radix(fields[3], 16).map_err(|e| format!("bad state {:?}: {e}", fields[3]))?;
-    if state != TCP_LISTEN {
+    if state != wanted {
         return Ok(None);
     }
     let local = parse_hex_sockaddr(fields[1])?;

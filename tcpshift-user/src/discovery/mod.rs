@@ -32,10 +32,11 @@ use std::{
     path::PathBuf,
 };
 
-pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp};
+pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp, udp_sockets};
 pub use register::{Registration, register_missing};
 pub use shadowed::{
-    ListenersByPort, ShadowedListener, describe, overlaps, shadowed_by, shadowed_in,
+    ListenersByPort, ShadowedListener, describe, overlaps, shadowed_by, shadowed_by_protocol,
+    shadowed_in,
 };
 pub use snapshot::Snapshot;
 pub use take::take_socket;

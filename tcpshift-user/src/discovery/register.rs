@@ -87,7 +87,12 @@ pub fn register_missing(
         }
     };
     for m in missing {
-        match snapshot.acquire(m.backend) {
+        let acquired = if m.udp {
+            snapshot.acquire_udp(m.backend)
+        } else {
+            snapshot.acquire(m.backend)
+        };
+        match acquired {
             Ok(Some((fd, listener, owner))) => {
                 let uid = match socket_uid(fd.as_fd()) {
                     Ok(uid) => uid,

@@ -126,6 +126,25 @@ pub fn shadowed_in(svc: &ServiceConfig, listeners: &ListenersByPort) -> Vec<List
         .collect()
 }
 
+/// [`shadowed_in`] for every protocol `svc` steers: the TCP listeners among `tcp` for a
+/// service steering TCP, the bound unconnected UDP sockets among `udp` ([`super::udp_sockets`])
+/// for one steering UDP (a UDP server on the port is taken over as a TCP listener is).
+pub fn shadowed_by_protocol(
+    svc: &ServiceConfig,
+    tcp: &ListenersByPort,
+    udp: &ListenersByPort,
+) -> Vec<Listener> {
+    let mut out = if svc.protocol.tcp() {
+        shadowed_in(svc, tcp)
+    } else {
+        Vec::new()
+    };
+    if svc.protocol.udp() {
+        out.extend(shadowed_in(svc, udp));
+    }
+    out
+}
+
 /// Who holds each of `listeners`: one walk over `/proc`, a process other than this one
 /// preferred.
 pub fn describe(listeners: &[Listener]) -> Result<Vec<ShadowedListener>, DiscoveryError> {
@@ -228,6 +247,7 @@ mod tests {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Default::default(),
         };
         let all = [
             l(1, "0.0.0.0:8080"),

@@ -143,8 +143,11 @@ pub(super) fn verify(
         .map_err(|e| inspect("getsockopt(SO_PROTOCOL)", e))?;
     let accepting = getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
         .map_err(|e| inspect("getsockopt(SO_ACCEPTCONN)", e))?;
-    let reason = if protocol != libc::IPPROTO_TCP {
-        Some(format!("protocol {protocol}, not TCP"))
+    let reason = if protocol == libc::IPPROTO_UDP {
+        // A UDP server's socket (found in /proc/net/udp, unconnected): nothing to accept.
+        None
+    } else if protocol != libc::IPPROTO_TCP {
+        Some(format!("protocol {protocol}, neither TCP nor UDP"))
     } else if accepting != 1 {
         Some("not listening (SO_ACCEPTCONN is 0)".to_owned())
     } else {

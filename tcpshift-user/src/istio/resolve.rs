@@ -933,6 +933,10 @@ fn plan_service(
                 .or(old.map(|o| o.config.fail_closed))
                 .unwrap_or(false),
             balance,
+            protocol: spec
+                .and_then(|(_, s)| s.protocol)
+                .or(old.map(|v| v.config.protocol))
+                .unwrap_or_default(),
         },
         route: route.map(|r| r.info.clone()),
     })

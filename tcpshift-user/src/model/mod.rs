@@ -21,5 +21,6 @@ pub use plan::{
 pub use balance::Balance;
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,
-    ServiceConfig, SubsetConfig, parse_subset_addr, validate_service_name, validate_subset_name,
+    PROTOCOL_FORMS, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr,
+    validate_service_name, validate_subset_name,
 };

@@ -59,6 +59,7 @@ fn same_settings(a: &ServiceConfig, b: &ServiceConfig) -> bool {
 pub fn same_definition(a: &ServiceConfig, b: &ServiceConfig) -> bool {
     a.listen.same_key(&b.listen)
         && a.balance == b.balance
+        && a.protocol == b.protocol
         && a.subsets.len() == b.subsets.len()
         && a.subsets
             .iter()

@@ -39,6 +39,72 @@ pub struct ServiceConfig {
     pub fail_closed: bool,
     /// How new connections are placed on the subsets (stored in the kernel entry's `mode`).
     pub balance: super::Balance,
+    /// Which traffic the service steers: TCP connections, UDP flows or both (`protocol:`,
+    /// default TCP).
+    pub protocol: Protocol,
+}
+
+/// Which transport protocols a service steers (`protocol: tcp`, `udp` or `tcp+udp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP connections (the default).
+    #[default]
+    Tcp,
+    /// UDP flows: each flow (4-tuple) stays on the subset its first datagram chose.
+    Udp,
+    /// Both, on the same port (like DNS on 53): the subsets' TCP listening sockets and UDP
+    /// sockets, at the same backend addresses.
+    TcpUdp,
+}
+
+/// The accepted spellings of [`Protocol`], for messages.
+pub const PROTOCOL_FORMS: &str = "tcp, udp or tcp+udp";
+
+impl Protocol {
+    /// Whether TCP connections are steered.
+    pub fn tcp(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::TcpUdp)
+    }
+
+    /// Whether UDP flows are steered.
+    pub fn udp(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::TcpUdp)
+    }
+
+    /// Parses `tcp`, `udp` or `tcp+udp` (any case; `udp+tcp` too).
+    pub fn parse(s: &str) -> Result<Protocol, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "tcp+udp" | "udp+tcp" => Ok(Protocol::TcpUdp),
+            other => Err(format!(
+                "unknown protocol {other:?}; expected {PROTOCOL_FORMS}"
+            )),
+        }
+    }
+
+    /// The name written in configurations: `tcp`, `udp` or `tcp+udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::TcpUdp => "tcp+udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        Protocol::parse(s)
+    }
 }
 
 /// One subset (version) of a service.
@@ -361,6 +427,8 @@ pub struct ListenKey {
 #[derive(Debug, Default, Clone)]
 pub struct ListenClaims {
     owners: HashMap<ListenKey, String>,
+    /// UDP claims (TCP ones are `owners`), with the claiming service's protocol.
+    udp_owners: HashMap<ListenKey, (String, Protocol)>,
 }
 
 /// A listen address already claimed by another service (see [`ListenClaims::claim`]).
@@ -404,6 +472,59 @@ impl ListenClaims {
     pub fn owner(&self, listen: &Listen) -> Option<&str> {
         self.owners.get(&listen.key()).map(String::as_str)
     }
+
+    /// Claims `listen` for `service` for each protocol of `protocol`: a TCP and a UDP service
+    /// may share a listen address, two services steering the same protocol may not.
+    pub fn claim_protocol(
+        &mut self,
+        listen: &Listen,
+        protocol: Protocol,
+        service: &str,
+    ) -> Result<(), ListenTaken> {
+        if protocol.udp()
+            && let Some((owner, _)) = self.udp_owners.get(&listen.key())
+            && owner != service
+        {
+            return Err(ListenTaken {
+                service: service.to_owned(),
+                listen: *listen,
+                owner: owner.clone(),
+            });
+        }
+        if protocol.tcp() {
+            self.claim(listen, service)?;
+        }
+        if protocol.udp() {
+            self.udp_owners
+                .insert(listen.key(), (service.to_owned(), protocol));
+        }
+        Ok(())
+    }
+
+    /// The service holding `listen` for any protocol of `protocol`, if any.
+    pub fn owner_protocol(&self, listen: &Listen, protocol: Protocol) -> Option<&str> {
+        let tcp = protocol.tcp().then(|| self.owner(listen)).flatten();
+        tcp.or_else(|| {
+            protocol
+                .udp()
+                .then(|| self.udp_owners.get(&listen.key()).map(|(o, _)| o.as_str()))
+                .flatten()
+        })
+    }
+
+    /// The service whose kernel entry is stored under the key of a `protocol` service at
+    /// `listen` (a `tcp` or `tcp+udp` service under the TCP key, a `udp` one under the UDP
+    /// key), if any.
+    pub fn key_holder(&self, listen: &Listen, protocol: Protocol) -> Option<&str> {
+        if protocol.tcp() {
+            self.owner(listen)
+        } else {
+            match self.udp_owners.get(&listen.key()) {
+                Some((o, Protocol::Udp)) => Some(o.as_str()),
+                _ => None,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -424,6 +545,27 @@ mod tests {
             err.to_string(),
             "service \"two\" would listen on [::ffff:127.0.0.1]:31400, which service \"one\" \
              already uses; each service needs its own port or address"
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_services_share_a_port() {
+        let l = Listen::parse("53").unwrap();
+        let mut claims = ListenClaims::new();
+        claims.claim_protocol(&l, Protocol::Tcp, "tcp").unwrap();
+        claims.claim_protocol(&l, Protocol::Udp, "udp").unwrap();
+        let err = claims
+            .claim_protocol(&l, Protocol::TcpUdp, "both")
+            .unwrap_err();
+        assert_eq!(err.owner, "udp");
+        assert_eq!(claims.owner_protocol(&l, Protocol::Udp), Some("udp"));
+        assert_eq!(claims.key_holder(&l, Protocol::Udp), Some("udp"));
+        assert_eq!(claims.key_holder(&l, Protocol::Tcp), Some("tcp"));
+        assert_eq!(Protocol::parse("TCP+UDP"), Ok(Protocol::TcpUdp));
+        assert!(
+            Protocol::parse("sctp")
+                .unwrap_err()
+                .contains("tcp, udp or tcp+udp")
         );
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use super::{header, table};
 use crate::{
     istio::{RouteInfo, VirtualService},
-    model::{Change, ServiceConfig, ServiceView, SubsetConfig},
+    model::{Change, Protocol, ServiceConfig, ServiceView, SubsetConfig},
 };
 
 /// The `tcpshiftctl get services` table: one row per service.
@@ -36,7 +36,11 @@ pub fn services_table(views: &[ServiceView]) -> String {
             .map_or_else(|| "-".to_owned(), |r| r.virtual_service);
         rows.push(vec![
             v.config.name.clone(),
-            v.config.listen.to_string(),
+            // A UDP service's address says so (`127.0.0.1:5300/udp`); TCP ones stay as they were.
+            match v.config.protocol {
+                Protocol::Tcp => v.config.listen.to_string(),
+                p => format!("{}/{p}", v.config.listen),
+            },
             per_subset(|s| s.addr.to_string()),
             per_subset(|s| s.weight.to_string()),
             format!("{live}/{}", v.live.len()),
@@ -127,6 +131,7 @@ mod tests {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Default::default(),
         }
     }
 

@@ -66,6 +66,7 @@ pub fn status_table(status: &Status) -> String {
         }
     }
     out.push_str(&crate::report::fail_closed_notes(status));
+    out.push_str(&udp_table(status));
     if status.read_only {
         out.push_str("note: read-only view (not root): program ids are not shown\n");
     } else if status.accounting_program_id.is_none() {
@@ -129,6 +130,48 @@ fn holder(h: &crate::state::HolderStatus) -> String {
         let _ = write!(t, ", cgroup {c}");
     }
     t
+}
+
+/// The UDP flows' table of `tcpshiftctl status` (empty when no service steers UDP).
+fn udp_table(status: &Status) -> String {
+    let mut rows = vec![header(&[
+        "SERVICE",
+        "SUBSET",
+        "FLOWS",
+        "DATAGRAMS",
+        "FALLBACK-OUT",
+        "FALLBACK-IN",
+        "MISSES",
+        "EXPIRED",
+        "EVICTIONS",
+        "TRACKED",
+    ])];
+    for svc in &status.services {
+        for s in &svc.subsets {
+            if let Some(c) = &s.udp {
+                rows.push(vec![
+                    svc.name.clone(),
+                    s.name.clone(),
+                    c.flows_started.to_string(),
+                    c.datagrams.to_string(),
+                    c.fallback_out.to_string(),
+                    c.fallback_in.to_string(),
+                    c.misses.to_string(),
+                    c.expired.to_string(),
+                    c.evictions.to_string(),
+                    c.flows_in_table.to_string(),
+                ]);
+            }
+        }
+    }
+    if rows.len() == 1 {
+        return String::new();
+    }
+    format!(
+        "\nUDP flows (idle timeout {}s):\n{}",
+        status.udp_idle_timeout_secs,
+        table(&rows, false, "")
+    )
 }
 
 /// Width of a bar in [`top_frame`], in cells.
@@ -245,6 +288,20 @@ pub fn top_frame(status: &Status, prev: Option<&Status>, elapsed: Duration) -> S
                 c.retransmit_timeouts,
                 name_w = name_w,
             );
+            if let Some(u) = &s.udp {
+                let _ = writeln!(
+                    out,
+                    "  {:<name_w$}  udp flows {}  datagrams {}  fallbacks out {} in {}  evictions {}  tracked {}",
+                    "",
+                    u.flows_started,
+                    u.datagrams,
+                    u.fallback_out,
+                    u.fallback_in,
+                    u.evictions,
+                    u.flows_in_table,
+                    name_w = name_w,
+                );
+            }
         }
         let _ = writeln!(out, "  (observed: share of new connections, {window})");
     }
@@ -268,6 +325,7 @@ mod tests {
             weight,
             share,
             live: true,
+            udp: None,
             observed_share: Some(share),
             counters,
             owner: Default::default(),
@@ -284,12 +342,14 @@ mod tests {
                 id: 0,
                 listen: "*:31400".into(),
                 mode: "hash",
+                protocol: Default::default(),
                 subsets: vec![subset("v1", 80, 80.0, v1), subset("v2", 20, 20.0, v2)],
                 shadows: vec![],
                 fail_closed: false,
             }],
             warnings: vec![],
             read_only: false,
+            udp_idle_timeout_secs: 30,
         }
     }
 

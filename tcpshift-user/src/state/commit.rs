@@ -208,9 +208,37 @@ impl State {
             })?;
             for i in 0..step.n_subsets() {
                 ensure_counters(&mut m.counters, slot(id, i))?;
+                if step.config.protocol.udp() {
+                    super::udp::ensure_udp_counters(&mut m.udp_counters, slot(id, i))?;
+                }
             }
+            let protocol_changed = step
+                .old
+                .as_ref()
+                .is_some_and(|o| o.config.protocol != step.config.protocol);
             for &i in &step.unregister {
                 ignore_missing(m.sockets.remove(&slot(id, i)), "cannot unregister a socket")?;
+                ignore_missing(
+                    m.udp_sockets.remove(&slot(id, i)),
+                    "cannot unregister a socket",
+                )?;
+            }
+            if protocol_changed {
+                // Sockets of a protocol the service no longer steers.
+                for i in 0..step.n_subsets() {
+                    if !step.config.protocol.tcp() {
+                        ignore_missing(
+                            m.sockets.remove(&slot(id, i)),
+                            "cannot unregister a socket",
+                        )?;
+                    }
+                    if !step.config.protocol.udp() {
+                        ignore_missing(
+                            m.udp_sockets.remove(&slot(id, i)),
+                            "cannot unregister a socket",
+                        )?;
+                    }
+                }
             }
         }
         *progress = Progress::Prepare(plan.steps.len());
@@ -233,8 +261,9 @@ impl State {
                 step.config.fail_closed,
                 step.config.balance,
                 periods.get(&step.id).copied().unwrap_or(0),
+                step.config.protocol,
             );
-            let key = service_key(&step.config.listen);
+            let key = service_key_for(&step.config.listen, step.config.protocol);
             let services = &mut self.maps.services;
             write("entry", "cannot write a service entry", || {
                 services.insert(key, entry, 0)
@@ -244,10 +273,23 @@ impl State {
         for (k, step) in plan.steps.iter().enumerate() {
             *progress = Progress::Release(k);
             if let Some(old) = &step.release {
-                ignore_missing(
-                    self.maps.services.remove(&service_key(old)),
-                    "cannot remove a service entry",
-                )?;
+                let protocol = step
+                    .old
+                    .as_ref()
+                    .map_or_else(Default::default, |o| o.config.protocol);
+                let key = service_key_for(old, protocol);
+                // Only this service's entry: another service may hold the key now.
+                if self
+                    .maps
+                    .services
+                    .get(&key, 0)
+                    .is_ok_and(|e| e.id == step.id)
+                {
+                    ignore_missing(
+                        self.maps.services.remove(&key),
+                        "cannot remove a service entry",
+                    )?;
+                }
             }
             if step.change == Change::Redefined {
                 self.clear_slots(step.id, step.n_subsets(), step.old_n_subsets())?;
@@ -255,7 +297,7 @@ impl State {
         }
         let mut routes = self.open_routes()?;
         for d in &plan.deletions {
-            let key = service_key(&d.listen);
+            let key = service_key_for(&d.listen, d.protocol);
             // Only this service's entry: another service may have taken the address since.
             if let Ok(e) = self.maps.services.get(&key, 0)
                 && e.id == d.id
@@ -294,6 +336,15 @@ impl State {
                     "cannot remove a new listen address",
                     ignore_missing(self.maps.services.remove(&service_key(listen)), "entry"),
                 ),
+                Undo::RemoveUdpEntry(listen) => report(
+                    "cannot remove a new listen address",
+                    ignore_missing(
+                        self.maps
+                            .services
+                            .remove(&service_key_for(listen, crate::model::Protocol::Udp)),
+                        "entry",
+                    ),
+                ),
                 Undo::RestoreDefinition { id } => {
                     if let Some((meta, _)) = before.get(id) {
                         let m = &mut self.maps.meta;
@@ -326,6 +377,11 @@ impl State {
             let s = slot(id, i);
             ignore_missing(self.maps.sockets.remove(&s), "cannot unregister a socket")?;
             ignore_missing(self.maps.counters.remove(&s), "cannot remove counters")?;
+            ignore_missing(
+                self.maps.udp_sockets.remove(&s),
+                "cannot unregister a socket",
+            )?;
+            ignore_missing(self.maps.udp_counters.remove(&s), "cannot remove counters")?;
         }
         Ok(())
     }
@@ -440,7 +496,7 @@ impl State {
 
 /// One map update of the commit path: runs `update` through the test failpoint `point` (with
 /// the `failpoints` feature) and again while the kernel answers ENOMEM ([`retry_enomem`]).
-fn write(
+pub(super) fn write(
     point: &'static str,
     what: &str,
     mut update: impl FnMut() -> std::result::Result<(), MapError>,
@@ -453,7 +509,10 @@ fn write(
 }
 
 /// Creates zeroed counters for `slot` unless they exist.
-fn ensure_counters(counters: &mut PerCpuHashMap<MapData, u32, Counters>, slot: u32) -> Result<()> {
+pub(super) fn ensure_counters(
+    counters: &mut PerCpuHashMap<MapData, u32, Counters>,
+    slot: u32,
+) -> Result<()> {
     if counters.get(&slot, 0).is_ok() {
         return Ok(());
     }

@@ -5,17 +5,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{HashMap, MapData, MapError};
 use tcpshift_common::{
-    IPPROTO_TCP, MAX_SUBSETS, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta,
-    mode, service_flags,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, SUBSET_NAME_LEN, ServiceEntry, ServiceKey, ServiceMeta,
+    SubsetMeta, mode, protocols, service_flags,
 };
 
-use crate::model::{Balance, Listen, ServiceConfig};
+use crate::model::{Balance, Listen, Protocol, ServiceConfig};
 
 use super::error::*;
 
 /// The `TS_SERVICES` entry of service `id` with weights `ws`, table generation `generation`,
 /// placed by `balance` (`rr_period`: the round-robin sequence's length, see
-/// [`crate::weights::round_robin_table`]; 0 in the other modes).
+/// [`crate::weights::round_robin_table`]; 0 in the other modes), for `protocol`.
 pub(super) fn new_entry(
     id: u32,
     generation: u32,
@@ -24,6 +24,7 @@ pub(super) fn new_entry(
     fail_closed: bool,
     balance: Balance,
     rr_period: u32,
+    protocol: Protocol,
 ) -> ServiceEntry {
     let mut weights = [0u32; MAX_SUBSETS];
     let mut weighted_mask = 0;
@@ -38,11 +39,12 @@ pub(super) fn new_entry(
         generation,
         mode: entry_mode(balance),
         n_subsets,
-        flags: if fail_closed {
-            service_flags::FAIL_CLOSED
-        } else {
-            0
-        },
+        flags: entry_flags(protocol)
+            | if fail_closed {
+                service_flags::FAIL_CLOSED
+            } else {
+                0
+            },
         weighted_mask,
         weights,
         rr_period: if balance == Balance::RoundRobin {
@@ -119,7 +121,45 @@ pub(super) fn encode_annotation(text: &str) -> RouteValue {
     v
 }
 
-/// The `TS_SERVICES` key of a listen address.
+/// The [`service_flags`] a service steering `protocol` needs: [`service_flags::UDP`] for a
+/// `tcp+udp` service (stored under its TCP key).
+pub(super) fn entry_flags(p: Protocol) -> u16 {
+    if p == Protocol::TcpUdp {
+        service_flags::UDP
+    } else {
+        0
+    }
+}
+
+/// The [`tcpshift_common::protocols`] bits of a protocol.
+pub(super) fn protocol_bits(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => protocols::TCP,
+        Protocol::Udp => protocols::UDP,
+        Protocol::TcpUdp => protocols::TCP | protocols::UDP,
+    }
+}
+
+/// The protocol of [`tcpshift_common::protocols`] bits (0, from before UDP, is TCP).
+pub(super) fn protocol_of(bits: u8) -> Protocol {
+    match (bits & protocols::TCP != 0, bits & protocols::UDP != 0) {
+        (true, true) => Protocol::TcpUdp,
+        (false, true) => Protocol::Udp,
+        _ => Protocol::Tcp,
+    }
+}
+
+/// The `TS_SERVICES` key of a service steering `protocol` at `listen`: a `udp` service is
+/// stored under the UDP key, a `tcp` or `tcp+udp` one under the TCP key.
+pub fn service_key_for(listen: &Listen, protocol: Protocol) -> ServiceKey {
+    let mut key = service_key(listen);
+    if !protocol.tcp() {
+        key.proto = IPPROTO_UDP;
+    }
+    key
+}
+
+/// The `TS_SERVICES` key of a TCP service's listen address.
 pub fn service_key(listen: &Listen) -> ServiceKey {
     let addr = match listen {
         Listen::Any { .. } => [0; 16],
@@ -159,14 +199,15 @@ pub(super) fn service_meta(svc: &ServiceConfig) -> ServiceMeta {
     }
     ServiceMeta {
         name: name_bytes(&svc.name),
-        key: service_key(&svc.listen),
+        key: service_key_for(&svc.listen, svc.protocol),
         listen_family: match svc.listen {
             Listen::Any { .. } => 0,
             Listen::Addr(a) if a.is_ipv4() => 4,
             Listen::Addr(_) => 6,
         },
         n_subsets: svc.subsets.len().min(MAX_SUBSETS) as u8,
-        _pad: [0; 2],
+        protocols: protocol_bits(svc.protocol),
+        _pad: 0,
         subsets,
     }
 }

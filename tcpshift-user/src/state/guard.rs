@@ -41,8 +41,9 @@ impl State {
             return Ok(());
         }
         let all = ListenersByPort::new(&discovery::listeners()?);
+        let udp = udp_listeners(steps.iter().any(|s| s.config.protocol.udp()))?;
         for step in steps {
-            let shadowed = discovery::shadowed_in(&step.config, &all);
+            let shadowed = discovery::shadowed_by_protocol(&step.config, &all, &udp);
             if !shadowed.is_empty() {
                 return Err(StateError::ListenerShadowed {
                     name: step.config.name.clone(),
@@ -68,9 +69,15 @@ pub(super) fn shadowed_among(
     configs: &[ServiceConfig],
 ) -> Result<HashMap<String, Vec<ShadowedListener>>> {
     let all = ListenersByPort::new(&discovery::listeners()?);
+    let udp = udp_listeners(configs.iter().any(|c| c.protocol.udp()))?;
     let per_service: Vec<(String, Vec<discovery::Listener>)> = configs
         .iter()
-        .map(|v| (v.name.clone(), discovery::shadowed_in(v, &all)))
+        .map(|v| {
+            (
+                v.name.clone(),
+                discovery::shadowed_by_protocol(v, &all, &udp),
+            )
+        })
         .filter(|(_, l)| !l.is_empty())
         .collect();
     let flat: Vec<discovery::Listener> = per_service
@@ -91,4 +98,14 @@ pub(super) fn shadowed_among(
             (name, found)
         })
         .collect())
+}
+
+/// The namespace's bound unconnected UDP sockets by port when `wanted` (a service steering
+/// UDP is checked), else none: reading `/proc/net/udp*` is skipped for TCP-only changes.
+fn udp_listeners(wanted: bool) -> Result<ListenersByPort> {
+    Ok(if wanted {
+        ListenersByPort::new(&discovery::udp_sockets()?)
+    } else {
+        ListenersByPort::default()
+    })
 }

@@ -17,7 +17,8 @@ use aya::{
     programs::{CgroupAttachMode, Program, ProgramError, SkLookup, SockOps, links::FdLink},
 };
 use tcpshift_common::{
-    Global, LAYOUT_VERSION, MAGIC, PROGRAM_SK_LOOKUP, PROGRAM_SOCK_OPS, map_names,
+    DEFAULT_UDP_IDLE_SECS, Global, LAYOUT_VERSION, MAGIC, PROGRAM_SK_LOOKUP, PROGRAM_SOCK_OPS,
+    map_names,
 };
 use tracing::{debug, info, warn};
 
@@ -293,6 +294,7 @@ pub(super) fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<
         move |e: Box<dyn std::error::Error + Send + Sync>| StateError::Program { what, error: e }
     };
     let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::UDP_FLOWS, super::udp::flow_table_size())
         .load(object)
         .map_err(|e| prog_err("cannot load the eBPF object")(Box::new(e)))?;
     let seed = random_u32();
@@ -318,7 +320,7 @@ pub(super) fn create_pinned(tmp: &Path, netns: &Netns, object: &[u8]) -> Result<
             layout_version: LAYOUT_VERSION,
             hash_seed: seed,
             flags: 0,
-            _pad: 0,
+            udp_idle_secs: DEFAULT_UDP_IDLE_SECS,
             netns_cookie,
         };
         global

@@ -8,6 +8,7 @@
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_UDP_SOCKETS TS_UDP_COUNTERS TS_UDP_FLOWS  UDP services' sockets, counters, flows
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
 //!     link                         the sk_lookup link: keeps the program attached
@@ -34,6 +35,8 @@
 //!   by [`State::apply_with`], [`State::set_weights`] and [`State::delete_with`], and the dry
 //!   run [`State::plan_with`];
 //! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
+//! - `udp.rs`: UDP services' flow table settings (size at install, idle timeout) and
+//!   counters ([`UdpSubsetCounters`]);
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
 //! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
@@ -77,6 +80,7 @@ mod sockets;
 mod status;
 mod sys;
 mod tables;
+mod udp;
 
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -92,7 +96,7 @@ mod failpoints {
 }
 
 pub use access::{DEFAULT_READ_GROUP, ReadGroup};
-pub use encode::{MAX_ANNOTATION, service_key};
+pub use encode::{MAX_ANNOTATION, service_key, service_key_for};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
 pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
@@ -100,6 +104,7 @@ pub(crate) use plan::check_service;
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;
 pub use status::{CounterStatus, ServiceStatus, Status, SubsetStatus};
+pub use udp::{UdpSubsetCounters, set_flow_table_size};
 
 use encode::*;
 use error::*;
@@ -131,6 +136,10 @@ struct Maps {
     meta: HashMap<MapData, u32, ServiceMeta>,
     /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
     socktag: Map,
+    /// `TS_UDP_SOCKETS`.
+    udp_sockets: SockHash<MapData, u32>,
+    /// `TS_UDP_COUNTERS`.
+    udp_counters: PerCpuHashMap<MapData, u32, tcpshift_common::UdpCounters>,
 }
 
 fn open_map<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T> {
@@ -285,6 +294,8 @@ impl State {
             counters: open_map_as(&dir, map_names::COUNTERS, read_only)?,
             meta: open_map_as(&dir, map_names::META, read_only)?,
             socktag: open_socktag(&dir, read_only)?,
+            udp_sockets: open_map_as(&dir, map_names::UDP_SOCKETS, read_only)?,
+            udp_counters: open_map_as(&dir, map_names::UDP_COUNTERS, read_only)?,
         };
         debug!(dir = %dir.display(), read_only, "opened pinned state");
         Ok(Self {
@@ -346,6 +357,15 @@ impl State {
             .map_err(map_err("cannot list registered sockets"))
     }
 
+    /// Slots with a registered UDP socket.
+    fn live_udp_slots(&self) -> Result<HashSet<u32>> {
+        self.maps
+            .udp_sockets
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("cannot list registered UDP sockets"))
+    }
+
     /// Id of the attached sk_lookup program (e.g. to read its aya-log events).
     pub fn program_id(&self) -> Result<u32> {
         let path = self.dir.join(LINK);
@@ -403,6 +423,7 @@ impl State {
 
     fn views(&self, all: &[(u32, ServiceMeta)]) -> Result<Vec<ServiceView>> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let routes = self.open_routes()?;
         let mut out = Vec::with_capacity(all.len());
         for (id, meta) in all {
@@ -427,9 +448,15 @@ impl State {
                     take_over: false,
                     fail_closed: entry.flags & tcpshift_common::service_flags::FAIL_CLOSED != 0,
                     balance: balance_of(entry.mode),
+                    protocol: protocol_of(meta.protocols),
                 },
+                // Every protocol the service steers has a socket.
                 live: (0..n as u32)
-                    .map(|i| live.contains(&slot(*id, i)))
+                    .map(|i| {
+                        let p = protocol_of(meta.protocols);
+                        (!p.tcp() || live.contains(&slot(*id, i)))
+                            && (!p.udp() || live_udp.contains(&slot(*id, i)))
+                    })
                     .collect(),
                 annotation: match &routes {
                     Some(r) => read_annotation(r, *id)?,

@@ -370,7 +370,7 @@ impl State {
         owners
             .insert(s, record, 0)
             .map_err(map_err("cannot record a subset's owner"))?;
-        self.insert_socket(s, socket)?;
+        self.insert_socket(s, socket, m.udp)?;
         Ok(OwnerCheck::Registered {
             first: trusted.is_none(),
         })
@@ -456,6 +456,11 @@ impl State {
                     match self.maps.sockets.remove(&s) {
                         Ok(()) | Err(MapError::KeyNotFound) => {}
                         Err(e) => return Err(map_err("cannot unregister a socket")(e)),
+                    }
+                    // A `tcp+udp` subset's UDP socket has the same owner rule.
+                    match self.maps.udp_sockets.remove(&s) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_err("cannot unregister a UDP socket")(e)),
                     }
                 }
             }

@@ -17,8 +17,8 @@ use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
 
 use crate::{
     model::{
-        Annotation, Change, Desired, Listen, ListenClaims, ServiceConfig, ServiceView, Weights,
-        same_definition, validate_service_name, validate_subset_name,
+        Annotation, Change, Desired, Listen, ListenClaims, Protocol, ServiceConfig, ServiceView,
+        Weights, same_definition, validate_service_name, validate_subset_name,
     },
     weights::{self, WeightError},
 };
@@ -45,6 +45,8 @@ pub(crate) struct Deletion {
     pub name: String,
     /// Its listen address (its `TS_SERVICES` entry goes first, if it still holds it).
     pub listen: Listen,
+    /// Its protocol (which key its entry is stored under).
+    pub protocol: Protocol,
     /// Its number of subsets.
     pub n_subsets: u32,
 }
@@ -61,6 +63,7 @@ pub(crate) fn plan_delete(existing: &[ServiceView], names: &[String]) -> Plan {
             id: v.id,
             name: v.config.name.clone(),
             listen: v.config.listen,
+            protocol: v.config.protocol,
             n_subsets: v.config.subsets.len() as u32,
         })
         .collect();
@@ -123,9 +126,10 @@ impl Step {
 
     /// Whether the `TS_SERVICES` entry moves to another listen key.
     fn moves_key(&self) -> bool {
-        self.old
-            .as_ref()
-            .is_some_and(|o| !o.config.listen.same_key(&self.config.listen))
+        self.old.as_ref().is_some_and(|o| {
+            !o.config.listen.same_key(&self.config.listen)
+                || o.config.protocol.tcp() != self.config.protocol.tcp()
+        })
     }
 }
 
@@ -149,6 +153,9 @@ pub(crate) enum Undo {
     RestoreEntry { id: u32 },
     /// Remove the entry written under a listen key that no service had before.
     RemoveEntry(Listen),
+    /// Remove the UDP-keyed entry (of a `udp` service) written under a listen key that no
+    /// service had before.
+    RemoveUdpEntry(Listen),
     /// Write the service's definition as it was.
     RestoreDefinition { id: u32 },
     /// Remove a service created by the change: bucket tables, slots, annotation, definition.
@@ -190,7 +197,7 @@ pub(crate) fn plan(
         };
         check_service(svc, annotation)?;
         claims
-            .claim(&svc.listen, &svc.name)
+            .claim_protocol(&svc.listen, svc.protocol, &svc.name)
             .map_err(|taken| StateError::ListenConflict {
                 name: svc.name.clone(),
                 listen: svc.listen.to_string(),
@@ -202,7 +209,7 @@ pub(crate) fn plan(
         .filter(|v| !names.contains(v.config.name.as_str()))
         .collect();
     for v in &untouched {
-        if let Some(owner) = claims.owner(&v.config.listen) {
+        if let Some(owner) = claims.owner_protocol(&v.config.listen, v.config.protocol) {
             return Err(StateError::ListenConflict {
                 name: owner.to_owned(),
                 listen: v.config.listen.to_string(),
@@ -224,10 +231,10 @@ pub(crate) fn plan(
     // definitions.
     let mut final_claims = ListenClaims::new();
     for v in &untouched {
-        let _ = final_claims.claim(&v.config.listen, &v.config.name);
+        let _ = final_claims.claim_protocol(&v.config.listen, v.config.protocol, &v.config.name);
     }
     for d in &desired.services {
-        let _ = final_claims.claim(&d.config.listen, &d.config.name);
+        let _ = final_claims.claim_protocol(&d.config.listen, d.config.protocol, &d.config.name);
     }
 
     let used: HashSet<u32> = existing.iter().map(|v| v.id).collect();
@@ -272,7 +279,9 @@ pub(crate) fn plan(
                     Vec::new()
                 };
                 let release = (change == Change::Redefined
-                    && final_claims.owner(&old.config.listen).is_none())
+                    && final_claims
+                        .key_holder(&old.config.listen, old.config.protocol)
+                        .is_none())
                 .then_some(old.config.listen);
                 Step {
                     id: old.id,
@@ -383,19 +392,29 @@ impl Plan {
             Progress::Release(_) => (n, n),
         };
         let clears_done = !matches!(failed, Progress::Prepare(k) if k < n);
-        let old_keys: Vec<Listen> = self
+        let old_keys: Vec<(Listen, bool)> = self
             .steps
             .iter()
-            .filter_map(|s| s.old.as_ref().map(|o| o.config.listen))
+            .filter_map(|s| {
+                s.old
+                    .as_ref()
+                    .map(|o| (o.config.listen, o.config.protocol.tcp()))
+            })
             .collect();
-        let was_a_key = |l: &Listen| old_keys.iter().any(|o| o.same_key(l));
+        let was_a_key =
+            |l: &Listen, tcp: bool| old_keys.iter().any(|(o, t)| o.same_key(l) && *t == tcp);
         let mut out = Vec::new();
         for s in self.steps[..committed].iter().filter(|s| s.writes()) {
             if s.old.is_some() {
                 out.push(Undo::RestoreEntry { id: s.id });
             }
-            if (s.old.is_none() || s.moves_key()) && !was_a_key(&s.config.listen) {
-                out.push(Undo::RemoveEntry(s.config.listen));
+            let tcp = s.config.protocol.tcp();
+            if (s.old.is_none() || s.moves_key()) && !was_a_key(&s.config.listen, tcp) {
+                out.push(if tcp {
+                    Undo::RemoveEntry(s.config.listen)
+                } else {
+                    Undo::RemoveUdpEntry(s.config.listen)
+                });
             }
         }
         for s in self.steps[..prepared].iter() {
@@ -449,6 +468,7 @@ mod tests {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Protocol::Tcp,
         }
     }
 

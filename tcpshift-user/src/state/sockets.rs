@@ -25,26 +25,37 @@ pub struct Missing {
     pub subset: String,
     /// Backend address.
     pub backend: SocketAddr,
+    /// Whether the socket missing is the subset's UDP socket (else its TCP listener).
+    pub udp: bool,
 }
 
 impl State {
     /// Subsets that have no live socket registered.
     pub fn missing_sockets(&self) -> Result<Vec<Missing>> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let mut out = Vec::new();
         for (id, meta) in self.all_meta()? {
+            let protocol = protocol_of(meta.protocols);
             for (i, s) in meta.subsets[..usize::from(meta.n_subsets).min(MAX_SUBSETS)]
                 .iter()
                 .enumerate()
             {
-                if !live.contains(&slot(id, i as u32)) {
-                    out.push(Missing {
-                        service_id: id,
-                        service: name_str(&meta.name),
-                        index: i as u32,
-                        subset: name_str(&s.name),
-                        backend: subset_addr(s),
-                    });
+                let s_slot = slot(id, i as u32);
+                for (udp, wanted, have) in [
+                    (false, protocol.tcp(), &live),
+                    (true, protocol.udp(), &live_udp),
+                ] {
+                    if wanted && !have.contains(&s_slot) {
+                        out.push(Missing {
+                            service_id: id,
+                            service: name_str(&meta.name),
+                            index: i as u32,
+                            subset: name_str(&s.name),
+                            backend: subset_addr(s),
+                            udp,
+                        });
+                    }
                 }
             }
         }
@@ -65,13 +76,25 @@ impl State {
         {
             return Ok(false);
         }
-        self.insert_socket(slot(m.service_id, m.index), socket)?;
+        self.insert_socket(slot(m.service_id, m.index), socket, m.udp)?;
         Ok(true)
     }
 
-    /// Tags `socket` with `s` and puts it in `TS_SOCKETS` (the caller holds the lock and has
-    /// checked the subset).
-    pub(super) fn insert_socket(&mut self, s: u32, socket: BorrowedFd<'_>) -> Result<()> {
+    /// Puts `socket` in the slot `s` of `TS_UDP_SOCKETS` when `udp`, else tags it with `s`
+    /// and puts it in `TS_SOCKETS` (the caller holds the lock and has checked the subset).
+    pub(super) fn insert_socket(
+        &mut self,
+        s: u32,
+        socket: BorrowedFd<'_>,
+        udp: bool,
+    ) -> Result<()> {
+        if udp {
+            return self
+                .maps
+                .udp_sockets
+                .insert(s, socket.as_raw_fd(), 0)
+                .map_err(map_err("cannot register a UDP socket"));
+        }
         // Tag first: a connection steered to the socket must find its slot in the tag.
         self.tag_listener(socket, s)?;
         self.maps

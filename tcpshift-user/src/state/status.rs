@@ -40,6 +40,8 @@ pub struct SubsetStatus {
     pub counters: CounterStatus,
     /// Whose socket is registered, which uid is trusted, and refused sockets (`TS_OWNERS`).
     pub owner: OwnerStatus,
+    /// For a service that steers UDP: its UDP flows' counters (`null` for TCP services).
+    pub udp: Option<super::UdpSubsetCounters>,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -108,6 +110,8 @@ pub struct ServiceStatus {
     /// Whether the service fails closed: while no subset has a live socket, its new
     /// connections are refused (counted in `misses`) instead of seeing the normal lookup.
     pub fail_closed: bool,
+    /// What it steers: `tcp`, `udp` or `tcp+udp`.
+    pub protocol: crate::model::Protocol,
 }
 
 /// The whole namespace as shown by `status`.
@@ -132,6 +136,8 @@ pub struct Status {
     /// Read without root by a member of the read group (`State::open_read_only`): the pinned
     /// links open only read-write, so the program ids are unknown (`None`), not absent.
     pub read_only: bool,
+    /// Idle timeout of UDP flows, in seconds.
+    pub udp_idle_timeout_secs: u32,
 }
 
 impl State {
@@ -239,7 +245,13 @@ impl State {
     /// Everything `tcpshiftctl status` shows, read from the maps.
     pub fn status(&self) -> Result<Status> {
         let live = self.live_slots()?;
+        let live_udp = self.live_udp_slots()?;
         let all = self.all_meta()?;
+        let occupancy = if all.iter().any(|(_, m)| protocol_of(m.protocols).udp()) {
+            self.udp_occupancy()?
+        } else {
+            StdHashMap::new()
+        };
         let slots: Vec<u32> = all
             .iter()
             .flat_map(|(id, m)| (0..u32::from(m.n_subsets)).map(move |i| slot(*id, i)))
@@ -253,6 +265,13 @@ impl State {
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
             let ws = &entry.weights[..n];
             let shares = weights::shares(ws);
+            let protocol = protocol_of(meta.protocols);
+            let mut udp = if protocol.udp() {
+                self.udp_counters(id, n as u32, &occupancy)?
+            } else {
+                Vec::new()
+            }
+            .into_iter();
             let mut subsets = Vec::with_capacity(n);
             for (i, s) in meta.subsets[..n].iter().enumerate() {
                 let slot = slot(id, i as u32);
@@ -264,10 +283,12 @@ impl State {
                     backend,
                     weight: ws[i],
                     share: shares.get(i).copied().unwrap_or(0.0),
-                    live: live.contains(&slot),
+                    live: (!protocol.tcp() || live.contains(&slot))
+                        && (!protocol.udp() || live_udp.contains(&slot)),
                     observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
                     owner,
+                    udp: udp.next(),
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
@@ -291,6 +312,7 @@ impl State {
                 take_over: false,
                 fail_closed: entry.flags & service_flags::FAIL_CLOSED != 0,
                 balance: Default::default(),
+                protocol,
             });
             services.push(ServiceStatus {
                 name: name_str(&meta.name),
@@ -304,6 +326,7 @@ impl State {
                 subsets,
                 shadows: Vec::new(),
                 fail_closed: entry.flags & service_flags::FAIL_CLOSED != 0,
+                protocol,
             });
         }
         let mut warnings = warnings;
@@ -335,6 +358,7 @@ impl State {
             services,
             warnings,
             read_only: self.read_only && program_id.is_none(),
+            udp_idle_timeout_secs: self.udp_idle_timeout()?,
         })
     }
 }
@@ -349,4 +373,10 @@ pub(super) fn coarse_second() -> u32 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
+}
+
+impl Serialize for crate::model::Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }

@@ -319,6 +319,7 @@ mod tests {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Default::default(),
         }
     }
 

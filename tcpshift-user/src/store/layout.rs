@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Balance, Listen, ServiceConfig, SubsetConfig, parse_subset_addr};
+use crate::model::{Balance, Listen, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/tcpshift/v1/";
@@ -143,6 +143,9 @@ pub struct ServiceRecord {
     /// How connections are placed ([`crate::model::Balance::name`]); absent for `hash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<String>,
+    /// `udp` or `tcp+udp` (see [`Protocol`]); absent for a TCP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// One subset of a [`ServiceRecord`].
@@ -173,6 +176,7 @@ impl ServiceRecord {
                 .collect(),
             annotation: annotation.map(str::to_string),
             balance: (config.balance != Balance::Hash).then(|| config.balance.name().to_owned()),
+            protocol: (config.protocol != Protocol::Tcp).then(|| config.protocol.to_string()),
         }
     }
 
@@ -201,6 +205,10 @@ impl ServiceRecord {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let protocol = match &self.protocol {
+            Some(p) => Protocol::parse(p).map_err(|e| format!("protocol: {e}"))?,
+            None => Protocol::Tcp,
+        };
         Ok((
             ServiceConfig {
                 name: name.to_string(),
@@ -211,6 +219,7 @@ impl ServiceRecord {
                 take_over: false,
                 fail_closed: false,
                 balance,
+                protocol,
             },
             self.annotation.clone(),
         ))
@@ -260,6 +269,7 @@ mod tests {
             take_over: false,
             fail_closed: false,
             balance: Default::default(),
+            protocol: Protocol::Tcp,
         };
         let record = ServiceRecord::new(&config, Some("{}"));
         let json = serde_json::to_string(&record).unwrap();
@@ -270,8 +280,17 @@ mod tests {
         let back: ServiceRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(
             back.to_config("tcp-echo").unwrap(),
-            (config, Some("{}".into()))
+            (config.clone(), Some("{}".into()))
         );
+        // A UDP service's record says so; a TCP one's (above) has no `protocol`.
+        let udp = ServiceConfig {
+            protocol: Protocol::TcpUdp,
+            ..config
+        };
+        let json = serde_json::to_string(&ServiceRecord::new(&udp, None)).unwrap();
+        assert!(json.ends_with(r#""protocol":"tcp+udp"}"#), "{json}");
+        let back: ServiceRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_config("tcp-echo").unwrap(), (udp, None));
         let bad = ServiceRecord {
             listen: "31400".into(),
             subsets: vec![SubsetRecord {
@@ -281,6 +300,7 @@ mod tests {
             }],
             annotation: None,
             balance: None,
+            protocol: None,
         };
         assert!(
             bad.to_config("x")

@@ -224,3 +224,25 @@ impl<'de> Deserialize<'de> for Listen {
         deserializer.deserialize_any(ListenVisitor)
     }
 }
+
+impl<'de> Deserialize<'de> for crate::model::Protocol {
+    fn deserialize<D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<crate::model::Protocol, D::Error> {
+        struct ProtocolVisitor;
+
+        impl<'de> Visitor<'de> for ProtocolVisitor {
+            type Value = crate::model::Protocol;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a protocol: {}", crate::model::PROTOCOL_FORMS)
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<crate::model::Protocol, E> {
+                crate::model::Protocol::parse(v).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(ProtocolVisitor)
+    }
+}

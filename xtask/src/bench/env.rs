@@ -137,6 +137,33 @@ impl Env {
         }
     }
 
+    /// Like [`Env::start`], for a UDP server: waits until a UDP socket is bound to `port`.
+    pub fn start_udp(
+        &mut self,
+        name: &str,
+        mut command: Command,
+        log: &str,
+        port: u16,
+    ) -> Result<()> {
+        let proc = spawn(name, &mut command, &self.logs.join(format!("{log}.log")))?;
+        self.procs.push(proc);
+        let idx = self.procs.len() - 1;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.procs[idx].child.try_wait()? {
+                bail!("{name} exited ({status}) before binding UDP port {port}");
+            }
+            let out = self.run("ss", &["-Hlun", &format!("sport = :{port}")])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not bind UDP port {port} within {READY_TIMEOUT:?}");
+            }
+            nap(POLL)?;
+        }
+    }
+
     /// Whether something listens on TCP `port` in the namespace.
     pub fn listening(&self, port: u16) -> Result<bool> {
         let out = self.run("ss", &["-Hltn", &format!("sport = :{port}")])?;

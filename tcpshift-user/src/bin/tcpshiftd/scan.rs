@@ -117,15 +117,25 @@ impl Scans {
     /// after the service was steered, or one taken over with `takeOver: true`): its new
     /// connections go to the service's subsets.
     fn warn_shadowed(&mut self, state: &State) -> Result<()> {
-        let listeners = discovery::listeners()?;
+        let mut listeners = discovery::listeners()?;
+        let services = state.services()?;
+        // A service steering UDP shadows the UDP servers on its port as well.
+        let udp = if services.iter().any(|v| v.config.protocol.udp()) {
+            discovery::udp_sockets()?
+        } else {
+            Vec::new()
+        };
+        let n_tcp = listeners.len();
+        listeners.extend_from_slice(&udp);
         if listeners == self.listeners {
             return Ok(());
         }
-        let all = discovery::ListenersByPort::new(&listeners);
+        let all = discovery::ListenersByPort::new(&listeners[..n_tcp]);
+        let udp = discovery::ListenersByPort::new(&udp);
         let mut now = HashSet::new();
         let mut new = Vec::new();
-        for view in state.services()? {
-            for l in discovery::shadowed_in(&view.config, &all) {
+        for view in services {
+            for l in discovery::shadowed_by_protocol(&view.config, &all, &udp) {
                 now.insert(l.inode);
                 if !self.shadowed.contains(&l.inode) {
                     new.push((view.config.name.clone(), view.config.listen, l));
