@@ -352,6 +352,7 @@ fn is_static_elf(path: &Path) -> bool {
 const HOST_ONLY: &[&str] = &[
     "fleet_store",
     "fleet",
+    "fleet_rollout",
     "package",
     "daemon",
     "signals",
