@@ -24,6 +24,8 @@
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
 //! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (explicit rule or the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `TS_LIMITS` | hash, no prealloc | [`slot`] | [`SlotLimits`]: connection limit, ejected (read by sk_lookup), the outlier-detection settings and ejection record | userspace (`state/limits.rs`: apply of a traffic policy, tcpshiftd's outlier loop) |
+//! | `TS_LOAD` | hash, no prealloc | [`slot`] | [`SlotLoad`]: open connections (exact, atomic), refused at the limit, diverted | the programs only (sock_ops creates the entry; userspace reads it, removes it with the service) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
@@ -41,7 +43,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -81,9 +83,15 @@ pub mod map_names {
     /// first `tcpshiftctl rollout start` or `apply` of a `Rollout` (not declared in the eBPF
     /// object, never read by the programs).
     pub const ROLLOUTS: &str = "TS_ROLLOUTS";
+    /// See [`super::SlotLimits`].
+    pub const LIMITS: &str = "TS_LIMITS";
+    /// See [`super::SlotLoad`].
+    pub const LOAD: &str = "TS_LOAD";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
-    pub const ALL: [&str; 7] = [GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG];
+    pub const ALL: [&str; 9] = [
+        GLOBAL, SERVICES, BUCKETS, SOCKETS, COUNTERS, META, SOCKTAG, LIMITS, LOAD,
+    ];
 }
 
 /// Every map name that can be pinned in a namespace's state directory: the maps of the eBPF
@@ -98,6 +106,8 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::SOCKTAG,
     map_names::ROUTES,
     map_names::ROLLOUTS,
+    map_names::LIMITS,
+    map_names::LOAD,
 ];
 const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
 
@@ -129,6 +139,10 @@ pub mod global_flags {
     /// Emit aya-log debug events (subset chosen, fallback, miss, connection opened and
     /// closed). Off by default; `tcpshiftd --log-level debug` sets it while it runs.
     pub const LOG_DEBUG: u32 = 1;
+    /// Some slot of this namespace has a connection limit or is ejected (`TS_LIMITS` has an
+    /// entry that matters): only then does sk_lookup look candidates up in `TS_LIMITS`, so a
+    /// namespace without limits pays one bit test per connection.
+    pub const LIMITS: u32 = 2;
 }
 
 /// Settings for the whole namespace (`TS_GLOBAL[0]`).
@@ -344,6 +358,9 @@ pub mod tag_flags {
     /// The socket went from an open state straight to CLOSE: a RST it sends next is counted
     /// in [`super::Counters::reset_by_backend`] (the flag is cleared by the first packet).
     pub const WATCH_RESET: u32 = 4;
+    /// The connection was counted in its slot's [`super::SlotLoad::open`]: its close takes it
+    /// off again (and only then, so no connection is taken off twice or without being added).
+    pub const OPEN_COUNTED: u32 = 8;
 }
 
 /// Value of `TS_SOCKTAG`, a socket-local storage (`BPF_MAP_TYPE_SK_STORAGE` with
@@ -415,6 +432,74 @@ pub struct ServiceMeta {
     pub _pad: [u8; 2],
     /// The subsets, indices matching [`ServiceEntry::weights`].
     pub subsets: [SubsetMeta; MAX_SUBSETS],
+}
+
+/// Why a subset was ejected ([`SlotLimits::reason`]).
+pub mod eject_reason {
+    /// Not ejected (or never was).
+    pub const NONE: u32 = 0;
+    /// `consecutiveGatewayErrors` connection errors in a row (resets by the backend, closes
+    /// without a reply, refused, retransmission timeouts).
+    pub const GATEWAY_ERRORS: u32 = 1;
+    /// `consecutive5xxErrors` errors in a row (for TCP: the same errors).
+    pub const ERRORS_5XX: u32 = 2;
+}
+
+/// Value of `TS_LIMITS`: a slot's connection limit and outlier state.
+///
+/// Written by userspace only, as a whole (applying a traffic policy, the outlier loop); the
+/// sk_lookup program reads [`SlotLimits::max_connections`] and [`SlotLimits::ejected`] of a
+/// candidate subset. A slot without an entry has no limit and is never ejected. The open
+/// connections the limit is compared with live in another map, [`SlotLoad`], which only the
+/// programs write (a whole-value update from userspace would lose their increments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// Most open connections (`connectionPool.tcp.maxConnections`); 0: no limit.
+    pub max_connections: u32,
+    /// 1 while the subset is ejected: it gets no new connection (open ones stay).
+    pub ejected: u32,
+    /// Outlier detection: errors in a row that eject (0: outlier detection off).
+    pub consecutive_errors: u32,
+    /// Outlier detection: the most subsets of the service ejected at once, in percent.
+    pub max_ejection_percent: u32,
+    /// Outlier detection: how often the failure counters are read, in milliseconds.
+    pub interval_ms: u32,
+    /// Outlier detection: the first ejection's length, in milliseconds (× times ejected).
+    pub base_ejection_ms: u32,
+    /// How many times the subset was ejected (the ejection's length is `base × times`).
+    pub times_ejected: u32,
+    /// Why it was ejected last: see [`eject_reason`].
+    pub reason: u32,
+    /// When the last ejection began, milliseconds since the Unix epoch (0: never).
+    pub ejected_at_ms: u64,
+    /// When the current ejection ends, milliseconds since the Unix epoch.
+    pub eject_until_ms: u64,
+    /// Errors in a row counted so far (reset by a connection that went well).
+    pub errors_in_row: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Explicit padding (room for later fields).
+    pub _reserved: u64,
+}
+
+/// Value of `TS_LOAD`: a slot's load, written by the programs only with atomic adds (one
+/// value shared by all CPUs, so the count is exact whatever CPU a connection opens or closes
+/// on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLoad {
+    /// Open connections: +1 at `PASSIVE_ESTABLISHED`, -1 at close (sock_ops). Read as `i64`
+    /// and clamped at 0 (a slot reused while connections of its previous service close).
+    pub open: u64,
+    /// New connections refused because every subset of the service was full or ejected
+    /// (counted on the subset the hash chose; sk_lookup).
+    pub refused: u64,
+    /// New connections that chose this subset but went to another because it was full or
+    /// ejected (sk_lookup).
+    pub diverted: u64,
+    /// Explicit padding.
+    pub _pad: u64,
 }
 
 /// Slot of subset `subset` of service `id` in `TS_SOCKETS` and `TS_COUNTERS`.
@@ -495,6 +580,8 @@ const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
+assert_size!(SlotLimits, 64);
+assert_size!(SlotLoad, 32);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
 const _: () = assert!(
     srtt_bucket(0) == 0
@@ -535,6 +622,8 @@ mod user {
         RecentSecond,
         SubsetMeta,
         ServiceMeta,
-        SockTag
+        SockTag,
+        SlotLimits,
+        SlotLoad
     );
 }

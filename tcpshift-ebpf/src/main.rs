@@ -4,11 +4,19 @@
 //!   of one of the service's subsets, chosen by weight.
 //! - `sock_ops`: attached to the cgroup v2 root, accounts the connections established on the
 //!   subsets' sockets (opened, closed, bytes).
+//! - `limits`: connection limits and outlier ejections on the per-connection path (open
+//!   connections counted exactly per subset, full or ejected subsets skipped).
 //! - `maps`: the maps both programs share and the helpers that read and write them. What
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `limits.rs` counts open connections with the BPF atomic add (`lock xadd`): the BPF target has
+// no `AtomicU64::fetch_add`, the intrinsic is how to ask for the instruction.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod limits;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

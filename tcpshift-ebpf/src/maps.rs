@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tcpshift_common::{
     BucketTable, Counters, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, ServiceEntry, ServiceKey,
-    ServiceMeta, SockTag, global_flags,
+    ServiceMeta, SlotLimits, SlotLoad, SockTag, global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -36,6 +36,16 @@ pub(crate) static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLO
 #[map(name = "TS_COUNTERS")]
 static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
     PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Connection limits and ejections per slot (userspace writes, sk_lookup reads).
+#[map(name = "TS_LIMITS")]
+pub(crate) static TS_LIMITS: HashMap<u32, SlotLimits> =
+    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Open connections per slot, shared by all CPUs (the programs write it with atomic adds).
+#[map(name = "TS_LOAD")]
+pub(crate) static TS_LOAD: HashMap<u32, SlotLoad> =
+    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Userspace-only description of each service; declared here so that it is created, pinned
 /// and versioned together with the maps the data path uses.

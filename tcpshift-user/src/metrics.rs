@@ -138,6 +138,56 @@ const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
         MetricType::Counter,
         |_, s| s.owner.refused,
     ),
+    (
+        "tcpshift_subset_open_connections",
+        "Open connections of the subset, counted exactly by the kernel (compared with its connection limit).",
+        None,
+        MetricType::Gauge,
+        |_, s| s.limits.open,
+    ),
+    (
+        "tcpshift_subset_max_connections",
+        "The subset's connection limit (connectionPool.tcp.maxConnections); 0: no limit.",
+        None,
+        MetricType::Gauge,
+        |_, s| u64::from(s.limits.max_connections.unwrap_or(0)),
+    ),
+    (
+        "tcpshift_refused_at_limit",
+        "New connections that chose the subset and were refused because every subset was full or ejected.",
+        None,
+        MetricType::Counter,
+        |_, s| s.limits.refused_at_limit,
+    ),
+    (
+        "tcpshift_diverted_at_limit",
+        "New connections that chose the subset and went to another because it was full or ejected.",
+        None,
+        MetricType::Counter,
+        |_, s| s.limits.diverted,
+    ),
+    (
+        "tcpshift_subset_times_ejected",
+        "Times the subset was ejected by outlier detection (one is taken off per interval it does well).",
+        None,
+        MetricType::Gauge,
+        |_, s| {
+            s.limits
+                .outlier
+                .as_ref()
+                .map_or(0, |o| u64::from(o.times_ejected))
+        },
+    ),
+    (
+        "tcpshift_subset_ejected_since_seconds",
+        "When the subset's current ejection began, seconds since the Unix epoch; 0 when it is not ejected.",
+        None,
+        MetricType::Gauge,
+        |_, s| match &s.limits.outlier {
+            Some(o) if o.ejected => o.ejected_since_ms / 1000,
+            _ => 0,
+        },
+    ),
 ];
 
 /// `(upper bound in seconds, count)` of each bucket of a subset's smoothed-RTT histogram, not
@@ -207,6 +257,21 @@ impl Collector for Snapshot {
             ConstGauge::new(n).encode(family.encode_family(&[("service", svc.name.as_str())])?)?;
         }
         let mut family = encoder.encode_descriptor(
+            "tcpshift_subset_ejected",
+            "1 while outlier detection has ejected the subset (it gets no new connection), else 0; `reason` names the threshold that ejected it last.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (svc, s) in subsets() {
+            let Some(o) = &s.limits.outlier else { continue };
+            let labels = [
+                ("service", svc.name.as_str()),
+                ("subset", s.name.as_str()),
+                ("reason", o.reason.as_deref().unwrap_or("")),
+            ];
+            ConstGauge::new(i64::from(o.ejected)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "tcpshift_tcp_srtt_at_close",
             "Smoothed RTT of the subset's closed connections at close (log2 buckets; the sum is not tracked and is always 0).",
             Some(&Unit::Seconds),
@@ -241,6 +306,7 @@ mod tests {
             observed_share: None,
             counters,
             owner: Default::default(),
+            limits: Default::default(),
         };
         Status {
             netns_inode: 1,

@@ -28,6 +28,7 @@
 //! [`crate::yaml`].
 
 mod fields;
+pub mod limits;
 pub mod render;
 pub mod spec;
 
@@ -35,6 +36,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::model::traffic_policy::ServicePolicy;
 use crate::model::{ListenClaims, ServiceConfig, validate_service_name};
 use crate::yaml::{self, Weight, seg};
 use fields::{Entries, EntryKind, SubsetAddr, check_service_count, invalid, validate_subsets};
@@ -56,6 +58,9 @@ pub const DEFAULT_SINGLE_WEIGHT: u32 = 100;
 pub struct Config {
     /// The services, sorted by name (names are unique).
     pub services: Vec<ServiceConfig>,
+    /// Their traffic policies (`maxConnections`, `outlierDetection`), one per service (empty
+    /// when it has none), in the same order.
+    pub policies: Vec<ServicePolicy>,
 }
 
 /// The message of an empty configuration.
@@ -113,7 +118,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights` and `takeOver`"
+    expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
+                 `maxConnections` and `outlierDetection`"
 )]
 struct RawService {
     listen: Listen,
@@ -123,6 +129,12 @@ struct RawService {
     /// `takeOver: true`: the service may shadow a server already listening on its address.
     #[serde(default, rename = "takeOver")]
     take_over: bool,
+    /// Most open connections of each subset (see `limits.rs`).
+    #[serde(default, rename = "maxConnections")]
+    max_connections: Option<limits::MaxConnections>,
+    /// Outlier ejection of the subsets (see `limits.rs`).
+    #[serde(default, rename = "outlierDetection")]
+    outlier_detection: Option<limits::RawOutlierDetection>,
 }
 
 impl EntryKind for RawService {
@@ -138,6 +150,7 @@ impl RawConfig {
             "tcp-echo: {listen: 31400, subsets: {v1: 127.0.0.1:9001}}",
         )?;
         let mut services = Vec::with_capacity(raw_services.len());
+        let mut policies = Vec::with_capacity(raw_services.len());
         let mut listens = ListenClaims::new();
         for (name, raw) in raw_services {
             let path = format!("services.{}", seg(&name));
@@ -145,6 +158,14 @@ impl RawConfig {
             listens
                 .claim(&raw.listen, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
+            policies.push(ServicePolicy {
+                service: name.clone(),
+                top: limits::policy(raw.max_connections, raw.outlier_detection.as_ref()),
+                subsets: (raw.subsets.0.iter())
+                    .map(|(n, a)| (n.clone(), a.policy()))
+                    .filter(|(_, p)| !p.is_empty())
+                    .collect(),
+            });
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             services.push(ServiceConfig {
                 name,
@@ -154,7 +175,8 @@ impl RawConfig {
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Config { services })
+        policies.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(Config { services, policies })
     }
 }
 
@@ -238,6 +260,10 @@ mod tests {
                         },
                     ],
                     take_over: false,
+                }],
+                policies: vec![ServicePolicy {
+                    service: "tcp-echo".into(),
+                    ..Default::default()
                 }],
             }
         );

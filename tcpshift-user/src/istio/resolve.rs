@@ -39,6 +39,9 @@ pub struct Plan {
     pub objects: Vec<String>,
     /// Things the user should know (ignored fields).
     pub warnings: Vec<String>,
+    /// The traffic policies of the DestinationRules' hosts (connection limits, outlier
+    /// detection), for [`crate::state::State::set_traffic_policies`] after the apply.
+    pub policies: Vec<crate::model::traffic_policy::ServicePolicy>,
 }
 
 impl Plan {
@@ -246,15 +249,9 @@ impl<'a> Objects<'a> {
                 };
                 shown.push(format!("{} ({})", s.name, local.addr));
             }
-            if dr.spec.traffic_policy.is_some()
-                || dr.spec.subsets.iter().any(|s| s.traffic_policy.is_some())
-            {
-                plan.warnings.push(format!(
-                    "DestinationRule {}: trafficPolicy is ignored (tcpshift places each new \
-                     connection by weight only)",
-                    dr.metadata.name
-                ));
-            }
+            let (policy, warning) = super::traffic_policy::policy_of(doc, dr)?;
+            plan.warnings.extend(warning);
+            plan.policies.push(policy);
             plan.objects.push(format!(
                 "destinationrule.{GROUP}/{} accepted: host {host}, subsets {}",
                 dr.metadata.name,

@@ -8,11 +8,13 @@
 //!   rule that no two services share one;
 //! - [`plan`]: what the kernel holds ([`ServiceView`]) and what a change wants
 //!   ([`Desired`]), and what a change did to a service ([`Change`]);
-//! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
+//! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic;
+//! - [`traffic_policy`]: connection limits and outlier detection per service and subset.
 
 pub mod plan;
 pub mod rollout;
 pub mod service;
+pub mod traffic_policy;
 
 pub use plan::{Annotation, Change, Desired, DesiredService, ServiceView, Weights};
 pub use service::{

@@ -3,6 +3,7 @@
 //! - [`status`]: the `status` table and the `top` screen, from a [`crate::state::Status`];
 //! - [`services`]: `get services`, `get virtualservice` and the result of `apply`.
 
+mod limits;
 mod services;
 mod status;
 

@@ -34,6 +34,8 @@
 //!   by [`State::apply_with`], [`State::set_weights`] and [`State::delete_with`], and the dry
 //!   run [`State::plan_with`];
 //! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
+//! - `limits.rs`: connection limits and outlier ejections (`TS_LIMITS`, `TS_LOAD`):
+//!   [`State::set_traffic_policies`], the outlier loop's reads and writes, [`LimitStatus`];
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
 //! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
@@ -65,6 +67,7 @@ mod encode;
 mod error;
 mod guard;
 mod lifecycle;
+mod limits;
 mod lock;
 mod owners;
 mod plan;
@@ -89,6 +92,7 @@ mod failpoints {
 pub use encode::{MAX_ANNOTATION, service_key};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use limits::{LimitStatus, OutlierService, OutlierStatus, unix_now_ms};
 pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};
 pub use sockets::Missing;

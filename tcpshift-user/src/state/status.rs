@@ -38,6 +38,9 @@ pub struct SubsetStatus {
     pub counters: CounterStatus,
     /// Whose socket is registered, which uid is trusted, and refused sockets (`TS_OWNERS`).
     pub owner: OwnerStatus,
+    /// Connection limit, open connections, refusals at the limit, ejection (`TS_LIMITS`,
+    /// `TS_LOAD`).
+    pub limits: super::LimitStatus,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -254,6 +257,7 @@ impl State {
                     observed_share: None,
                     counters: counters.remove(&slot).unwrap_or_default(),
                     owner,
+                    limits: self.limit_status(slot)?,
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();
