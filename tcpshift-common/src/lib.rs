@@ -24,8 +24,8 @@
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
 //! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (explicit rule or the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
-//! | `TS_LIMITS` | hash, no prealloc | [`slot`] | [`SlotLimits`]: connection limit, ejected (read by sk_lookup), the outlier-detection settings and ejection record | userspace (`state/limits.rs`: apply of a traffic policy, tcpshiftd's outlier loop) |
-//! | `TS_LOAD` | hash, no prealloc | [`slot`] | [`SlotLoad`]: open connections (exact, atomic), refused at the limit, diverted | the programs only (sock_ops creates the entry; userspace reads it, removes it with the service) |
+//! | `TS_LIMITS` | hash, no prealloc | [`slot`], and [`service_summary_key`] per service | [`SlotLimits`]: connection limit, ejected (read by sk_lookup), the outlier-detection settings and ejection record | userspace (`state/limits.rs`: apply of a traffic policy, tcpshiftd's outlier loop) |
+//! | `TS_LOAD` | hash, no prealloc | [`slot`], and [`service_summary_key`] per service | [`SlotLoad`]: open connections (exact, atomic), refused at the limit, diverted | the programs only (sock_ops creates the entry; userspace reads it, removes it with the service) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
@@ -495,11 +495,32 @@ pub struct SlotLoad {
     /// New connections refused because every subset of the service was full or ejected
     /// (counted on the subset the hash chose; sk_lookup).
     pub refused: u64,
-    /// New connections that chose this subset but went to another because it was full or
-    /// ejected (sk_lookup).
+    /// New connections that chose this subset but were passed over because it was full or
+    /// ejected: they went to another subset, or were refused (sk_lookup).
     pub diverted: u64,
     /// Explicit padding.
     pub _pad: u64,
+}
+
+/// Key of a service's summary entry in `TS_LIMITS` and `TS_LOAD` (after every slot key).
+///
+/// The sk_lookup program reads these two entries once per connection instead of one entry
+/// per candidate subset (the fallback loop is unrolled and the verifier's budget is tight):
+/// - in `TS_LIMITS` (written by userspace with the slots' entries): `ejected` is the mask of
+///   ejected subsets, `max_connections` the mask of subsets with a limit;
+/// - in `TS_LOAD` (written by sock_ops): the 16 bytes of `open` and `refused` are one byte per
+///   subset, 1 while the subset's open connections are at its limit ([`full_mask`]).
+#[inline(always)]
+pub const fn service_summary_key(id: u32) -> u32 {
+    MAX_SLOTS + id
+}
+
+/// The mask of full subsets from the two words of a summary `TS_LOAD` entry: byte `i`
+/// (little-endian, 0 or 1) becomes bit `i`, without a branch.
+#[inline(always)]
+pub const fn full_mask(lo: u64, hi: u64) -> u32 {
+    const GATHER: u64 = 0x0102_0408_1020_4080;
+    ((lo.wrapping_mul(GATHER) >> 56) | ((hi.wrapping_mul(GATHER) >> 56) << 8)) as u32
 }
 
 /// Slot of subset `subset` of service `id` in `TS_SOCKETS` and `TS_COUNTERS`.
@@ -597,6 +618,12 @@ const _: () = assert!(
         && srtt_bucket_floor_us(11) > 20_000
 );
 const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
+const _: () = assert!(
+    full_mask(0x0100_0000_0000_0001, 0x0001_0000_0000_0100) == 0x4000 | 0x0200 | 0x0080 | 1
+        && full_mask(0, 0) == 0
+        && full_mask(0x0101_0101_0101_0101, 0x0101_0101_0101_0101) == 0xffff
+);
+const _: () = assert!(MAX_SLOTS as u64 + MAX_SERVICES as u64 <= u32::MAX as u64);
 
 #[cfg(feature = "user")]
 mod user {

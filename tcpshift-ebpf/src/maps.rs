@@ -40,12 +40,12 @@ static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
 /// Connection limits and ejections per slot (userspace writes, sk_lookup reads).
 #[map(name = "TS_LIMITS")]
 pub(crate) static TS_LIMITS: HashMap<u32, SlotLimits> =
-    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(MAX_SLOTS + MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Open connections per slot, shared by all CPUs (the programs write it with atomic adds).
 #[map(name = "TS_LOAD")]
 pub(crate) static TS_LOAD: HashMap<u32, SlotLoad> =
-    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(MAX_SLOTS + MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Userspace-only description of each service; declared here so that it is created, pinned
 /// and versioned together with the maps the data path uses.

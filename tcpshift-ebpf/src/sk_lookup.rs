@@ -9,8 +9,6 @@
 //! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
 //!    the socket from the map), try the other subsets — weighted ones first, then any — and
 //!    count a fallback; if none is alive, count a miss and let the normal lookup run.
-//!    With connection limits or ejections (`limits.rs`), a full or ejected subset is passed
-//!    over like a dead one; when that leaves none, the connection is refused and counted.
 
 use aya_ebpf::{
     bindings::sk_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::sk_lookup,
@@ -22,7 +20,6 @@ use tcpshift_common::{
     table_key,
 };
 
-use crate::limits;
 use crate::maps::{AF_INET, TS_BUCKETS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
 
 #[sk_lookup]
@@ -94,7 +91,6 @@ fn steer(ctx: &SkLookupContext) {
         None => 0,
     };
     let log = log_on(global);
-    let limits = limits::limits_on(global);
     let words = [
         remote[0],
         remote[1],
@@ -121,10 +117,7 @@ fn steer(ctx: &SkLookupContext) {
     let chosen = unsafe { (*table).subset[(hash & BUCKET_MASK) as usize] } as u32;
     let chosen_slot = slot(id, chosen);
     count(chosen_slot, |c| c.chosen += 1);
-    // A full or ejected subset is passed over like one without a socket (limits.rs).
-    let chosen_blocked = limits && limits::blocked(chosen_slot);
-    let mut any_blocked = chosen_blocked;
-    if !chosen_blocked && TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
+    if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
         count(chosen_slot, count_steered);
         if log {
             debug!(
@@ -150,14 +143,7 @@ fn steer(ctx: &SkLookupContext) {
                 continue;
             }
             let s = slot(id, i);
-            if limits && limits::blocked(s) {
-                any_blocked = true;
-                continue;
-            }
             if TS_SOCKETS.redirect_sk_lookup(ctx, s, 0).is_ok() {
-                if chosen_blocked {
-                    limits::diverted(chosen_slot);
-                }
                 count(chosen_slot, |c| c.fallback_out += 1);
                 count(s, |c| {
                     count_steered(c);
@@ -176,13 +162,6 @@ fn steer(ctx: &SkLookupContext) {
                 return;
             }
         }
-    }
-    if any_blocked {
-        // Every subset left is full or ejected: refused (the kernel answers the SYN with a
-        // RST unless another socket listens on the service's address), counted apart from
-        // misses.
-        limits::refused(chosen_slot);
-        return;
     }
     count(chosen_slot, |c| c.misses += 1);
     if log {

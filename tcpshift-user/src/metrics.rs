@@ -405,4 +405,47 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn renders_limits_and_ejections() {
+        use crate::state::{LimitStatus, OutlierStatus};
+        let mut st = status();
+        for s in st
+            .services
+            .iter_mut()
+            .flat_map(|svc| svc.subsets.iter_mut())
+        {
+            if s.name == "v2" {
+                s.limits = LimitStatus {
+                    max_connections: Some(20),
+                    open: 20,
+                    refused_at_limit: 3,
+                    diverted: 5,
+                    outlier: Some(OutlierStatus {
+                        ejected: true,
+                        ejected_since_ms: 5_000,
+                        times_ejected: 2,
+                        reason: Some("consecutiveGatewayErrors".into()),
+                        ..Default::default()
+                    }),
+                };
+            }
+        }
+        let text = render(&st).expect("render");
+        for line in [
+            "tcpshift_subset_open_connections{service=\"tcp-echo\",subset=\"v2\"} 20",
+            "tcpshift_subset_max_connections{service=\"tcp-echo\",subset=\"v2\"} 20",
+            "tcpshift_subset_max_connections{service=\"tcp-echo\",subset=\"v1\"} 0",
+            "tcpshift_refused_at_limit_total{service=\"tcp-echo\",subset=\"v2\"} 3",
+            "tcpshift_diverted_at_limit_total{service=\"tcp-echo\",subset=\"v2\"} 5",
+            "tcpshift_subset_times_ejected{service=\"tcp-echo\",subset=\"v2\"} 2",
+            "tcpshift_subset_ejected_since_seconds{service=\"tcp-echo\",subset=\"v2\"} 5",
+            "tcpshift_subset_ejected{service=\"tcp-echo\",subset=\"v2\",reason=\"consecutiveGatewayErrors\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
 }

@@ -218,20 +218,28 @@ mod tests {
         assert_eq!(p.for_subset("v2").max_connections, Some(20));
         assert_eq!(p.for_subset("v1").max_connections, None);
         let d = p.for_subset("v2").outlier_detection.unwrap();
-        assert_eq!((d.consecutive_errors, d.interval), (3, Duration::from_secs(1)));
+        assert_eq!(
+            (d.consecutive_errors, d.interval),
+            (3, Duration::from_secs(1))
+        );
         let bad = CONFIG.replace("interval: 1s", "interval: 10");
         let e = crate::config::Config::from_yaml_str(&bad, "f.yaml")
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("f.yaml:8:") && e.contains("outlierDetection.interval") && e.contains("has no unit"),
+            e.starts_with("f.yaml:8:")
+                && e.contains("outlierDetection.interval")
+                && e.contains("has no unit"),
             "{e}"
         );
         let bad = CONFIG.replace("maxConnections: 20", "maxConnections: 0");
         let e = crate::config::Config::from_yaml_str(&bad, "f.yaml")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("f.yaml:6:") && e.contains("out of range"), "{e}");
+        assert!(
+            e.starts_with("f.yaml:6:") && e.contains("out of range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aya::maps::{HashMap, MapData, MapError};
 use serde::Serialize;
 use tcpshift_common::{
-    MAX_SUBSETS, SlotLimits, SlotLoad, eject_reason, global_flags, map_names, slot, slot_service,
-    slot_subset,
+    MAX_SLOTS, MAX_SUBSETS, SlotLimits, SlotLoad, eject_reason, global_flags, map_names,
+    service_summary_key, slot, slot_service, slot_subset,
 };
 
 use super::{State, encode::name_str, error::*, open_map};
@@ -164,6 +164,32 @@ fn with_policy(mut l: SlotLimits, policy: &TrafficPolicy) -> SlotLimits {
     l
 }
 
+/// Rewrites service `id`'s summary entry from its slots' entries: the mask of ejected subsets
+/// and the mask of subsets with a limit (removed when both are empty).
+fn write_summary(map: &mut LimitsMap, id: u32) -> Result<()> {
+    let mut summary = SlotLimits::default();
+    for i in 0..MAX_SUBSETS as u32 {
+        match map.get(&slot(id, i), 0) {
+            Ok(l) => {
+                if l.ejected != 0 {
+                    summary.ejected |= 1 << i;
+                }
+                if l.max_connections > 0 {
+                    summary.max_connections |= 1 << i;
+                }
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err("cannot read a connection limit")(e)),
+        }
+    }
+    let key = service_summary_key(id);
+    if summary == SlotLimits::default() {
+        return ignore_missing(map.remove(&key), "cannot remove a connection limit");
+    }
+    map.insert(key, summary, 0)
+        .map_err(map_err("cannot write a connection limit"))
+}
+
 impl State {
     fn limits_map(&self) -> Result<LimitsMap> {
         open_map(&self.dir, map_names::LIMITS)
@@ -207,6 +233,7 @@ impl State {
                         .map_err(map_err("cannot write a connection limit"))?;
                 }
             }
+            write_summary(&mut map, *id)?;
         }
         // Entries of services or subsets that are gone.
         let keys: Vec<u32> = map
@@ -214,9 +241,13 @@ impl State {
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("cannot list the connection limits"))?;
         for key in &keys {
-            let alive = all.iter().any(|(id, meta)| {
-                *id == slot_service(*key) && slot_subset(*key) < u32::from(meta.n_subsets)
-            });
+            let alive = if *key >= MAX_SLOTS {
+                all.iter().any(|(id, _)| service_summary_key(*id) == *key)
+            } else {
+                all.iter().any(|(id, meta)| {
+                    *id == slot_service(*key) && slot_subset(*key) < u32::from(meta.n_subsets)
+                })
+            };
             if !alive {
                 ignore_missing(map.remove(key), "cannot remove a connection limit")?;
             }
@@ -304,7 +335,9 @@ impl State {
             let mine: Vec<&(u32, SlotLimits)> = entries
                 .iter()
                 .filter(|(k, l)| {
-                    slot_service(*k) == id && (l.consecutive_errors > 0 || l.ejected != 0)
+                    *k < MAX_SLOTS
+                        && slot_service(*k) == id
+                        && (l.consecutive_errors > 0 || l.ejected != 0)
                 })
                 .collect();
             if mine.is_empty() {
@@ -369,6 +402,11 @@ impl State {
             l.errors_in_row = r.errors_in_row;
             map.insert(*key, l, 0)
                 .map_err(map_err("cannot write an ejection"))?;
+        }
+        let mut ids: Vec<u32> = records.iter().map(|(k, _)| slot_service(*k)).collect();
+        ids.dedup();
+        for id in ids {
+            write_summary(&mut map, id)?;
         }
         Ok(())
     }

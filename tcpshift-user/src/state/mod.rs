@@ -8,6 +8,7 @@
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_LIMITS TS_LOAD            connection limits and ejections; open connections
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
 //!     link                         the sk_lookup link: keeps the program attached
