@@ -24,12 +24,12 @@ const OPEN: usize = 0;
 /// `key`'s `TS_LOAD` value, created at zero first if missing.
 #[inline(always)]
 fn load_of(key: u32) -> Option<*mut SlotLoad> {
-    if let Some(p) = TS_LOAD.get_ptr_mut(&key) {
+    if let Some(p) = TS_LOAD.get_ptr_mut(key) {
         return Some(p);
     }
     // Only one of racing creators succeeds; the others find its entry below.
-    let _ = TS_LOAD.insert(&key, &SlotLoad::default(), u64::from(BPF_NOEXIST));
-    TS_LOAD.get_ptr_mut(&key)
+    let _ = TS_LOAD.insert(key, SlotLoad::default(), u64::from(BPF_NOEXIST));
+    TS_LOAD.get_ptr_mut(key)
 }
 
 /// Adds `delta` (wrapping: `u64::MAX` takes one off) to word `word` of `slot`'s load.
@@ -50,7 +50,7 @@ fn add(slot: u32, word: usize, delta: u64) -> Option<*mut SlotLoad> {
 #[inline(always)]
 fn refresh_full(slot: u32, load: *mut SlotLoad) {
     // SAFETY: the value is only read; userspace replaces entries as a whole.
-    let max = match unsafe { TS_LIMITS.get(&slot) } {
+    let max = match unsafe { TS_LIMITS.get(slot) } {
         Some(l) => l.max_connections,
         None => return,
     };
