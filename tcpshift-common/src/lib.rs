@@ -28,6 +28,8 @@
 //! | `TS_UDP_SOCKETS` | sockhash | [`slot`] | the subset's UDP socket (a `tcp+udp` service has one in each sockhash under the same slot) | loader (the kernel removes closed sockets) |
 //! | `TS_UDP_COUNTERS` | per-CPU hash | [`slot`] | [`UdpCounters`] | sk_lookup (userspace creates each UDP slot's zeroed entry) |
 //! | `TS_UDP_FLOWS` | LRU hash, `max_entries` set at install | [`UdpFlowKey`]: service id, 4-tuple | [`UdpFlow`]: subset, last datagram time | sk_lookup (the kernel evicts the least recently used entry when full) |
+//! | `TS_LIMITS` | hash, no prealloc | [`slot`], and [`service_summary_key`] per service | [`SlotLimits`]: connection limit, ejected (read by sk_lookup), the outlier-detection settings and ejection record | userspace (`state/limits.rs`: apply of a traffic policy, tcpshiftd's outlier loop) |
+//! | `TS_LOAD` | hash, no prealloc | [`slot`], and [`service_summary_key`] per service | [`SlotLoad`]: open connections (exact, atomic), refused at the limit, diverted | the programs only (sock_ops creates the entry; userspace reads it, removes it with the service) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
 //! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
@@ -93,9 +95,13 @@ pub mod map_names {
     pub const UDP_COUNTERS: &str = "TS_UDP_COUNTERS";
     /// See [`super::UdpFlow`].
     pub const UDP_FLOWS: &str = "TS_UDP_FLOWS";
+    /// See [`super::SlotLimits`].
+    pub const LIMITS: &str = "TS_LIMITS";
+    /// See [`super::SlotLoad`].
+    pub const LOAD: &str = "TS_LOAD";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         GLOBAL,
         SERVICES,
         BUCKETS,
@@ -107,6 +113,8 @@ pub mod map_names {
         UDP_SOCKETS,
         UDP_COUNTERS,
         UDP_FLOWS,
+        LIMITS,
+        LOAD,
     ];
 }
 
@@ -126,6 +134,8 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::UDP_SOCKETS,
     map_names::UDP_COUNTERS,
     map_names::UDP_FLOWS,
+    map_names::LIMITS,
+    map_names::LOAD,
 ];
 const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
 
@@ -193,6 +203,10 @@ pub mod global_flags {
     /// Emit aya-log debug events (subset chosen, fallback, miss, connection opened and
     /// closed). Off by default; `tcpshiftd --log-level debug` sets it while it runs.
     pub const LOG_DEBUG: u32 = 1;
+    /// Some slot of this namespace has a connection limit or is ejected (`TS_LIMITS` has an
+    /// entry that matters): only then does sk_lookup look candidates up in `TS_LIMITS`, so a
+    /// namespace without limits pays one bit test per connection.
+    pub const LIMITS: u32 = 2;
 }
 
 /// Settings for the whole namespace (`TS_GLOBAL[0]`).
@@ -416,6 +430,9 @@ pub mod tag_flags {
     /// The socket went from an open state straight to CLOSE: a RST it sends next is counted
     /// in [`super::Counters::reset_by_backend`] (the flag is cleared by the first packet).
     pub const WATCH_RESET: u32 = 4;
+    /// The connection was counted in its slot's [`super::SlotLoad::open`]: its close takes it
+    /// off again (and only then, so no connection is taken off twice or without being added).
+    pub const OPEN_COUNTED: u32 = 8;
 }
 
 /// Value of `TS_SOCKTAG`, a socket-local storage (`BPF_MAP_TYPE_SK_STORAGE` with
@@ -489,6 +506,95 @@ pub struct ServiceMeta {
     pub _pad: u8,
     /// The subsets, indices matching [`ServiceEntry::weights`].
     pub subsets: [SubsetMeta; MAX_SUBSETS],
+}
+
+/// Why a subset was ejected ([`SlotLimits::reason`]).
+pub mod eject_reason {
+    /// Not ejected (or never was).
+    pub const NONE: u32 = 0;
+    /// `consecutiveGatewayErrors` connection errors in a row (resets by the backend, closes
+    /// without a reply, refused, retransmission timeouts).
+    pub const GATEWAY_ERRORS: u32 = 1;
+    /// `consecutive5xxErrors` errors in a row (for TCP: the same errors).
+    pub const ERRORS_5XX: u32 = 2;
+}
+
+/// Value of `TS_LIMITS`: a slot's connection limit and outlier state.
+///
+/// Written by userspace only, as a whole (applying a traffic policy, the outlier loop); the
+/// sk_lookup program reads [`SlotLimits::max_connections`] and [`SlotLimits::ejected`] of a
+/// candidate subset. A slot without an entry has no limit and is never ejected. The open
+/// connections the limit is compared with live in another map, [`SlotLoad`], which only the
+/// programs write (a whole-value update from userspace would lose their increments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// Most open connections (`connectionPool.tcp.maxConnections`); 0: no limit.
+    pub max_connections: u32,
+    /// 1 while the subset is ejected: it gets no new connection (open ones stay).
+    pub ejected: u32,
+    /// Outlier detection: errors in a row that eject (0: outlier detection off).
+    pub consecutive_errors: u32,
+    /// Outlier detection: the most subsets of the service ejected at once, in percent.
+    pub max_ejection_percent: u32,
+    /// Outlier detection: how often the failure counters are read, in milliseconds.
+    pub interval_ms: u32,
+    /// Outlier detection: the first ejection's length, in milliseconds (× times ejected).
+    pub base_ejection_ms: u32,
+    /// How many times the subset was ejected (the ejection's length is `base × times`).
+    pub times_ejected: u32,
+    /// Why it was ejected last: see [`eject_reason`].
+    pub reason: u32,
+    /// When the last ejection began, milliseconds since the Unix epoch (0: never).
+    pub ejected_at_ms: u64,
+    /// When the current ejection ends, milliseconds since the Unix epoch.
+    pub eject_until_ms: u64,
+    /// Errors in a row counted so far (reset by a connection that went well).
+    pub errors_in_row: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Explicit padding (room for later fields).
+    pub _reserved: u64,
+}
+
+/// Value of `TS_LOAD`: a slot's load, written by the programs only with atomic adds (one
+/// value shared by all CPUs, so the count is exact whatever CPU a connection opens or closes
+/// on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLoad {
+    /// Open connections: +1 at `PASSIVE_ESTABLISHED`, -1 at close (sock_ops). Read as `i64`
+    /// and clamped at 0 (a slot reused while connections of its previous service close).
+    pub open: u64,
+    /// New connections refused because every subset of the service was full or ejected
+    /// (counted on the subset the hash chose; sk_lookup).
+    pub refused: u64,
+    /// New connections that chose this subset but were passed over because it was full or
+    /// ejected: they went to another subset, or were refused (sk_lookup).
+    pub diverted: u64,
+    /// Explicit padding.
+    pub _pad: u64,
+}
+
+/// Key of a service's summary entry in `TS_LIMITS` and `TS_LOAD` (after every slot key).
+///
+/// The sk_lookup program reads these two entries once per connection instead of one entry
+/// per candidate subset (the fallback loop is unrolled and the verifier's budget is tight):
+/// - in `TS_LIMITS` (written by userspace with the slots' entries): `ejected` is the mask of
+///   ejected subsets, `max_connections` the mask of subsets with a limit;
+/// - in `TS_LOAD` (written by sock_ops): the 16 bytes of `open` and `refused` are one byte per
+///   subset, 1 while the subset's open connections are at its limit ([`full_mask`]).
+#[inline(always)]
+pub const fn service_summary_key(id: u32) -> u32 {
+    MAX_SLOTS + id
+}
+
+/// The mask of full subsets from the two words of a summary `TS_LOAD` entry: byte `i`
+/// (little-endian, 0 or 1) becomes bit `i`, without a branch.
+#[inline(always)]
+pub const fn full_mask(lo: u64, hi: u64) -> u32 {
+    const GATHER: u64 = 0x0102_0408_1020_4080;
+    ((lo.wrapping_mul(GATHER) >> 56) | ((hi.wrapping_mul(GATHER) >> 56) << 8)) as u32
 }
 
 /// Slot of subset `subset` of service `id` in `TS_SOCKETS` and `TS_COUNTERS`.
@@ -631,6 +737,8 @@ assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
 assert_size!(UdpFlowKey, 40);
 assert_size!(UdpFlow, 16);
 assert_size!(UdpCounters, 64);
+assert_size!(SlotLimits, 64);
+assert_size!(SlotLoad, 32);
 const _: () = assert!(MAX_SUBSETS <= 32, "weighted_mask is a u32");
 const _: () = assert!(
     srtt_bucket(0) == 0
@@ -646,6 +754,12 @@ const _: () = assert!(
         && srtt_bucket_floor_us(11) > 20_000
 );
 const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
+const _: () = assert!(
+    full_mask(0x0100_0000_0000_0001, 0x0001_0000_0000_0100) == 0x4000 | 0x0200 | 0x0080 | 1
+        && full_mask(0, 0) == 0
+        && full_mask(0x0101_0101_0101_0101, 0x0101_0101_0101_0101) == 0xffff
+);
+const _: () = assert!(MAX_SLOTS as u64 + MAX_SERVICES as u64 <= u32::MAX as u64);
 
 #[cfg(feature = "user")]
 mod user {
@@ -674,6 +788,8 @@ mod user {
         SockTag,
         UdpFlowKey,
         UdpFlow,
-        UdpCounters
+        UdpCounters,
+        SlotLimits,
+        SlotLoad
     );
 }

@@ -6,15 +6,20 @@
 //!   subsets' sockets (opened, closed, bytes).
 //! - `udp`: the UDP path of `sk_lookup`: each datagram of a flow to the subset the flow
 //!   started on (the flow table), new flows by weight.
+//! - `limits`: connection limits and outlier ejections on the per-connection path (open
+//!   connections counted exactly per subset, full or ejected subsets skipped).
 //! - `maps`: the maps both programs share and the helpers that read and write them. What
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The round-robin cursor needs an atomic fetch-add: `AtomicU64::fetch_add` is not available on
-// bpfel-unknown-none, the intrinsic (BPF_ATOMIC | BPF_FETCH, kernel >= 5.12) is.
+// The round-robin cursor and `limits.rs`'s open-connection count need atomic adds:
+// `AtomicU64::fetch_add` is not available on bpfel-unknown-none, the intrinsic (BPF_ATOMIC,
+// with BPF_FETCH for the cursor: kernel >= 5.12) is.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod limits;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

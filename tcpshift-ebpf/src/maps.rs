@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use tcpshift_common::{
     BucketTable, Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS,
-    ServiceEntry, ServiceKey, ServiceMeta, SockTag, UdpCounters, UdpFlow, UdpFlowKey, global_flags,
+    ServiceEntry, ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, UdpCounters, UdpFlow,
+    UdpFlowKey, global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -52,6 +53,16 @@ static TS_UDP_COUNTERS: PerCpuHashMap<u32, UdpCounters> =
 #[map(name = "TS_UDP_FLOWS")]
 pub(crate) static TS_UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
     LruHashMap::with_max_entries(DEFAULT_UDP_FLOWS, 0);
+
+/// Connection limits and ejections per slot (userspace writes, sk_lookup reads).
+#[map(name = "TS_LIMITS")]
+pub(crate) static TS_LIMITS: HashMap<u32, SlotLimits> =
+    HashMap::with_max_entries(MAX_SLOTS + MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Open connections per slot, shared by all CPUs (the programs write it with atomic adds).
+#[map(name = "TS_LOAD")]
+pub(crate) static TS_LOAD: HashMap<u32, SlotLoad> =
+    HashMap::with_max_entries(MAX_SLOTS + MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Userspace-only description of each service; declared here so that it is created, pinned
 /// and versioned together with the maps the data path uses.

@@ -40,6 +40,7 @@ use tcpshift_common::{
     tag_flags,
 };
 
+use crate::limits;
 use crate::maps::{AF_INET, TS_GLOBAL, count, log_on, lookup_service, socktag};
 
 /// `TCPHDR_FIN` in `skb_tcp_flags`.
@@ -150,10 +151,11 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     // SAFETY: as above.
     unsafe {
         write_volatile(addr_of!((*t).slot).cast_mut(), found);
-        write_volatile(addr_of!((*t).flags).cast_mut(), 0);
+        write_volatile(addr_of!((*t).flags).cast_mut(), tag_flags::OPEN_COUNTED);
         write_volatile(addr_of!((*t).kind).cast_mut(), tag::OPEN);
     }
     count(found, |c| c.opened += 1);
+    limits::opened(found);
     // State changes for the accounting, and retransmission timeouts (the timer's expiry
     // only, never a per-packet callback).
     add_cb_flags(
@@ -272,6 +274,9 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         }
         c.srtt_histogram[srtt] += 1;
     });
+    if flags & tag_flags::OPEN_COUNTED != 0 {
+        limits::closed(slot);
+    }
     // SAFETY: see `established`.
     unsafe { write_volatile(addr_of!((*t).kind).cast_mut(), tag::CLOSED) };
     if log_on(Some(global)) {

@@ -11,6 +11,7 @@
 //! - [`istio`]: `tcpshiftctl apply`: Istio VirtualService / DestinationRule / Gateway objects,
 //!   Gateway API Gateways and TCPRoutes, and `services:` documents, mapped onto services;
 //! - [`rollout`]: `Rollout` documents and the driver of progressive rollouts;
+//! - [`outlier`]: outlier ejection's pure decisions (which subsets to eject, when they return);
 //! - [`store`]: the fleet's desired state in etcd (`--store`);
 //! - [`netns`]: network namespaces and bpffs;
 //! - [`state`]: the pinned per-namespace state (the only module that touches the BPF maps);
@@ -26,6 +27,7 @@ pub mod istio;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod outlier;
 pub mod procfs;
 pub mod report;
 pub mod rollout;

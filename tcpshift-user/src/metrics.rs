@@ -138,6 +138,56 @@ const FAMILIES: &[(&str, &str, Option<Unit>, MetricType, Value)] = &[
         MetricType::Counter,
         |_, s| s.owner.refused,
     ),
+    (
+        "tcpshift_subset_open_connections",
+        "Open connections of the subset, counted exactly by the kernel (compared with its connection limit).",
+        None,
+        MetricType::Gauge,
+        |_, s| s.limits.open,
+    ),
+    (
+        "tcpshift_subset_max_connections",
+        "The subset's connection limit (connectionPool.tcp.maxConnections); 0: no limit.",
+        None,
+        MetricType::Gauge,
+        |_, s| u64::from(s.limits.max_connections.unwrap_or(0)),
+    ),
+    (
+        "tcpshift_refused_at_limit",
+        "New connections that chose the subset and were refused because every subset was full or ejected.",
+        None,
+        MetricType::Counter,
+        |_, s| s.limits.refused_at_limit,
+    ),
+    (
+        "tcpshift_diverted_at_limit",
+        "New connections that chose the subset and went to another because it was full or ejected.",
+        None,
+        MetricType::Counter,
+        |_, s| s.limits.diverted,
+    ),
+    (
+        "tcpshift_subset_times_ejected",
+        "Times the subset was ejected by outlier detection (one is taken off per interval it does well).",
+        None,
+        MetricType::Gauge,
+        |_, s| {
+            s.limits
+                .outlier
+                .as_ref()
+                .map_or(0, |o| u64::from(o.times_ejected))
+        },
+    ),
+    (
+        "tcpshift_subset_ejected_since_seconds",
+        "When the subset's current ejection began, seconds since the Unix epoch; 0 when it is not ejected.",
+        None,
+        MetricType::Gauge,
+        |_, s| match &s.limits.outlier {
+            Some(o) if o.ejected => o.ejected_since_ms / 1000,
+            _ => 0,
+        },
+    ),
 ];
 
 /// `(upper bound in seconds, count)` of each bucket of a subset's smoothed-RTT histogram, not
@@ -205,6 +255,21 @@ impl Collector for Snapshot {
         for svc in &self.0.services {
             let n = i64::try_from(svc.shadows.len()).unwrap_or(i64::MAX);
             ConstGauge::new(n).encode(family.encode_family(&[("service", svc.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "tcpshift_subset_ejected",
+            "1 while outlier detection has ejected the subset (it gets no new connection), else 0; `reason` names the threshold that ejected it last.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (svc, s) in subsets() {
+            let Some(o) = &s.limits.outlier else { continue };
+            let labels = [
+                ("service", svc.name.as_str()),
+                ("subset", s.name.as_str()),
+                ("reason", o.reason.as_deref().unwrap_or("")),
+            ];
+            ConstGauge::new(i64::from(o.ejected)).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "tcpshift_tcp_srtt_at_close",
@@ -327,6 +392,7 @@ mod tests {
             observed_share: None,
             counters,
             owner: Default::default(),
+            limits: Default::default(),
         };
         Status {
             netns_inode: 1,
@@ -447,6 +513,49 @@ mod tests {
             "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"6.4e-05\"} 3",
             "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"0.000128\"} 7",
             "tcpshift_tcp_srtt_at_close_seconds_bucket{service=\"tcp-echo\",subset=\"v1\",le=\"+Inf\"} 7",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn renders_limits_and_ejections() {
+        use crate::state::{LimitStatus, OutlierStatus};
+        let mut st = status();
+        for s in st
+            .services
+            .iter_mut()
+            .flat_map(|svc| svc.subsets.iter_mut())
+        {
+            if s.name == "v2" {
+                s.limits = LimitStatus {
+                    max_connections: Some(20),
+                    open: 20,
+                    refused_at_limit: 3,
+                    diverted: 5,
+                    outlier: Some(OutlierStatus {
+                        ejected: true,
+                        ejected_since_ms: 5_000,
+                        times_ejected: 2,
+                        reason: Some("consecutiveGatewayErrors".into()),
+                        ..Default::default()
+                    }),
+                };
+            }
+        }
+        let text = render(&st).expect("render");
+        for line in [
+            "tcpshift_subset_open_connections{service=\"tcp-echo\",subset=\"v2\"} 20",
+            "tcpshift_subset_max_connections{service=\"tcp-echo\",subset=\"v2\"} 20",
+            "tcpshift_subset_max_connections{service=\"tcp-echo\",subset=\"v1\"} 0",
+            "tcpshift_refused_at_limit_total{service=\"tcp-echo\",subset=\"v2\"} 3",
+            "tcpshift_diverted_at_limit_total{service=\"tcp-echo\",subset=\"v2\"} 5",
+            "tcpshift_subset_times_ejected{service=\"tcp-echo\",subset=\"v2\"} 2",
+            "tcpshift_subset_ejected_since_seconds{service=\"tcp-echo\",subset=\"v2\"} 5",
+            "tcpshift_subset_ejected{service=\"tcp-echo\",subset=\"v2\",reason=\"consecutiveGatewayErrors\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

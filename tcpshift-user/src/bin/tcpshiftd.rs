@@ -5,7 +5,7 @@
 //!
 //! This file reads the arguments and runs the steps in order; each job has its own file:
 //! [`instance`] (one tcpshiftd per network namespace), [`fleet`] (following the fleet store), [`http`] (the metrics and health
-//! endpoint), [`scan`] (registering backends' sockets), [`reload`] (SIGHUP), [`notify`]
+//! endpoint), [`scan`] (registering backends' sockets), [`outlier`] (outlier ejection), [`reload`] (SIGHUP), [`notify`]
 //! (systemd's readiness protocol) and [`upgrade`] (replacing adopted programs in place).
 
 #[path = "tcpshiftd/fleet.rs"]
@@ -18,6 +18,8 @@ mod http;
 mod instance;
 #[path = "tcpshiftd/notify.rs"]
 mod notify;
+#[path = "tcpshiftd/outlier.rs"]
+mod outlier;
 #[path = "tcpshiftd/reload.rs"]
 mod reload;
 #[path = "tcpshiftd/rollouts.rs"]
@@ -202,6 +204,7 @@ fn run(args: Args) -> Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config {
             services: Vec::new(),
+            policies: Vec::new(),
         },
     };
     // Enter the namespace before any other thread exists: threads inherit it.
@@ -236,6 +239,9 @@ fn run(args: Args) -> Result<()> {
     state
         .apply(&config.services, policy)
         .context("cannot apply the configuration")?;
+    state
+        .set_traffic_policies(&config.policies)
+        .context("cannot apply the configuration's connection limits and outlier detection")?;
     let debug_events = args.log_level >= tracing::Level::DEBUG;
     state
         .set_debug_events(debug_events)
@@ -257,6 +263,7 @@ fn run(args: Args) -> Result<()> {
             http::spawn(listener, State::open(&netns)?, fleet.clone())?;
         }
         rollouts::spawn(State::open(&netns)?);
+        outlier::spawn(State::open(&netns)?);
         if debug_events {
             match aya_log::EbpfLogger::init_from_id(state.program_id()?) {
                 Ok(logger) => {

@@ -11,7 +11,9 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use tcpshift_common::{MAX_SERVICES, MAX_SUBSETS};
 
 use super::DEFAULT_SINGLE_WEIGHT;
+use super::limits::{MaxConnections, RawOutlierDetection};
 use crate::model::service::SUBSET_FORMS;
+use crate::model::traffic_policy::TrafficPolicy;
 use crate::model::{OwnerRule, SubsetConfig, parse_subset_addr, validate_subset_name};
 use crate::yaml::{Error, Located, Weight, seg};
 
@@ -70,8 +72,16 @@ impl<'de, V: Deserialize<'de> + EntryKind> Deserialize<'de> for Entries<V> {
 }
 
 /// A subset's address, and who may serve it: written `127.0.0.1:9001`, or
-/// `{address: 127.0.0.1:9001, user: NAME|UID, cgroup: /PATH, unit: NAME.service}`.
-pub(super) struct SubsetAddr(SocketAddr, OwnerRule);
+/// `{address: 127.0.0.1:9001, user: NAME|UID, cgroup: /PATH, unit: NAME.service}` (also with
+/// `maxConnections` and `outlierDetection`: see `limits.rs`).
+pub(super) struct SubsetAddr(SocketAddr, OwnerRule, TrafficPolicy);
+
+impl SubsetAddr {
+    /// The subset's own `maxConnections` and `outlierDetection`.
+    pub(super) fn policy(&self) -> TrafficPolicy {
+        self.2
+    }
+}
 
 impl<'de> Deserialize<'de> for SubsetAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -86,7 +96,7 @@ impl<'de> Deserialize<'de> for SubsetAddr {
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SubsetAddr, E> {
                 parse_subset_addr(v)
-                    .map(|a| SubsetAddr(a, OwnerRule::default()))
+                    .map(|a| SubsetAddr(a, OwnerRule::default(), TrafficPolicy::default()))
                     .map_err(E::custom)
             }
 
@@ -106,6 +116,8 @@ impl<'de> Deserialize<'de> for SubsetAddr {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SubsetAddr, A::Error> {
                 let mut addr = None;
                 let mut rule = OwnerRule::default();
+                let mut max_connections = None;
+                let mut outlier = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "address" => {
@@ -130,16 +142,23 @@ impl<'de> Deserialize<'de> for SubsetAddr {
                             let v = map.next_value::<String>()?;
                             rule.cgroup = Some(unit_cgroup(&v).map_err(de::Error::custom)?);
                         }
+                        "maxConnections" => {
+                            max_connections = Some(map.next_value::<MaxConnections>()?);
+                        }
+                        "outlierDetection" => {
+                            outlier = Some(map.next_value::<RawOutlierDetection>()?);
+                        }
                         other => {
                             return Err(de::Error::custom(format!(
                                 "unknown field {other:?} of a subset; expected address, user, \
-                                 cgroup or unit"
+                                 cgroup, unit, maxConnections or outlierDetection"
                             )));
                         }
                     }
                 }
+                let policy = super::limits::policy(max_connections, outlier.as_ref());
                 match addr {
-                    Some(a) => Ok(SubsetAddr(a, rule)),
+                    Some(a) => Ok(SubsetAddr(a, rule, policy)),
                     None => Err(de::Error::custom(format!(
                         "a subset written as a mapping needs `address`: {SUBSET_FORMS}"
                     ))),
@@ -215,7 +234,7 @@ pub(super) fn validate_subsets(
     }
 
     let mut subsets: Vec<SubsetConfig> = Vec::with_capacity(raw.len());
-    for (name, SubsetAddr(addr, owner)) in raw {
+    for (name, SubsetAddr(addr, owner, _)) in raw {
         let sub_path = format!("{subsets_path}.{}", seg(&name));
         validate_subset_name(&name).map_err(|m| invalid(file, &sub_path, m))?;
         let key = (addr.ip().to_canonical(), addr.port());

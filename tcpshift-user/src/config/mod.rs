@@ -29,6 +29,7 @@
 
 mod balance;
 mod fields;
+pub mod limits;
 pub mod render;
 pub mod spec;
 
@@ -36,6 +37,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::model::traffic_policy::ServicePolicy;
 use crate::model::{ListenClaims, Protocol, ServiceConfig, validate_service_name};
 use crate::yaml::{self, Weight, seg};
 use fields::{Entries, EntryKind, SubsetAddr, check_service_count, invalid, validate_subsets};
@@ -57,6 +59,9 @@ pub const DEFAULT_SINGLE_WEIGHT: u32 = 100;
 pub struct Config {
     /// The services, sorted by name (names are unique).
     pub services: Vec<ServiceConfig>,
+    /// Their traffic policies (`maxConnections`, `outlierDetection`), one per service (empty
+    /// when it has none), in the same order.
+    pub policies: Vec<ServicePolicy>,
 }
 
 /// The message of an empty configuration.
@@ -115,7 +120,8 @@ struct RawConfig {
 #[serde(
     deny_unknown_fields,
     expecting = "a service: a mapping with the keys `listen`, `subsets`, `weights`, `takeOver`, \
-                 `failClosed`, `affinity`, `balance` and `protocol`"
+                 `failClosed`, `affinity`, `balance`, `protocol`, `maxConnections` and
+                 `outlierDetection`"
 )]
 struct RawService {
     listen: Listen,
@@ -136,6 +142,12 @@ struct RawService {
     balance: Option<balance::BalanceKey>,
     #[serde(default)]
     protocol: Protocol,
+    /// Most open connections of each subset (see `limits.rs`).
+    #[serde(default, rename = "maxConnections")]
+    max_connections: Option<limits::MaxConnections>,
+    /// Outlier ejection of the subsets (see `limits.rs`).
+    #[serde(default, rename = "outlierDetection")]
+    outlier_detection: Option<limits::RawOutlierDetection>,
 }
 
 impl EntryKind for RawService {
@@ -151,6 +163,7 @@ impl RawConfig {
             "tcp-echo: {listen: 31400, subsets: {v1: 127.0.0.1:9001}}",
         )?;
         let mut services = Vec::with_capacity(raw_services.len());
+        let mut policies = Vec::with_capacity(raw_services.len());
         let mut listens = ListenClaims::new();
         for (name, raw) in raw_services {
             let path = format!("services.{}", seg(&name));
@@ -158,6 +171,14 @@ impl RawConfig {
             listens
                 .claim_protocol(&raw.listen, raw.protocol, &name)
                 .map_err(|e| invalid(file, format!("{path}.listen"), e.to_string()))?;
+            policies.push(ServicePolicy {
+                service: name.clone(),
+                top: limits::policy(raw.max_connections, raw.outlier_detection.as_ref()),
+                subsets: (raw.subsets.0.iter())
+                    .map(|(n, a)| (n.clone(), a.policy()))
+                    .filter(|(_, p)| !p.is_empty())
+                    .collect(),
+            });
             let subsets = validate_subsets(file, &path, raw.subsets.0, raw.weights, true)?;
             let balance = balance::balance_of(file, &path, raw.affinity, raw.balance)?;
             services.push(ServiceConfig {
@@ -171,7 +192,8 @@ impl RawConfig {
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Config { services })
+        policies.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(Config { services, policies })
     }
 }
 
@@ -258,6 +280,10 @@ mod tests {
                     fail_closed: false,
                     balance: Default::default(),
                     protocol: Protocol::Tcp,
+                }],
+                policies: vec![ServicePolicy {
+                    service: "tcp-echo".into(),
+                    ..Default::default()
                 }],
             }
         );

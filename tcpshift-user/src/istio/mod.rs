@@ -59,6 +59,7 @@ pub mod render;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
+mod traffic_policy;
 
 pub use crate::config::{ServiceSpec, services_document};
 pub use crate::yaml::Located;

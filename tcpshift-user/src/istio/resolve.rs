@@ -40,6 +40,9 @@ pub struct Plan {
     pub objects: Vec<String>,
     /// Things the user should know (ignored fields).
     pub warnings: Vec<String>,
+    /// The traffic policies of the DestinationRules' hosts (connection limits, outlier
+    /// detection), for [`crate::state::State::set_traffic_policies`] after the apply.
+    pub policies: Vec<crate::model::traffic_policy::ServicePolicy>,
 }
 
 impl Plan {
@@ -249,6 +252,9 @@ impl<'a> Objects<'a> {
             }
             let (_, warnings) = load_balancer::rule_balance(doc, dr)?;
             plan.warnings.extend(warnings);
+            let (policy, warning) = super::traffic_policy::policy_of(doc, dr)?;
+            plan.warnings.extend(warning);
+            plan.policies.push(policy);
             plan.objects.push(format!(
                 "destinationrule.{GROUP}/{} accepted: host {host}, subsets {}",
                 dr.metadata.name,

@@ -8,12 +8,14 @@
 //!   rule that no two services share one;
 //! - [`plan`]: what the kernel holds ([`ServiceView`]) and what a change wants
 //!   ([`Desired`]), and what a change does to a service ([`Change::classify`]);
-//! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic.
+//! - [`rollout`]: progressive rollouts, their spec, state and pure decision logic;
+//! - [`traffic_policy`]: connection limits and outlier detection per service and subset.
 
 pub mod balance;
 pub mod plan;
 pub mod rollout;
 pub mod service;
+pub mod traffic_policy;
 
 pub use plan::{
     Annotation, Change, Desired, DesiredService, ServiceView, Weights, same_definition,

@@ -4,6 +4,7 @@
 //! - [`services`]: `get services`, `get virtualservice` and the result of `apply`.
 
 mod fail_closed;
+mod limits;
 mod services;
 mod status;
 

@@ -78,6 +78,7 @@ pub fn status_table(status: &Status) -> String {
         let _ = writeln!(out, "warning: {w}");
     }
     out.push_str(&owners(status));
+    out.push_str(&super::limits::lines(status));
     out
 }
 
@@ -302,6 +303,9 @@ pub fn top_frame(status: &Status, prev: Option<&Status>, elapsed: Duration) -> S
                     name_w = name_w,
                 );
             }
+            if let Some(line) = super::limits::subset_line(&s.limits) {
+                let _ = writeln!(out, "  {:<name_w$}  limits {line}", "", name_w = name_w);
+            }
         }
         let _ = writeln!(out, "  (observed: share of new connections, {window})");
     }
@@ -329,6 +333,7 @@ mod tests {
             observed_share: Some(share),
             counters,
             owner: Default::default(),
+            limits: Default::default(),
         };
         Status {
             netns_inode: 1,

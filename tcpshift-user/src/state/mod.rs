@@ -9,6 +9,7 @@
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
 //!     TS_UDP_SOCKETS TS_UDP_COUNTERS TS_UDP_FLOWS  UDP services' sockets, counters, flows
+//!     TS_LIMITS TS_LOAD            connection limits and ejections; open connections
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
 //!     link                         the sk_lookup link: keeps the program attached
@@ -37,6 +38,8 @@
 //! - `status.rs`: [`Status`] and the counters behind `tcpshiftctl status`;
 //! - `udp.rs`: UDP services' flow table settings (size at install, idle timeout) and
 //!   counters ([`UdpSubsetCounters`]);
+//! - `limits.rs`: connection limits and outlier ejections (`TS_LIMITS`, `TS_LOAD`):
+//!   [`State::set_traffic_policies`], the outlier loop's reads and writes, [`LimitStatus`];
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
 //! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
@@ -72,6 +75,7 @@ mod encode;
 mod error;
 mod guard;
 mod lifecycle;
+mod limits;
 mod lock;
 mod owners;
 mod plan;
@@ -99,6 +103,7 @@ pub use access::{DEFAULT_READ_GROUP, ReadGroup};
 pub use encode::{MAX_ANNOTATION, service_key, service_key_for};
 pub use error::StateError;
 pub use lifecycle::{Installed, ProgramChange, ProgramRef, Upgrade};
+pub use limits::{LimitStatus, OutlierService, OutlierStatus, unix_now_ms};
 pub use owners::{HolderStatus, OwnerCheck, OwnerStatus, SocketHolder, user_name};
 pub(crate) use plan::check_service;
 pub use rollouts::{HistoryEntry, MAX_HISTORY, RolloutRecord};

@@ -42,6 +42,9 @@ pub struct SubsetStatus {
     pub owner: OwnerStatus,
     /// For a service that steers UDP: its UDP flows' counters (`null` for TCP services).
     pub udp: Option<super::UdpSubsetCounters>,
+    /// Connection limit, open connections, refusals at the limit, ejection (`TS_LIMITS`,
+    /// `TS_LOAD`).
+    pub limits: super::LimitStatus,
 }
 
 /// Data-path counters of one subset (summed over CPUs).
@@ -289,6 +292,7 @@ impl State {
                     counters: counters.remove(&slot).unwrap_or_default(),
                     owner,
                     udp: udp.next(),
+                    limits: self.limit_status(slot)?,
                 });
             }
             let recent: u64 = subsets.iter().map(|s| s.counters.steered_recent).sum();

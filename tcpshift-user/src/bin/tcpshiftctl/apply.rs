@@ -89,6 +89,7 @@ pub fn run(netns: &Netns, args: ApplyArgs) -> Result<()> {
     let services: Vec<_> = plan.services.iter().map(|s| &s.config).collect();
     print!("{}", report::applied(&changes, &services, args.dry_run));
     if !args.dry_run {
+        state.set_traffic_policies(&plan.policies)?;
         register_now(netns, &mut state, &changes)?;
     }
     start_rollouts(&mut state, rollouts, args.dry_run)

@@ -73,6 +73,9 @@ impl Reloader {
                 })
             })
             .context("cannot apply the configuration")?;
+        state
+            .set_traffic_policies(&config.policies)
+            .context("cannot apply the connection limits and outlier detection")?;
         self.last = config;
         Ok(changes)
     }
