@@ -129,6 +129,11 @@ pub mod global_flags {
     /// Emit aya-log debug events (subset chosen, fallback, miss, connection opened and
     /// closed). Off by default; `tcpshiftd --log-level debug` sets it while it runs.
     pub const LOG_DEBUG: u32 = 1;
+    /// A measurement switch, never set in normal operation: new connections do not ask for
+    /// the failure signals' callbacks (retransmission timeouts, the header callback that sees
+    /// a reset after an abort), so that the benchmark can compare the programs' cost with and
+    /// without them. Set only by tcpshiftd's hidden `--measure-without-signals`.
+    pub const NO_SIGNALS: u32 = 2;
 }
 
 /// Settings for the whole namespace (`TS_GLOBAL[0]`).

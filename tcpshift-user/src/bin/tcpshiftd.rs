@@ -120,6 +120,12 @@ struct Args {
     /// How often to look for backend sockets that are not registered.
     #[arg(long, default_value = "250", value_name = "MS")]
     scan_interval_ms: u64,
+
+    /// Measurement switch for `cargo xtask bench` (hidden): connections opened while this
+    /// tcpshiftd runs get no failure-signal callbacks (see docs/design.md, "Measuring the
+    /// signals' cost").
+    #[arg(long, hide = true)]
+    measure_without_signals: bool,
 }
 
 fn main() {
@@ -213,6 +219,9 @@ fn run(args: Args) -> Result<()> {
     state
         .set_debug_events(debug_events)
         .context("cannot set the kernel's debug events")?;
+    state
+        .set_signals(!args.measure_without_signals)
+        .context("cannot set the kernel's failure signals")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
