@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    bpf_cost::BpfCost,
     load::{BulkResult, CpuUse, PacedResult, RateResult},
     steer::{BpfStats, FlipSample, PopulateResult},
 };
@@ -97,6 +98,21 @@ pub enum Record {
         /// One entry per change.
         samples: Vec<FlipSample>,
     },
+    /// BPF time per connection: connection rate with both programs' run time, tcpshift
+    /// started with its failure signals on or off.
+    BpfCost {
+        /// Which measurement.
+        labels: Labels,
+        /// Whether tcpshiftd ran with the failure signals (off: `--measure-without-signals`).
+        signals: bool,
+        /// Client threads.
+        concurrency: usize,
+        /// What the clients saw.
+        result: RateResult,
+        /// Both programs' run time in the window; `None` when it could not be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bpf: Option<BpfCost>,
+    },
 }
 
 impl Record {
@@ -108,7 +124,8 @@ impl Record {
             | Record::Bulk { labels, .. }
             | Record::Split { labels, .. }
             | Record::Populate { labels, .. }
-            | Record::WeightChange { labels, .. } => labels,
+            | Record::WeightChange { labels, .. }
+            | Record::BpfCost { labels, .. } => labels,
         }
     }
 }

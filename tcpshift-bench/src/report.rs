@@ -17,7 +17,10 @@ use crate::{
     stats::Spread,
 };
 
+mod bpf_cost;
 mod chart;
+
+pub use bpf_cost::BpfCostRow;
 
 /// The font the chart uses by default (Debian's fonts-dejavu-core).
 pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -279,6 +282,8 @@ pub struct Summary {
     pub problems: Vec<String>,
     /// Findings that do not fail the run (see [`warnings`]).
     pub warnings: Vec<String>,
+    /// BPF time per connection with the failure signals on and off (`None`: not run).
+    pub bpf_cost: Option<BpfCostRow>,
 }
 
 /// Values of one figure per round, for one target.
@@ -336,6 +341,7 @@ pub fn summarise(records: &[Record]) -> Summary {
     let mut populated: BTreeMap<(u32, u32), (PerRound, PerRound)> = BTreeMap::new();
     // (f) flips by kind.
     let mut flips: BTreeMap<String, Vec<crate::steer::FlipSample>> = BTreeMap::new();
+    let mut bpf_cost = bpf_cost::Acc::default();
 
     for r in records {
         match r {
@@ -456,6 +462,13 @@ pub fn summarise(records: &[Record]) -> Summary {
                     acc.1.insert(labels.round, result.register_ms);
                 }
             }
+            Record::BpfCost {
+                labels,
+                signals,
+                result,
+                bpf,
+                ..
+            } => bpf_cost.add(labels, *signals, result, *bpf),
             Record::WeightChange { samples, .. } => {
                 for s in samples {
                     flips.entry(s.how.clone()).or_default().push(s.clone());
@@ -658,6 +671,7 @@ pub fn summarise(records: &[Record]) -> Summary {
         goals: Vec::new(),
         problems: Vec::new(),
         warnings: Vec::new(),
+        bpf_cost: bpf_cost.row(),
     };
     summary.goals = goals(&summary);
     summary.problems = problems(&summary);
@@ -762,6 +776,7 @@ fn problems(s: &Summary) -> Vec<String> {
             ));
         }
     }
+    out.extend(bpf_cost::problems(s.bpf_cost.as_ref()));
     for g in &s.goals {
         if g.measured.is_none() {
             out.push(format!("goal not measured: {}", g.name));
@@ -833,6 +848,7 @@ fn goals(s: &Summary) -> Vec<Goal> {
         .find(|r| r.target == ts)
         .and_then(|r| r.p99_us.ratio);
     out.push(at_most("p99 latency × direct".into(), 1.10, p99));
+    out.push(bpf_cost::goal(s.bpf_cost.as_ref()));
     for subsets in [2, 16] {
         let v = s
             .scale
@@ -1165,6 +1181,8 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
         }
         not_measured(&mut o, s, 3, &|t| s.bulk.iter().any(|b| b.target == t));
     }
+
+    bpf_cost::markdown(&mut o, s.bpf_cost.as_ref());
 
     // (d)
     if !s.split.is_empty() {

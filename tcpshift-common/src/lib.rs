@@ -207,6 +207,11 @@ pub mod global_flags {
     /// entry that matters): only then does sk_lookup look candidates up in `TS_LIMITS`, so a
     /// namespace without limits pays one bit test per connection.
     pub const LIMITS: u32 = 2;
+    /// A measurement switch, never set in normal operation: new connections do not ask for
+    /// the failure signals' callbacks (retransmission timeouts, the header callback that sees
+    /// a reset after an abort), so that the benchmark can compare the programs' cost with and
+    /// without them. Set only by tcpshiftd's hidden `--measure-without-signals`.
+    pub const NO_SIGNALS: u32 = 4;
 }
 
 /// Settings for the whole namespace (`TS_GLOBAL[0]`).

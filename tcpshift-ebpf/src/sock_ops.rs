@@ -14,6 +14,10 @@
 //!   callbacks (for the few packets until close) to see whether the client's FIN arrives.
 //! - `PARSE_HDR_OPT` (only in FIN_WAIT1/FIN_WAIT2): remembers the sequence number of a FIN.
 //!
+//! `Global::flags` bit `NO_SIGNALS` (a measurement switch for the benchmark, never set in
+//! operation) leaves out the failure signals' callbacks: no `RTO_CB` and no reset watch after
+//! an abort; the accounting above stays.
+//!
 //! Every counter is per CPU; the record is the socket's own storage. Nothing is shared between
 //! connections on this path except the per-CPU counter slot.
 
@@ -36,8 +40,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, slot_service, slot_subset, srtt_bucket, tag,
-    tag_flags,
+    Global, MAX_LISTENER_SLOTS, NO_SLOT, SockTag, global_flags, slot_service, slot_subset,
+    srtt_bucket, tag, tag_flags,
 };
 
 use crate::limits;
@@ -91,6 +95,12 @@ fn our_namespace(ops: *mut bpf_sock_ops) -> Option<&'static Global> {
 #[inline(always)]
 fn tag_of(ops: *mut bpf_sock_ops) -> Option<*mut SockTag> {
     socktag(field!(ops, __bindgen_anon_2.sk))
+}
+
+/// Whether the failure signals' callbacks are wanted (off only to measure their cost).
+#[inline(always)]
+fn signals_on(global: &Global) -> bool {
+    global.flags & global_flags::NO_SIGNALS == 0
 }
 
 #[inline(always)]
@@ -157,12 +167,14 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     count(found, |c| c.opened += 1);
     limits::opened(found);
     // State changes for the accounting, and retransmission timeouts (the timer's expiry
-    // only, never a per-packet callback).
-    add_cb_flags(
-        ctx,
-        ops,
-        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG,
-    );
+    // only, never a per-packet callback) unless the signals are switched off to measure
+    // their cost (`global_flags::NO_SIGNALS`).
+    let flags = if signals_on(global) {
+        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG
+    } else {
+        BPF_SOCK_OPS_STATE_CB_FLAG
+    };
+    add_cb_flags(ctx, ops, flags);
     if log_on(Some(global)) {
         debug!(
             ctx,
@@ -243,7 +255,7 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     // callback. Ask for the header callback of that RST, if one is sent: at most one
     // callback more per connection, and only for these closes.
     let abort = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT || old == BPF_TCP_FIN_WAIT1;
-    if abort {
+    if abort && signals_on(global) {
         // SAFETY: see `established`.
         unsafe {
             write_volatile(

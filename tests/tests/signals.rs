@@ -372,3 +372,38 @@ fn retransmission_timeouts_of_the_backend_are_counted() -> Result<()> {
     drop(server);
     Ok(())
 }
+
+/// The benchmark's measurement switch (`tcpshiftd --measure-without-signals`): connections are
+/// still accounted (opened, closed) but a backend reset is not watched for.
+#[test]
+fn without_signals_resets_are_not_watched_and_connections_still_counted() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    let listener = TcpListener::bind("127.0.0.1:9002")?;
+    let server = serve(listener.try_clone()?, 2, |s| {
+        // Close with the request unread: the kernel sends a RST.
+        let mut line = [0u8; 6];
+        while s.peek(&mut line)? < line.len() {
+            thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    });
+    ns.echo("127.0.0.1", 9001, "one")?;
+    ns.loader_with(&seed_config(0, 100), &["--measure-without-signals"])?;
+    for i in 0..2 {
+        let r = try_exchange(i)?;
+        ensure!(
+            r == Err(ErrorKind::ConnectionReset),
+            "connection {i}: expected a reset, got {r:?}"
+        );
+    }
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let c = wait_counter(V2, field::CLOSED, 2, "2 connections closed on v2")?;
+    assert_eq!(c[field::OPENED], 2, "{c:?}");
+    assert_eq!(c[field::RESET_BY_BACKEND], 0, "{c:?}");
+    Ok(())
+}

@@ -417,6 +417,7 @@ impl Bench {
                     })?;
                 }
             }
+            self.bpf_cost(&main_config, round)?;
         }
         self.scale()?;
         self.weight_change(&main_config)?;
@@ -590,6 +591,61 @@ impl Bench {
                 p.split_connections as f64 / 500.0,
             )?,
         };
+        Ok(())
+    }
+
+    /// BPF time per connection with tcpshift's failure signals on and off: tcpshiftd is
+    /// started once per setting (off: its hidden measurement switch
+    /// `--measure-without-signals`), back to back within the round, the first one
+    /// alternating between rounds.
+    fn bpf_cost(&mut self, config: &Path, round: u32) -> Result<()> {
+        let p = self.plan.clone();
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for signals in order {
+            check_interrupted()?;
+            self.env.check_alive()?;
+            let setting = if signals { "on" } else { "off" };
+            step(format_args!(
+                "round {round}/{}: tcpshift BPF time per connection, signals {setting}",
+                p.rounds
+            ));
+            let extra: &[&str] = if signals {
+                &[]
+            } else {
+                &["--measure-without-signals"]
+            };
+            self.env.tcpshift_up_with(config, extra)?;
+            let labels = [
+                "--target".to_string(),
+                Target::Tcpshift.name().to_string(),
+                "--round".to_string(),
+                round.to_string(),
+            ];
+            let result = self.measure_one(
+                &labels,
+                &[
+                    "bpf-cost",
+                    "--addr",
+                    &Target::Tcpshift.addr(),
+                    "--concurrency",
+                    &p.scale_concurrency.to_string(),
+                    "--warmup",
+                    &p.warmup.to_string(),
+                    "--duration",
+                    &p.duration.to_string(),
+                    "--signals",
+                    setting,
+                ],
+                p.warmup + p.duration,
+            );
+            let down = self.env.tcpshift_down();
+            result?;
+            down?;
+        }
         Ok(())
     }
 

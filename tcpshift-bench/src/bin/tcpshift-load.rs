@@ -6,6 +6,7 @@ use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Du
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tcpshift_bench::{
+    bpf_cost::CostMeter,
     load::{self, Stop},
     record::{Labels, Record},
     report,
@@ -188,6 +189,21 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         probes: usize,
     },
+    /// BPF time per connection: a connection rate run with the run time of tcpshift's
+    /// sk_lookup and sock_ops programs (kernel BPF statistics are enabled during the run).
+    BpfCost {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Client threads.
+        #[arg(long, short, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        window: Window,
+        /// Recorded with the result: whether tcpshiftd runs with its failure signals
+        /// (`off`: started with `--measure-without-signals`).
+        #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+        signals: String,
+    },
     /// Summarise raw.jsonl: print the table, write results.json, results.md and chart.png.
     Report {
         /// Records, one JSON object per line.
@@ -279,6 +295,28 @@ fn run(cli: Cli) -> Result<()> {
                 cpu: meter.and_then(|m| m.result(result.connections as f64)),
                 result,
                 bpf: stats.and_then(|s| s.result()),
+            }
+        }
+        Cmd::BpfCost {
+            addrs: a,
+            concurrency,
+            window,
+            signals,
+        } => {
+            let (warmup, measure) = window.durations()?;
+            let mut cost = CostMeter::new()?;
+            let result = load::rate(
+                &addrs(a)?,
+                concurrency,
+                Stop::Duration { warmup, measure },
+                &mut |edge| cost.edge(edge),
+            )?;
+            Record::BpfCost {
+                labels,
+                signals: signals == "on",
+                concurrency,
+                result,
+                bpf: cost.result(),
             }
         }
         Cmd::Latency {

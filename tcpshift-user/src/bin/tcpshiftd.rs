@@ -143,6 +143,11 @@ struct Args {
     #[arg(long, default_value_t = tcpshift_common::DEFAULT_UDP_FLOWS, value_name = "FLOWS",
           value_parser = clap::value_parser!(u32).range(1..))]
     udp_flow_table_size: u32,
+    /// Measurement switch for `cargo xtask bench` (hidden): connections opened while this
+    /// tcpshiftd runs get no failure-signal callbacks (see docs/design.md, "Measuring the
+    /// signals' cost").
+    #[arg(long, hide = true)]
+    measure_without_signals: bool,
 }
 
 fn main() {
@@ -246,6 +251,9 @@ fn run(args: Args) -> Result<()> {
     state
         .set_debug_events(debug_events)
         .context("cannot set the kernel's debug events")?;
+    state
+        .set_signals(!args.measure_without_signals)
+        .context("cannot set the kernel's failure signals")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

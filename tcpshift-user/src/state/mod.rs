@@ -120,7 +120,7 @@ pub const BASE_DIR: &str = "/sys/fs/bpf/tcpshift";
 /// Name of the pinned sk_lookup link inside a state directory.
 const LINK: &str = "link";
 /// Name of the pinned sock_ops link (attached to the cgroup v2 root) inside a state directory.
-const SOCKOPS_LINK: &str = "sockops-link";
+pub const SOCKOPS_LINK: &str = "sockops-link";
 /// The observed share of new connections in `status` covers this many seconds (the current one
 /// included), from the kernel's per-second counts.
 pub const OBSERVED_WINDOW_SECS: u32 = 10;
@@ -414,6 +414,31 @@ impl State {
         } else {
             g.flags &= !global_flags::LOG_DEBUG;
         }
+        self.maps
+            .global
+            .set(0, g, 0)
+            .map_err(map_err("cannot write the global settings"))
+    }
+
+    /// Turns the kernel's failure signals on (the default) or off for connections opened from
+    /// now on (`global_flags::NO_SIGNALS`). Off is a measurement switch for the benchmark
+    /// (`tcpshiftd --measure-without-signals`), not an operating mode.
+    pub fn set_signals(&mut self, on: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut g = self
+            .maps
+            .global
+            .get(&0, 0)
+            .map_err(map_err("cannot read the global settings"))?;
+        let flags = if on {
+            g.flags & !global_flags::NO_SIGNALS
+        } else {
+            g.flags | global_flags::NO_SIGNALS
+        };
+        if flags == g.flags {
+            return Ok(());
+        }
+        g.flags = flags;
         self.maps
             .global
             .set(0, g, 0)

@@ -182,6 +182,11 @@ impl Env {
 
     /// Starts tcpshiftd with `config` and waits until every subset has a live socket.
     pub fn tcpshift_up(&mut self, config: &Path) -> Result<()> {
+        self.tcpshift_up_with(config, &[])
+    }
+
+    /// [`Env::tcpshift_up`] with more tcpshiftd arguments (e.g. a measurement switch).
+    pub fn tcpshift_up_with(&mut self, config: &Path, extra: &[&str]) -> Result<()> {
         if self.tcpshiftd.is_some() {
             bail!("tcpshiftd is already running");
         }
@@ -190,6 +195,7 @@ impl Env {
             .arg(config)
             .arg("--netns")
             .arg(&self.path)
+            .args(extra)
             .env("NO_COLOR", "1");
         self.tcpshiftd = Some(spawn(
             "tcpshiftd",
