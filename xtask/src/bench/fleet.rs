@@ -561,7 +561,7 @@ fn markdown(r: &serde_json::Value, plan: &FleetPlan) -> String {
     format!(
         "### Fleet: {nodes} nodes following a 1-member etcd on loopback\n\n\
          | measurement | result | goal |\n|---|---|---|\n\
-         | `set-weight` returned → every node has applied it to its kernel maps ({n} changes; seen in each node's runtime record, the kernel weight checked after)  | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms | p99 ≤ 100 ms |\n\
+         | `set-weight` returned → every node has applied it to its kernel maps ({n} changes; seen in each node's runtime record, the kernel weight checked after) | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms | p99 ≤ 100 ms |\n\
          | {count} services applied once (`apply` took {apply:.0} ms) → every node applied them | {conv:.0} ms | ≤ 3 000 ms |\n\
          | idle tcpshiftd CPU while following ({secs:.0} s; the same {count} services) | mean {mean:.1} ms, max {cmax:.1} ms ({pct:.3} % of one core); a tcpshiftd with the same services from a file, following nothing: {base:.1} ms | ≈ 0 beyond the baseline |\n",
         nodes = r["nodes"],
