@@ -136,10 +136,13 @@ impl State {
             None if plan.writes_annotations() => Some(self.create_routes()?),
             None => None,
         };
-        // The records before the change, for the roll-back and the generations to write.
+        // The records before the change, for the roll-back and the generations to write (of
+        // the services written: an unchanged one needs neither, and with many services
+        // reading them all would cost more than the change).
         let mut before = Before::new();
         for s in &plan.steps {
             if s.old.is_some()
+                && s.writes()
                 && let Ok(meta) = self.maps.meta.get(&s.id, 0)
             {
                 before.insert(s.id, (meta, self.entry(&meta)?));

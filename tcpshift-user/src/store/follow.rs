@@ -248,12 +248,14 @@ impl Follower {
         {
             return;
         }
+        let started = Instant::now();
         match apply(&snapshot) {
             Ok(()) => {
                 info!(
                     revision = snapshot.revision,
                     generation = snapshot.generation,
                     services = snapshot.state.len(),
+                    took_ms = %format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
                     "desired state applied"
                 );
                 self.status.send_modify(|s| {
