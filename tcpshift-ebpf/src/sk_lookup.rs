@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry, flow_hash,
-    mode, service_flags, slot, table_key,
+    BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry,
+    flow_hash, mode, service_flags, slot, table_key,
 };
 
 use crate::maps::{

@@ -259,12 +259,9 @@ impl State {
             let entry = new_entry(
                 step.id,
                 generation(step.id),
-                step.n_subsets() as u8,
                 &step.config.weights(),
-                step.config.fail_closed,
-                step.config.balance,
+                &step.config,
                 periods.get(&step.id).copied().unwrap_or(0),
-                step.config.protocol,
             );
             let key = service_key_for(&step.config.listen, step.config.protocol);
             let services = &mut self.maps.services;

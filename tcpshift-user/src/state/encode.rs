@@ -14,18 +14,18 @@ use crate::model::{Balance, Listen, Protocol, ServiceConfig};
 use super::error::*;
 
 /// The `TS_SERVICES` entry of service `id` with weights `ws`, table generation `generation`,
-/// placed by `balance` (`rr_period`: the round-robin sequence's length, see
-/// [`crate::weights::round_robin_table`]; 0 in the other modes), for `protocol`.
+/// with `config`'s per-service settings (fail-closed, balance, protocol; `rr_period`: the
+/// round-robin sequence's length, see [`crate::weights::round_robin_table`], 0 in the other
+/// modes).
 pub(super) fn new_entry(
     id: u32,
     generation: u32,
-    n_subsets: u8,
     ws: &[u32],
-    fail_closed: bool,
-    balance: Balance,
+    config: &ServiceConfig,
     rr_period: u32,
-    protocol: Protocol,
 ) -> ServiceEntry {
+    let (fail_closed, balance, protocol) = (config.fail_closed, config.balance, config.protocol);
+    let n_subsets = config.subsets.len().min(MAX_SUBSETS) as u8;
     let mut weights = [0u32; MAX_SUBSETS];
     let mut weighted_mask = 0;
     for (i, w) in ws.iter().enumerate().take(MAX_SUBSETS) {
@@ -252,16 +252,39 @@ pub(super) fn listen_of(meta: &ServiceMeta) -> Listen {
 mod tests {
     use super::*;
 
+    fn test_config(subsets: u16) -> ServiceConfig {
+        ServiceConfig {
+            name: "a".into(),
+            listen: Listen::parse("127.0.0.1:31400").expect("listen"),
+            subsets: (0..subsets)
+                .map(|i| crate::model::SubsetConfig {
+                    name: format!("v{i}"),
+                    addr: ([127, 0, 0, 1], 9000 + i).into(),
+                    weight: 1,
+                    owner: Default::default(),
+                })
+                .collect(),
+            take_over: false,
+            fail_closed: false,
+            balance: Balance::Hash,
+            protocol: Protocol::Tcp,
+        }
+    }
+
     #[test]
     fn fallback_order_weighted_first() {
         assert_eq!(&fallback_order(&[0, 5, 0, 1])[..4], &[1, 3, 0, 2]);
         assert_eq!(&fallback_order(&[100])[..1], &[0]);
-        let e = new_entry(7, 1, 3, &[0, 80, 20], Balance::RoundRobin, 5);
+        let mut config = test_config(3);
+        config.balance = Balance::RoundRobin;
+        let e = new_entry(7, 1, &[0, 80, 20], &config, 5);
         assert_eq!(
             (e.mode, e.rr_period, &e.fallback_order[..3]),
             (mode::ROUND_ROBIN, 5, &[1u8, 2, 0][..])
         );
-        let e = new_entry(7, 1, 2, &[80, 20], Balance::SourceIp, 5);
+        let mut config = test_config(2);
+        config.balance = Balance::SourceIp;
+        let e = new_entry(7, 1, &[80, 20], &config, 5);
         assert_eq!((e.mode, e.rr_period), (mode::HASH_SOURCE_IP, 0));
         for b in [Balance::Hash, Balance::SourceIp, Balance::RoundRobin] {
             assert_eq!(balance_of(entry_mode(b)), b);
