@@ -245,35 +245,41 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The table for `weights` that changes as few buckets of `old` as possible (minimal-change
-/// rebuild, for source-IP affinity): each subset keeps its first buckets of `old` up to its
-/// new count ([`bucket_counts`]); only the buckets it must give up (and those of subsets
-/// that no longer exist, index `>= weights.len()`) move, to the subsets short of buckets, in
-/// table order. So the share of buckets that move is exactly the sum of the positive
-/// differences between old and new counts: 80/20 → 70/30 moves 10 % of the buckets, one
-/// rounding bucket at most besides. The counts equal [`bucket_counts`]; the even spread of
-/// [`build_table`] is not kept (hashing does not need it).
-pub fn rebuild_table(old: &BucketTable, weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
+/// The source-IP affinity table for `weights` under the hash seed `seed`: the buckets are put
+/// in one order that depends on the seed only (a seeded shuffle), and the subsets take
+/// consecutive runs of that order, subset 0 first, each as many as [`bucket_counts`] gives it.
+///
+/// The table is a function of `(seed, weights)` alone, not of the weights applied before: hosts
+/// that share the seed (a fleet) map every client address to the same subset, whatever
+/// revisions each host saw on the way. A weight change moves only the buckets between the old
+/// and the new run boundaries: with two subsets exactly the buckets the counts force (80/20 →
+/// 70/30 moves 10 % of the buckets, all from subset 0 to subset 1); with more subsets, a change
+/// between subsets `i < j` also shifts the runs between them, so up to `j - i` times that share
+/// moves (adjacent subsets: exactly the share).
+pub fn affinity_table(seed: u32, weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
     let counts = bucket_counts(weights)?;
-    let mut kept = vec![0u32; counts.len()];
-    let mut table = Box::new(*old);
-    let mut free = Vec::new();
-    for (bucket, s) in table.subset.iter().enumerate() {
-        let i = usize::from(*s);
-        match (kept.get_mut(i), counts.get(i)) {
-            (Some(k), Some(&c)) if *k < c => *k += 1,
-            _ => free.push(bucket),
-        }
-    }
-    let mut free = free.into_iter();
-    for (i, (&c, &k)) in counts.iter().zip(&kept).enumerate() {
+    let mut order: Vec<usize> = (0..NUM_BUCKETS).collect();
+    order.sort_by_key(|&b| (mix64((u64::from(seed) << 32) | b as u64), b));
+    let mut table = Box::new(BucketTable {
+        subset: [0; NUM_BUCKETS],
+    });
+    let mut order = order.into_iter();
+    for (i, &c) in counts.iter().enumerate() {
         // i < MAX_SUBSETS <= 32, so it fits in a u8.
         let i = u8::try_from(i).unwrap_or(u8::MAX);
-        for bucket in free.by_ref().take((c - k) as usize) {
+        for bucket in order.by_ref().take(c as usize) {
             table.subset[bucket] = i;
         }
     }
     Ok(table)
+}
+
+/// A 64-bit mixing function (splitmix64's finaliser): a seeded order of the buckets.
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Parses one CLI assignment `NAME=W`. `W` must be a non-negative integer (at most
@@ -491,9 +497,9 @@ mod tests {
     }
 
     #[test]
-    fn rebuild_80_20_to_70_30_moves_a_tenth() {
-        let old = build_table(&[80, 20]).unwrap();
-        let new = rebuild_table(&old, &[70, 30]).unwrap();
+    fn affinity_80_20_to_70_30_moves_a_tenth_and_back() {
+        let old = affinity_table(7, &[80, 20]).unwrap();
+        let new = affinity_table(7, &[70, 30]).unwrap();
         let moved = old
             .subset
             .iter()
@@ -504,9 +510,10 @@ mod tests {
         for (a, b) in old.subset.iter().zip(new.subset.iter()) {
             assert!(a == b || (*a == 0 && *b == 1));
         }
-        // Back to 80/20 restores the old counts.
-        let back = rebuild_table(&new, &[80, 20]).unwrap();
-        assert_eq!(table_counts(&back, 2), table_counts(&old, 2));
+        // Back to 80/20 is the old table, bucket for bucket: no history.
+        assert_eq!(affinity_table(7, &[80, 20]).unwrap().subset, old.subset);
+        // Another seed, another order.
+        assert_ne!(affinity_table(8, &[80, 20]).unwrap().subset, old.subset);
     }
 
     #[test]
@@ -735,25 +742,24 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// A minimal-change rebuild has the exact counts and moves only the buckets the
-        /// count changes force: sum of the positive differences, nothing else.
+        /// An affinity table has the exact counts, and between two weightings of two subsets
+        /// moves only the buckets the counts force.
         #[test]
-        fn rebuild_moves_only_what_the_weights_move(
+        fn affinity_moves_only_what_the_weights_move(
+            seed in any::<u32>(),
             old_weights in weights_strategy(),
-            new_weights in weights_strategy(),
+            a in 0u32..1000,
+            b in 0u32..1000,
         ) {
-            let old = build_table(&old_weights).unwrap();
-            let table = rebuild_table(&old, &new_weights).unwrap();
-            let counts = bucket_counts(&new_weights).unwrap();
-            prop_assert_eq!(table_counts(&table, new_weights.len()), counts.clone());
-            let old_counts = table_counts(&old, MAX_SUBSETS);
-            let forced: u32 = old_counts
-                .iter()
-                .enumerate()
-                .map(|(i, &o)| o.saturating_sub(counts.get(i).copied().unwrap_or(0)))
-                .sum();
-            let moved = old.subset.iter().zip(table.subset.iter()).filter(|(a, b)| a != b).count();
-            prop_assert_eq!(moved as u32, forced);
+            let table = affinity_table(seed, &old_weights).unwrap();
+            let counts = bucket_counts(&old_weights).unwrap();
+            prop_assert_eq!(table_counts(&table, old_weights.len()), counts);
+            prop_assume!(a + b > 0);
+            let x = affinity_table(seed, &[a, b]).unwrap();
+            let y = affinity_table(seed, &[b, a]).unwrap();
+            let (cx, cy) = (bucket_counts(&[a, b]).unwrap(), bucket_counts(&[b, a]).unwrap());
+            let moved = x.subset.iter().zip(y.subset.iter()).filter(|(p, q)| p != q).count();
+            prop_assert_eq!(moved as u32, cx[0].abs_diff(cy[0]));
         }
 
         #[test]

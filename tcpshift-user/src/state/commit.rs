@@ -195,8 +195,7 @@ impl State {
                 continue;
             }
             let ws = step.config.weights();
-            let old = before.get(&id).and_then(|(_, e)| e.as_ref());
-            let (table, period) = self.table_for(step.config.balance, &ws, old, &mut fresh)?;
+            let (table, period) = self.table_for(step.config.balance, &ws, &mut fresh)?;
             periods.insert(id, period);
             let m = &mut self.maps;
             write("table", "cannot write a bucket table", || {
