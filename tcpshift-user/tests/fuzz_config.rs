@@ -110,7 +110,11 @@ fn located_in(message: &str, l: &tcpshift::yaml::Located) -> bool {
 /// A line an error points at must be in the input (or just past its end).
 fn check_line_in(text: &str, line: Option<usize>, message: &str) -> Result<(), TestCaseError> {
     if let Some(l) = line {
-        let lines = text.lines().count();
+        // YAML breaks lines at CR, LF, NEL, LS and PS (a CRLF pair is one break).
+        let lines = text
+            .replace("\r\n", "\n")
+            .split(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+            .count();
         prop_assert!(
             (1..=lines + 1).contains(&l),
             "line {l} of a {lines}-line input in {message:?}"

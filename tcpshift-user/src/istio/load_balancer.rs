@@ -15,8 +15,8 @@
 //!   the mode of the whole service: all subsets that give one, and the top-level policy, must
 //!   agree (an error names the two that differ), and a warning says so.
 //!
-//! The rest of a `trafficPolicy` (connection pools, outlier detection, TLS, ...) is ignored
-//! with a warning, as before.
+//! The rest of a `trafficPolicy` is `traffic_policy.rs`'s: connection limits and outlier
+//! detection apply, anything else is ignored with one warning.
 
 use serde_yaml::{Mapping, Value};
 
@@ -117,11 +117,8 @@ fn policy_balance(
                     warnings,
                 )?);
             }
-            Some(other) => warnings.push(format!(
-                "DestinationRule {rule}: trafficPolicy.{other} is ignored (tcpshift places \
-                 each new connection by weight and mode only)"
-            )),
-            None => {}
+            // The other keys: `traffic_policy.rs` applies or warns about them.
+            _ => {}
         }
     }
     Ok(balance)
@@ -268,7 +265,7 @@ mod tests {
         );
         // Unsupported values: hash, with a warning; the rest of a policy is ignored.
         let plan = apply(
-            Some("{loadBalancer: {simple: LEAST_CONN}, connectionPool: {}}"),
+            Some("{loadBalancer: {simple: LEAST_CONN}, connectionPool: {http: {}}}"),
             None,
         )
         .unwrap();

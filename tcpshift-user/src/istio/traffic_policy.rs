@@ -12,8 +12,9 @@ use crate::config::limits::RawTrafficPolicy;
 use crate::model::traffic_policy::{ServicePolicy, TrafficPolicy};
 use crate::yaml::{FieldPath, path};
 
-/// Keys of a `trafficPolicy` tcpshift reads (the rest is ignored).
-const APPLIED: [&str; 2] = ["connectionPool", "outlierDetection"];
+/// Keys of a `trafficPolicy` tcpshift reads (the rest is ignored); `loadBalancer` is read by
+/// `load_balancer.rs`.
+const APPLIED: [&str; 3] = ["connectionPool", "outlierDetection", "loadBalancer"];
 
 /// One `trafficPolicy` at `at`: the policy, and whether it had parts that are ignored.
 fn read(doc: &Document, at: &FieldPath, m: &Mapping) -> Result<(TrafficPolicy, bool), ApplyError> {

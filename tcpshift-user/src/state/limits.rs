@@ -192,11 +192,11 @@ fn write_summary(map: &mut LimitsMap, id: u32) -> Result<()> {
 
 impl State {
     fn limits_map(&self) -> Result<LimitsMap> {
-        open_map(&self.dir, map_names::LIMITS)
+        self.open_pinned(map_names::LIMITS)
     }
 
     fn load_map(&self) -> Result<LoadMap> {
-        open_map(&self.dir, map_names::LOAD)
+        self.open_pinned(map_names::LOAD)
     }
 
     /// Writes the traffic policy of every service named in `policies` into `TS_LIMITS`: each
