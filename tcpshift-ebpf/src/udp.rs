@@ -116,7 +116,11 @@ pub(crate) fn steer_udp(
         if i >= MAX_SUBSETS as u32 || weighted & (1 << i) == 0 {
             break;
         }
-        if i != chosen && TS_UDP_SOCKETS.redirect_sk_lookup(ctx, slot(id, i), 0).is_ok() {
+        if i != chosen
+            && TS_UDP_SOCKETS
+                .redirect_sk_lookup(ctx, slot(id, i), 0)
+                .is_ok()
+        {
             found = i;
             break;
         }

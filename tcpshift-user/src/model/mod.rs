@@ -17,10 +17,10 @@ pub mod rollout;
 pub mod service;
 pub mod traffic_policy;
 
+pub use balance::Balance;
 pub use plan::{
     Annotation, Change, Desired, DesiredService, ServiceView, Weights, same_definition,
 };
-pub use balance::Balance;
 pub use service::{
     Listen, ListenClaims, ListenKey, ListenTaken, MAX_SERVICE_NAME, MAX_SUBSET_NAME, OwnerRule,
     PROTOCOL_FORMS, Protocol, ServiceConfig, SubsetConfig, parse_subset_addr,
