@@ -149,8 +149,6 @@ pub const IPPROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP, as used in [`ServiceKey::proto`] of `udp` services.
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Bits of [`ServiceEntry::flags`]: per-service switches of the data path.
-
 /// Values of [`ServiceMeta::protocols`]: which protocols a service steers. A `tcp` or
 /// `tcp+udp` service is stored under a [`ServiceKey`] with [`IPPROTO_TCP`] (the TCP path's one
 /// lookup stays as it was; `tcp+udp` also sets [`service_flags::UDP`]), a `udp` service under

@@ -130,6 +130,9 @@ mod tests {
                 })
                 .collect(),
             take_over: false,
+            fail_closed: false,
+            balance: Default::default(),
+            protocol: Default::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use super::error::*;
 /// The `TS_SERVICES` entry of service `id` with weights `ws`, table generation `generation`,
 /// placed by `balance` (`rr_period`: the round-robin sequence's length, see
 /// [`crate::weights::round_robin_table`]; 0 in the other modes), for `protocol`.
+#[allow(clippy::too_many_arguments)] // each is one field of the entry, all from one caller
 pub(super) fn new_entry(
     id: u32,
     generation: u32,
@@ -256,12 +257,30 @@ mod tests {
     fn fallback_order_weighted_first() {
         assert_eq!(&fallback_order(&[0, 5, 0, 1])[..4], &[1, 3, 0, 2]);
         assert_eq!(&fallback_order(&[100])[..1], &[0]);
-        let e = new_entry(7, 1, 3, &[0, 80, 20], Balance::RoundRobin, 5);
+        let e = new_entry(
+            7,
+            1,
+            3,
+            &[0, 80, 20],
+            false,
+            Balance::RoundRobin,
+            5,
+            Protocol::Tcp,
+        );
         assert_eq!(
             (e.mode, e.rr_period, &e.fallback_order[..3]),
             (mode::ROUND_ROBIN, 5, &[1u8, 2, 0][..])
         );
-        let e = new_entry(7, 1, 2, &[80, 20], Balance::SourceIp, 5);
+        let e = new_entry(
+            7,
+            1,
+            2,
+            &[80, 20],
+            false,
+            Balance::SourceIp,
+            5,
+            Protocol::Tcp,
+        );
         assert_eq!((e.mode, e.rr_period), (mode::HASH_SOURCE_IP, 0));
         for b in [Balance::Hash, Balance::SourceIp, Balance::RoundRobin] {
             assert_eq!(balance_of(entry_mode(b)), b);
