@@ -15,8 +15,8 @@
 //!   the mode of the whole service: all subsets that give one, and the top-level policy, must
 //!   agree (an error names the two that differ), and a warning says so.
 //!
-//! The rest of a `trafficPolicy` (connection pools, outlier detection, TLS, ...) is ignored
-//! with a warning, as before.
+//! The rest of a `trafficPolicy` is read by `traffic_policy` (connection limits, outlier
+//! detection), which also warns about the parts that are ignored (TLS, ...).
 
 use serde_yaml::{Mapping, Value};
 
@@ -117,11 +117,8 @@ fn policy_balance(
                     warnings,
                 )?);
             }
-            Some(other) => warnings.push(format!(
-                "DestinationRule {rule}: trafficPolicy.{other} is ignored (tcpshift places \
-                 each new connection by weight and mode only)"
-            )),
-            None => {}
+            // The other keys are read, or warned about as ignored, by `traffic_policy`.
+            _ => {}
         }
     }
     Ok(balance)
@@ -267,11 +264,7 @@ mod tests {
             plan.warnings
         );
         // Unsupported values: hash, with a warning; the rest of a policy is ignored.
-        let plan = apply(
-            Some("{loadBalancer: {simple: LEAST_CONN}, connectionPool: {}}"),
-            None,
-        )
-        .unwrap();
+        let plan = apply(Some("{loadBalancer: {simple: LEAST_CONN}, tls: {}}"), None).unwrap();
         assert_eq!(balance(&plan), Balance::Hash);
         assert_eq!(plan.warnings.len(), 2, "{:?}", plan.warnings);
     }

@@ -13,7 +13,7 @@ use crate::model::traffic_policy::{ServicePolicy, TrafficPolicy};
 use crate::yaml::{FieldPath, path};
 
 /// Keys of a `trafficPolicy` tcpshift reads (the rest is ignored).
-const APPLIED: [&str; 2] = ["connectionPool", "outlierDetection"];
+const APPLIED: [&str; 3] = ["connectionPool", "outlierDetection", "loadBalancer"];
 
 /// One `trafficPolicy` at `at`: the policy, and whether it had parts that are ignored.
 fn read(doc: &Document, at: &FieldPath, m: &Mapping) -> Result<(TrafficPolicy, bool), ApplyError> {
@@ -54,8 +54,8 @@ pub(super) fn policy_of(
     }
     let warning = ignored.then(|| {
         format!(
-            "DestinationRule {}: of trafficPolicy only connectionPool.tcp.maxConnections and \
-             outlierDetection apply (tcpshift places each new connection in the kernel, without \
+            "DestinationRule {}: of trafficPolicy only loadBalancer, \
+             connectionPool.tcp.maxConnections and outlierDetection apply (tcpshift places each new connection in the kernel, without \
              a proxy); the rest is ignored",
             dr.metadata.name
         )
