@@ -4,11 +4,13 @@
 //!   connection is established on the subset (`PASSIVE_ESTABLISHED`) and takes it off when
 //!   the connection closes, both with atomic adds on the one value all CPUs share. After each,
 //!   it refreshes the subset's byte in the service's summary entry: 1 while it is full.
-//! - NOT YET: sk_lookup does not read these yet. Every way of testing the service's blocked
-//!   subsets on the per-connection path tried took the program past the verifier's one
-//!   million instructions on 6.18 (docs/design.md, "Connection limits and outlier
-//!   ejection"), so the hook was left out; the counts, the summary bytes and userspace's
-//!   `TS_LIMITS` entries are kept ready for it.
+//! - sk_lookup, only while `global_flags::LIMITS` is set, passes over a candidate subset
+//!   that is ejected or whose open connections reached its limit ([`blocked`]): the chosen
+//!   one (counted as diverted) and each one of the fallback walk. When every subset with a
+//!   live socket is blocked, the connection is refused (`SK_DROP`: the kernel answers the
+//!   SYN with a RST) and counted in the chosen subset's `refused` ([`refused`]).
+//! - The count moves at `PASSIVE_ESTABLISHED`, so a subset never has more open connections
+//!   than its limit plus the handshakes in flight that found it under its limit.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use core::ptr::{addr_of, read_volatile, write_volatile};
@@ -20,6 +22,10 @@ use crate::maps::{TS_LIMITS, TS_LOAD};
 
 /// Index of [`SlotLoad::open`] among the value's `u64` words.
 const OPEN: usize = 0;
+/// Index of [`SlotLoad::refused`].
+const REFUSED: usize = 1;
+/// Index of [`SlotLoad::diverted`].
+const DIVERTED: usize = 2;
 
 /// `key`'s `TS_LOAD` value, created at zero first if missing.
 #[inline(always)]
@@ -68,6 +74,43 @@ fn refresh_full(slot: u32, load: *mut SlotLoad) {
         // SAFETY: the summary value has 32 bytes; `byte` < 16. One byte store.
         unsafe { write_volatile(summary.cast::<u8>().add(byte), full) };
     }
+}
+
+/// Whether `slot` may not take a new connection: it is ejected, or its open connections
+/// reached its limit. A slot without a `TS_LIMITS` entry is never blocked.
+#[inline(always)]
+pub(crate) fn blocked(slot: u32) -> bool {
+    // SAFETY: the value is only read; userspace replaces entries as a whole.
+    let Some(l) = (unsafe { TS_LIMITS.get(slot) }) else {
+        return false;
+    };
+    if l.ejected != 0 {
+        return true;
+    }
+    let max = l.max_connections;
+    if max == 0 {
+        return false;
+    }
+    let Some(load) = TS_LOAD.get_ptr(slot) else {
+        return false;
+    };
+    // SAFETY: a valid map value for this run; aligned 8-byte load of a word other CPUs
+    // change only atomically.
+    let open = unsafe { read_volatile(addr_of!((*load).open)) } as i64;
+    open >= i64::from(max)
+}
+
+/// Counts a new connection that chose `slot` but passed it over because it was blocked.
+#[inline(always)]
+pub(crate) fn diverted(slot: u32) {
+    let _ = add(slot, DIVERTED, 1);
+}
+
+/// Counts a new connection refused (on the subset it chose) because every subset with a
+/// live socket was blocked.
+#[inline(always)]
+pub(crate) fn refused(slot: u32) {
+    let _ = add(slot, REFUSED, 1);
 }
 
 /// A connection was established on `slot`.

@@ -23,7 +23,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use tcpshift_common::{
     BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry,
-    flow_hash, mode, service_flags, slot, table_key,
+    flow_hash, global_flags, mode, service_flags, slot, table_key,
 };
 
 use crate::maps::{
@@ -135,7 +135,14 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     let chosen = unsafe { (*table).subset[(bucket & BUCKET_MASK) as usize] } as u32;
     let chosen_slot = slot(id, chosen);
     count(chosen_slot, |c| c.chosen += 1);
-    if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
+    let limits = match global {
+        Some(g) => g.flags & global_flags::LIMITS != 0,
+        None => false,
+    };
+    let blocked = limits && crate::limits::blocked(chosen_slot);
+    if blocked {
+        crate::limits::diverted(chosen_slot);
+    } else if TS_SOCKETS.redirect_sk_lookup(ctx, chosen_slot, 0).is_ok() {
         count(chosen_slot, count_steered);
         if log {
             debug!(
@@ -145,7 +152,8 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         }
         return sk_action::SK_PASS;
     }
-    if let Some(i) = next_candidate(ctx, entry, chosen) {
+    let (next, skipped) = next_candidate(ctx, entry, chosen, limits);
+    if let Some(i) = next {
         count(chosen_slot, |c| c.fallback_out += 1);
         count(slot(id, i), |c| {
             count_steered(c);
@@ -162,6 +170,20 @@ fn steer(ctx: &SkLookupContext) -> u32 {
             );
         }
         return sk_action::SK_PASS;
+    }
+    if blocked || skipped {
+        // Every subset with a live socket is full or ejected: refuse now (a RST).
+        crate::limits::refused(chosen_slot);
+        if log {
+            debug!(
+                ctx,
+                "service {} port {}: refused, every subset full or ejected (chosen {})",
+                id,
+                local_port,
+                chosen
+            );
+        }
+        return sk_action::SK_DROP;
     }
     count(chosen_slot, |c| c.misses += 1);
     if log {
@@ -216,12 +238,19 @@ fn bucket_index(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u3
 }
 
 /// Assigns the first subset of the service's fallback order, other than `chosen`, that has a
-/// live socket, and returns its index; `None` when no subset has one (the caller counts a
-/// miss). The order (weighted subsets first, then the rest) is computed by userspace
+/// live socket (and, with `limits`, is not [`crate::limits::blocked`]), and returns its
+/// index; `None` when no subset has one (the caller counts a miss). The `bool` says whether
+/// a subset was passed over as blocked. The order (weighted subsets first, then the rest) is computed by userspace
 /// ([`ServiceEntry::fallback_order`]), so this is one pass over at most `n_subsets` entries.
 #[inline(always)]
-fn next_candidate(ctx: &SkLookupContext, entry: &ServiceEntry, chosen: u32) -> Option<u32> {
+fn next_candidate(
+    ctx: &SkLookupContext,
+    entry: &ServiceEntry,
+    chosen: u32,
+    limits: bool,
+) -> (Option<u32>, bool) {
     let n = entry.n_subsets as usize;
+    let mut skipped = false;
     for k in 0..MAX_SUBSETS {
         if k >= n {
             break;
@@ -230,12 +259,16 @@ fn next_candidate(ctx: &SkLookupContext, entry: &ServiceEntry, chosen: u32) -> O
         if i == chosen || i >= MAX_SUBSETS as u32 {
             continue;
         }
+        if limits && crate::limits::blocked(slot(entry.id, i)) {
+            skipped = true;
+            continue;
+        }
         if TS_SOCKETS
             .redirect_sk_lookup(ctx, slot(entry.id, i), 0)
             .is_ok()
         {
-            return Some(i);
+            return (Some(i), skipped);
         }
     }
-    None
+    (None, skipped)
 }

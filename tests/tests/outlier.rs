@@ -51,7 +51,6 @@ const LIMITED: &str = "services:
 ";
 
 #[test]
-#[ignore = "needs the sk_lookup hook, left out: it does not fit the verifier budget yet (docs/design.md)"]
 fn connection_limit_sends_the_rest_to_v1_and_survives_a_restart() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -110,7 +109,6 @@ fn connection_limit_sends_the_rest_to_v1_and_survives_a_restart() -> Result<()> 
 }
 
 #[test]
-#[ignore = "needs the sk_lookup hook, left out: it does not fit the verifier budget yet (docs/design.md)"]
 fn all_subsets_full_refuses_at_once_and_counts() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -171,7 +169,6 @@ fn attempts(n: usize) -> (BTreeMap<String, usize>, usize) {
 }
 
 #[test]
-#[ignore = "needs the sk_lookup hook, left out: it does not fit the verifier budget yet (docs/design.md)"]
 fn a_resetting_subset_is_ejected_and_returns_when_healthy() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -247,7 +244,6 @@ fn a_resetting_subset_is_ejected_and_returns_when_healthy() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the sk_lookup hook, left out: it does not fit the verifier budget yet (docs/design.md)"]
 fn max_ejection_percent_keeps_subsets_in() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -332,7 +328,7 @@ spec:
   host: tcp-echo
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 7, interval: 1s, baseEjectionTime: 30s}
-    loadBalancer: {simple: ROUND_ROBIN}
+    tls: {mode: DISABLE}
   subsets:
   - name: v1
     labels: {version: v1}
@@ -351,7 +347,7 @@ spec:
     );
     ensure!(
         String::from_utf8_lossy(&out.stderr).contains("the rest is ignored"),
-        "the ignored loadBalancer is warned about: {}",
+        "the ignored tls is warned about: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     ns.wait_live(scaled(Duration::from_secs(10)))?;

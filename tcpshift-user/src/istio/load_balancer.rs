@@ -15,8 +15,8 @@
 //!   the mode of the whole service: all subsets that give one, and the top-level policy, must
 //!   agree (an error names the two that differ), and a warning says so.
 //!
-//! The rest of a `trafficPolicy` is `traffic_policy.rs`'s: connection limits and outlier
-//! detection apply, anything else is ignored with one warning.
+//! The rest of a `trafficPolicy` is read by `traffic_policy` (connection limits, outlier
+//! detection), which also warns about the parts that are ignored (TLS, ...).
 
 use serde_yaml::{Mapping, Value};
 
@@ -117,7 +117,7 @@ fn policy_balance(
                     warnings,
                 )?);
             }
-            // The other keys: `traffic_policy.rs` applies or warns about them.
+            // The other keys are read, or warned about as ignored, by `traffic_policy`.
             _ => {}
         }
     }
@@ -264,11 +264,7 @@ mod tests {
             plan.warnings
         );
         // Unsupported values: hash, with a warning; the rest of a policy is ignored.
-        let plan = apply(
-            Some("{loadBalancer: {simple: LEAST_CONN}, connectionPool: {http: {}}}"),
-            None,
-        )
-        .unwrap();
+        let plan = apply(Some("{loadBalancer: {simple: LEAST_CONN}, tls: {}}"), None).unwrap();
         assert_eq!(balance(&plan), Balance::Hash);
         assert_eq!(plan.warnings.len(), 2, "{:?}", plan.warnings);
     }

@@ -12,8 +12,7 @@ use crate::config::limits::RawTrafficPolicy;
 use crate::model::traffic_policy::{ServicePolicy, TrafficPolicy};
 use crate::yaml::{FieldPath, path};
 
-/// Keys of a `trafficPolicy` tcpshift reads (the rest is ignored); `loadBalancer` is read by
-/// `load_balancer.rs`.
+/// Keys of a `trafficPolicy` tcpshift reads (the rest is ignored).
 const APPLIED: [&str; 3] = ["connectionPool", "outlierDetection", "loadBalancer"];
 
 /// One `trafficPolicy` at `at`: the policy, and whether it had parts that are ignored.
@@ -55,8 +54,8 @@ pub(super) fn policy_of(
     }
     let warning = ignored.then(|| {
         format!(
-            "DestinationRule {}: of trafficPolicy only connectionPool.tcp.maxConnections and \
-             outlierDetection apply (tcpshift places each new connection in the kernel, without \
+            "DestinationRule {}: of trafficPolicy only loadBalancer, \
+             connectionPool.tcp.maxConnections and outlierDetection apply (tcpshift places each new connection in the kernel, without \
              a proxy); the rest is ignored",
             dr.metadata.name
         )

@@ -20,7 +20,7 @@ use tcpshift_common::{
     service_summary_key, slot, slot_service, slot_subset,
 };
 
-use super::{State, encode::name_str, error::*, open_map};
+use super::{State, encode::name_str, error::*};
 use crate::model::traffic_policy::{OutlierDetection, ServicePolicy, TrafficPolicy, Trigger};
 use crate::outlier::{Record, Subset};
 use crate::state::CounterStatus;
