@@ -357,6 +357,7 @@ const HOST_ONLY: &[&str] = &[
     "daemon",
     "signals",
     "ownership",
+    "outlier",
     "read_only",
     "takeover",
     "rollout",

@@ -105,21 +105,16 @@ fn policy_balance(
     rule: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<Balance>, ApplyError> {
+    // The other keys are read, or warned about as ignored, by `traffic_policy`.
     let mut balance = None;
-    for (key, value) in policy {
-        match key.as_str() {
-            Some("loadBalancer") => {
-                balance = Some(load_balancer(
-                    doc,
-                    value,
-                    &at.key("loadBalancer"),
-                    rule,
-                    warnings,
-                )?);
-            }
-            // The other keys are read, or warned about as ignored, by `traffic_policy`.
-            _ => {}
-        }
+    if let Some(value) = policy.get("loadBalancer") {
+        balance = Some(load_balancer(
+            doc,
+            value,
+            &at.key("loadBalancer"),
+            rule,
+            warnings,
+        )?);
     }
     Ok(balance)
 }
