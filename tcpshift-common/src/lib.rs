@@ -15,8 +15,7 @@
 //! | map | kind | key | value | who writes |
 //! |---|---|---|---|---|
 //! | `TS_GLOBAL` | array, 1 entry | `0` | [`Global`]: magic, layout version, hash seed, flags (debug events), netns cookie | loader (at install; flags by `tcpshiftd --log-level`) |
-//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, flags ([`service_flags`]: fail-closed), weights | userspace |
-//! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
+//! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, mode, subsets, flags ([`service_flags`]: fail-closed), weights and the ranges derived from them | userspace |
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
 //! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
 //! | `TS_CURSORS` | array, [`MAX_SERVICES`] entries | service id | `u64`: the service's round-robin cursor, shared by all CPUs ([`mode::ROUND_ROBIN`]; atomic fetch-add by sk_lookup) | sk_lookup (never written by userspace) |
@@ -32,11 +31,13 @@
 //! | `TS_LOAD` | hash, no prealloc | [`slot`], and [`service_summary_key`] per service | [`SlotLoad`]: open connections (exact, atomic), refused at the limit, diverted | the programs only (sock_ops creates the entry; userspace reads it, removes it with the service) |
 //! | `AYA_LOGS` | ring buffer | — | aya-log debug events | the programs (not pinned: held by the programs) |
 //!
-//! **Weights are kept in one place**: [`ServiceEntry::weights`]. The bucket tables are derived
-//! from them; everything that shows weights reads them back from the kernel.
+//! **Weights are kept in one place**: [`ServiceEntry::weights`]. The ranges the data path picks
+//! a subset with ([`ServiceEntry::bounds`]) are derived from them and written in the same entry;
+//! everything that shows weights reads them back from the kernel.
 //!
-//! The data path reads `TS_SERVICES` (one or two lookups), one byte of one `TS_BUCKETS` entry and
-//! one `TS_SOCKETS` entry per new connection: O(1) in the number of services and subsets.
+//! The data path reads `TS_SERVICES` (one or two lookups) and one `TS_SOCKETS` entry per new
+//! connection, and picks the subset from the entry itself ([`choose`]): O(1) in the number of
+//! services, at most [`MAX_SUBSETS`] comparisons.
 //!
 //! The sock_ops program (connection accounting) finds a connection's subset through
 //! `TS_SOCKTAG`: userspace tags every registered listening socket with its slots, the kernel
@@ -44,18 +45,22 @@
 //! the clone into the connection's own record when the connection is established.
 #![no_std]
 
+pub mod choose;
+
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
 /// Maximum number of subsets (versions) per service.
 pub const MAX_SUBSETS: usize = 16;
-/// Number of buckets in a service's bucket table (granularity 1/16 384, finer than 1/10 000).
+/// Number of positions a service's hash space is divided into (granularity 1/16 384, finer
+/// than 1/10 000): a connection's flow hash picks a position, and each subset owns a range of
+/// positions ([`ServiceEntry::bounds`]).
 pub const NUM_BUCKETS: usize = 16_384;
-/// Mask applied to a flow hash to pick a bucket.
+/// Mask applied to a flow hash to pick a position.
 pub const BUCKET_MASK: u32 = NUM_BUCKETS as u32 - 1;
 /// Maximum number of socket / counter slots (`MAX_SERVICES * MAX_SUBSETS`).
 pub const MAX_SLOTS: u32 = MAX_SERVICES * MAX_SUBSETS as u32;
@@ -70,8 +75,6 @@ pub mod map_names {
     pub const GLOBAL: &str = "TS_GLOBAL";
     /// See [`super::ServiceEntry`].
     pub const SERVICES: &str = "TS_SERVICES";
-    /// See [`super::BucketTable`].
-    pub const BUCKETS: &str = "TS_BUCKETS";
     /// Sockets of the subsets, keyed by [`super::slot`].
     pub const SOCKETS: &str = "TS_SOCKETS";
     /// See [`super::Counters`].
@@ -101,10 +104,9 @@ pub mod map_names {
     pub const LOAD: &str = "TS_LOAD";
     /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
     /// not in the object).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 12] = [
         GLOBAL,
         SERVICES,
-        BUCKETS,
         SOCKETS,
         COUNTERS,
         META,
@@ -123,7 +125,6 @@ pub mod map_names {
 pub const PINNED_MAPS: &[&str] = &[
     map_names::GLOBAL,
     map_names::SERVICES,
-    map_names::BUCKETS,
     map_names::SOCKETS,
     map_names::COUNTERS,
     map_names::META,
@@ -167,19 +168,21 @@ pub const DEFAULT_UDP_IDLE_SECS: u32 = 30;
 /// Default number of entries of `TS_UDP_FLOWS` (about 4.5 MiB of kernel memory).
 pub const DEFAULT_UDP_FLOWS: u32 = 65_536;
 
-/// How a service picks a bucket for a new connection ([`ServiceEntry::mode`]).
+/// How a service picks a subset for a new connection ([`ServiceEntry::mode`], see [`choose`]).
 pub mod mode {
     /// Hash of the connection's 4-tuple (the default): every new connection is placed
     /// independently, a retransmitted SYN lands in the same bucket.
     pub const HASH_CONNECTION: u8 = 0;
     /// Hash of the client address only: one client always reaches the same subset while the
-    /// weights do not change (source-IP affinity). Userspace rebuilds the bucket table of such
-    /// a service with as few changed buckets as possible on a weight change.
+    /// weights do not change (source-IP affinity). The hash is seeded by the namespace's seed
+    /// (shared by a fleet) and the ranges depend on the weights only, so every host maps a
+    /// client alike, and a weight change moves only the positions between the old and the new
+    /// range bounds.
     pub const HASH_SOURCE_IP: u8 = 1;
     /// Exact weighted round-robin: a per-service cursor in `TS_CURSORS`, shared by all CPUs
-    /// and advanced with an atomic fetch-add, walks the first
-    /// [`super::ServiceEntry::rr_period`] buckets of the table, which userspace lays out as a
-    /// smooth weighted sequence.
+    /// and advanced with an atomic fetch-add, gives each new connection the next position of a
+    /// balanced weighted sequence of [`super::ServiceEntry::rr_period`] positions, computed
+    /// from the weights ([`super::choose::round_robin`]).
     pub const ROUND_ROBIN: u8 = 2;
 }
 
@@ -252,16 +255,17 @@ pub struct ServiceKey {
 
 /// Value of `TS_SERVICES`: everything the data path needs to steer one service.
 ///
-/// Written by userspace as one map update, which is what makes a weight change atomic: the new
-/// bucket table is written to the inactive generation first, then this entry flips
-/// `generation` and carries the new weights.
+/// Written by userspace as one map update, which is what makes a weight change atomic: the
+/// weights and the ranges derived from them are in this one value, which the kernel replaces
+/// as a whole (a no-prealloc hash map links the new element in place of the old one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
     /// Service id: index of its slots in `TS_SOCKETS`/`TS_COUNTERS` and key in `TS_META`.
     pub id: u32,
-    /// Which of the two bucket tables (0 or 1) is active: see [`table_key`].
-    pub generation: u32,
+    /// [`mode::ROUND_ROBIN`]: length of the weighted sequence, the sum of the weights (the
+    /// cursor is taken modulo this). 0 in the other modes.
+    pub rr_period: u32,
     /// Selection mode, see [`mode`].
     pub mode: u8,
     /// Number of subsets in use (indices `0..n_subsets`).
@@ -272,21 +276,16 @@ pub struct ServiceEntry {
     pub weighted_mask: u32,
     /// Relative weight of each subset: the source of truth for weights.
     pub weights: [u32; MAX_SUBSETS],
-    /// [`mode::ROUND_ROBIN`]: length of the weighted sequence at the start of the bucket
-    /// table (1 to [`NUM_BUCKETS`]); the cursor is taken modulo this. 0 in the other modes.
-    pub rr_period: u32,
+    /// The hash modes' ranges: subset `i` owns the positions `bounds[i - 1] .. bounds[i]` of
+    /// the [`NUM_BUCKETS`] positions (`0 .. bounds[0]` for subset 0), each as many as the
+    /// weights give it (largest remainder); the last subset with a weight ends at
+    /// [`NUM_BUCKETS`], a subset without weight owns an empty range. Derived from `weights`
+    /// by userspace and written with them.
+    pub bounds: [u16; MAX_SUBSETS],
     /// The order in which the data path tries the other subsets when the chosen one has no
     /// live socket: subsets with a weight above 0 first, then the rest, each group by index
     /// (entries `0..n_subsets`; computed by userspace so that the program walks a list).
     pub fallback_order: [u8; MAX_SUBSETS],
-}
-
-/// Value of `TS_BUCKETS`: subset index for each bucket.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BucketTable {
-    /// `subset[bucket]` is the index of the subset that bucket belongs to.
-    pub subset: [u8; NUM_BUCKETS],
 }
 
 /// Per-subset counters (`TS_COUNTERS`, one per CPU, summed by userspace).
@@ -618,12 +617,6 @@ pub const fn slot_service(slot: u32) -> u32 {
     slot / MAX_SUBSETS as u32
 }
 
-/// Key in `TS_BUCKETS` of generation `generation` (0 or 1) of service `id`'s bucket table.
-#[inline(always)]
-pub const fn table_key(id: u32, generation: u32) -> u32 {
-    id * 2 + (generation & 1)
-}
-
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
     let k = word
@@ -729,8 +722,10 @@ macro_rules! assert_size {
 }
 assert_size!(Global, 32);
 assert_size!(ServiceKey, 20);
-assert_size!(ServiceEntry, 80 + 4 + MAX_SUBSETS);
-assert_size!(BucketTable, NUM_BUCKETS);
+assert_size!(
+    ServiceEntry,
+    16 + 4 * MAX_SUBSETS + 2 * MAX_SUBSETS + MAX_SUBSETS
+);
 assert_size!(RecentSecond, 8);
 assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
@@ -756,7 +751,9 @@ const _: () = assert!(
         && srtt_bucket_floor_us(10) <= 20_000
         && srtt_bucket_floor_us(11) > 20_000
 );
-const _: () = assert!(NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000);
+const _: () = assert!(
+    NUM_BUCKETS.is_power_of_two() && NUM_BUCKETS >= 10_000 && NUM_BUCKETS <= u16::MAX as usize
+);
 const _: () = assert!(
     full_mask(0x0100_0000_0000_0001, 0x0001_0000_0000_0100) == 0x4000 | 0x0200 | 0x0080 | 1
         && full_mask(0, 0) == 0
@@ -783,7 +780,6 @@ mod user {
         Global,
         ServiceKey,
         ServiceEntry,
-        BucketTable,
         Counters,
         RecentSecond,
         SubsetMeta,

@@ -15,9 +15,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
 };
 use tcpshift_common::{
-    BucketTable, Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS,
-    ServiceEntry, ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, UdpCounters, UdpFlow,
-    UdpFlowKey, global_flags,
+    Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, ServiceEntry,
+    ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, UdpCounters, UdpFlow, UdpFlowKey,
+    global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -26,10 +26,6 @@ pub(crate) static TS_GLOBAL: Array<Global> = Array::with_max_entries(1, 0);
 #[map(name = "TS_SERVICES")]
 static TS_SERVICES: HashMap<ServiceKey, ServiceEntry> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-#[map(name = "TS_BUCKETS")]
-pub(crate) static TS_BUCKETS: HashMap<u32, BucketTable> =
-    HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
 
 /// Round-robin cursors, one per service id, shared by all CPUs (`mode::ROUND_ROBIN`).
 #[map(name = "TS_CURSORS")]

@@ -4,9 +4,9 @@
 //! For every socket lookup in the network namespace:
 //! 1. not TCP, or destination not a configured service (exact address, then any address):
 //!    `SK_PASS` without selecting anything — the normal lookup runs;
-//! 2. pick a bucket of the service's active bucket table ([`bucket_index`]): the hash of the
-//!    connection (or of the client address only, for source-IP affinity), or the next position
-//!    of the service's shared round-robin cursor; the bucket holds the chosen subset;
+//! 2. pick a subset from the service's entry ([`choose_subset`]): the range holding the hash of
+//!    the connection (or of the client address only, for source-IP affinity), or the next
+//!    position of the service's shared round-robin cursor in its weighted sequence;
 //! 3. assign the chosen subset's socket; if it has none (its server exited and the kernel removed
 //!    the socket from the map), try the other subsets in the service's precomputed fallback
 //!    order — weighted ones first, then any ([`next_candidate`]) — and count a fallback; if none
@@ -22,13 +22,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpshift_common::{
-    BUCKET_MASK, Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry,
-    flow_hash, global_flags, mode, service_flags, slot, table_key,
+    Counters, IPPROTO_TCP, IPPROTO_UDP, MAX_SUBSETS, RECENT_SECONDS, ServiceEntry, choose,
+    flow_hash, global_flags, mode, service_flags, slot,
 };
 
-use crate::maps::{
-    AF_INET, TS_BUCKETS, TS_CURSORS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service,
-};
+use crate::maps::{AF_INET, TS_CURSORS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -125,14 +123,9 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         local_port,
     ];
     let id = entry.id;
-    let Some(table) = TS_BUCKETS.get_ptr(table_key(id, entry.generation)) else {
+    let Some(chosen) = choose_subset(entry, seed, &words) else {
         return sk_action::SK_PASS;
     };
-    let Some(bucket) = bucket_index(entry, seed, &words) else {
-        return sk_action::SK_PASS;
-    };
-    // SAFETY: the table pointer is valid for this run; the index is masked to its size.
-    let chosen = unsafe { (*table).subset[(bucket & BUCKET_MASK) as usize] } as u32;
     let chosen_slot = slot(id, chosen);
     count(chosen_slot, |c| c.chosen += 1);
     let limits = match global {
@@ -147,7 +140,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         if log {
             debug!(
                 ctx,
-                "service {} port {}: subset {} chosen (bucket {})", id, local_port, chosen, bucket
+                "service {} port {}: subset {} chosen", id, local_port, chosen
             );
         }
         return sk_action::SK_PASS;
@@ -209,12 +202,13 @@ fn miss_verdict(flags: u16) -> u32 {
     }
 }
 
-/// The bucket of the service's table a new connection takes (before masking): by its
-/// service's [`ServiceEntry::mode`], the hash of the 4-tuple, the hash of the client address
-/// only, or the next position of the service's round-robin cursor. `None` when the cursor
-/// cannot be read (never, once loaded: `TS_CURSORS` is an array).
+/// The subset a new connection takes, by its service's [`ServiceEntry::mode`]: the range
+/// holding the hash of the 4-tuple, or of the client address only
+/// ([`choose::by_position`]), or the next position of the service's round-robin cursor in
+/// its weighted sequence ([`choose::round_robin`]). `None` when the cursor cannot be read
+/// (never, once loaded: `TS_CURSORS` is an array).
 #[inline(always)]
-fn bucket_index(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u32> {
+fn choose_subset(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u32> {
     match entry.mode {
         mode::ROUND_ROBIN => {
             let cursor = TS_CURSORS.get_ptr_mut(entry.id)?;
@@ -225,15 +219,10 @@ fn bucket_index(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u3
             // nothing, and then reads the addend as the result.)
             let position =
                 unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-            let period = u64::from(entry.rr_period);
-            Some(if period == 0 {
-                position as u32
-            } else {
-                (position % period) as u32
-            })
+            Some(choose::round_robin(entry, position))
         }
-        mode::HASH_SOURCE_IP => Some(flow_hash(seed, words, 4)),
-        _ => Some(flow_hash(seed, words, 10)),
+        mode::HASH_SOURCE_IP => Some(choose::by_position(entry, flow_hash(seed, words, 4))),
+        _ => Some(choose::by_position(entry, flow_hash(seed, words, 10))),
     }
 }
 

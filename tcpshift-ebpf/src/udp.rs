@@ -10,13 +10,11 @@
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::SkLookupContext};
 use tcpshift_common::{
-    BUCKET_MASK, DEFAULT_UDP_IDLE_SECS, Global, IPPROTO_UDP, MAX_SUBSETS, ServiceEntry, UdpFlow,
-    UdpFlowKey, flow_hash, mode, service_flags, slot, table_key,
+    DEFAULT_UDP_IDLE_SECS, Global, IPPROTO_UDP, MAX_SUBSETS, ServiceEntry, UdpFlow, UdpFlowKey,
+    choose, flow_hash, mode, service_flags, slot,
 };
 
-use crate::maps::{
-    TS_BUCKETS, TS_UDP_FLOWS, TS_UDP_SOCKETS, count_udp, lookup_service, lookup_service_proto,
-};
+use crate::maps::{TS_UDP_FLOWS, TS_UDP_SOCKETS, count_udp, lookup_service, lookup_service_proto};
 
 /// The UDP service at `local`:`port`: a `udp` service (its own key), else a `tcp+udp` one
 /// (the TCP key, whose entry says UDP).
@@ -86,9 +84,6 @@ pub(crate) fn steer_udp(
         },
         None => new_flow(entry, seed, &key),
     };
-    if chosen == NONE {
-        return;
-    }
     let chosen_slot = slot(id, chosen);
     if TS_UDP_SOCKETS
         .redirect_sk_lookup(ctx, chosen_slot, 0)
@@ -162,21 +157,17 @@ fn pin(key: &UdpFlowKey, subset: u32, now: u64, s: u32, previous: u32, id: u32) 
 /// No subset (a `u32` sentinel: fewer states for the verifier than an `Option`).
 const NONE: u32 = u32::MAX;
 
-/// The subset a new flow chooses (counted in its `flows`), or [`NONE`].
+/// The subset a new flow chooses (counted in its `flows`).
 #[inline(always)]
 fn new_flow(entry: &ServiceEntry, seed: u32, key: &UdpFlowKey) -> u32 {
-    match choose(entry, seed, key) {
-        Some(c) => {
-            count_udp(slot(entry.id, c), |x| x.flows += 1);
-            c
-        }
-        None => NONE,
-    }
+    let c = flow_subset(entry, seed, key);
+    count_udp(slot(entry.id, c), |x| x.flows += 1);
+    c
 }
 
-/// The subset a new flow chooses: its bucket in the active bucket table.
+/// The subset a new flow chooses: the range of the service's entry holding its hash.
 #[inline(always)]
-fn choose(entry: &ServiceEntry, seed: u32, key: &UdpFlowKey) -> Option<u32> {
+fn flow_subset(entry: &ServiceEntry, seed: u32, key: &UdpFlowKey) -> u32 {
     let words = [
         key.remote[0],
         key.remote[1],
@@ -194,8 +185,5 @@ fn choose(entry: &ServiceEntry, seed: u32, key: &UdpFlowKey) -> Option<u32> {
     } else {
         flow_hash(seed, &words, 10)
     };
-    let table = TS_BUCKETS.get_ptr(table_key(entry.id, entry.generation))?;
-    // SAFETY: the table pointer is valid for this run; the index is masked to its size.
-    let subset = unsafe { (*table).subset[(hash & BUCKET_MASK) as usize] } as u32;
-    Some(subset)
+    choose::by_position(entry, hash)
 }

@@ -1,18 +1,18 @@
-//! Weight arithmetic and bucket tables.
+//! Weight arithmetic and the ranges a service's traffic is split by.
 //!
-//! A service's traffic is split by a table of [`NUM_BUCKETS`] buckets, each holding a subset
-//! index; a new connection's flow hash picks a bucket. [`bucket_counts`] turns relative integer
-//! weights into a number of buckets per subset (largest-remainder rounding, so every subset is
-//! within one bucket of its exact share), and [`build_table`] spreads each subset's buckets
-//! evenly over the table.
+//! A new connection's flow hash picks one of [`NUM_BUCKETS`] positions, and each subset owns a
+//! range of positions ([`tcpshift_common::ServiceEntry::bounds`], chosen by
+//! [`tcpshift_common::choose`]). [`bucket_counts`] turns relative integer weights into a
+//! number of positions per subset (largest-remainder rounding, so every subset is within one
+//! position of its exact share), and [`bounds`] lays them out as consecutive ranges, subset 0
+//! first. The round-robin mode needs no ranges: its sequence is computed from the weights
+//! ([`tcpshift_common::choose::round_robin`], period [`round_robin_period`]).
 //!
 //! [`parse_assignment`] and [`apply_set_weight`] implement `tcpshiftctl set-weight`: naming
 //! every subset sets relative weights, naming only some sets percentages and gives the rest to
 //! the others in proportion to their current weights.
 
-use std::cmp::Ordering;
-
-use tcpshift_common::{BucketTable, MAX_SUBSETS, NUM_BUCKETS};
+use tcpshift_common::{MAX_SUBSETS, NUM_BUCKETS};
 
 /// Largest weight a subset can have (so that the sum of [`MAX_SUBSETS`] weights, and a weight
 /// times [`NUM_BUCKETS`], never overflow).
@@ -159,127 +159,45 @@ pub fn bucket_counts(weights: &[u32]) -> Result<Vec<u32>, WeightError> {
         .collect())
 }
 
-/// Full table: subset index per bucket, the buckets of each subset spread evenly over the
-/// table (smooth weighted interleaving, deterministic), counts equal to [`bucket_counts`].
+/// The ranges of the hash modes ([`tcpshift_common::ServiceEntry::bounds`]): subset `i` owns
+/// positions `bounds[i - 1] .. bounds[i]`, as many as [`bucket_counts`] gives it, so the last
+/// weighted subset ends at [`NUM_BUCKETS`] and a subset without weight owns an empty range.
+/// Entries past the subsets are [`NUM_BUCKETS`].
 ///
-/// The `j`-th bucket (from 0) of a subset with `c` buckets is ideally at position
-/// `(j + 1/2) * NUM_BUCKETS / c`; buckets are laid out in order of their ideal positions
-/// (ties: lower subset index first). Consequently, in every prefix of `t` buckets, a subset
-/// with `c` buckets owns `t * c / NUM_BUCKETS` buckets give or take `(n - 1) / 2` where `n` is
-/// the number of subsets, and each half of the table holds `floor(c / 2)` or `ceil(c / 2)` of
-/// them.
-pub fn build_table(weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
+/// The ranges are a function of the weights alone, not of the weights applied before, and the
+/// positions of source-IP affinity are the seeded hash of the client address: hosts that share
+/// the seed (a fleet) map every client address to the same subset, whatever revisions each host
+/// saw on the way. A weight change moves only the positions between the old and the new
+/// bounds: with two subsets exactly the positions the counts force (80/20 → 70/30 moves 10 %
+/// of them, all from subset 0 to subset 1); with more subsets, a change between subsets
+/// `i < j` also shifts the ranges between them, so up to `j - i` times that share moves
+/// (adjacent subsets: exactly the share).
+pub fn bounds(weights: &[u32]) -> Result<[u16; MAX_SUBSETS], WeightError> {
     let counts = bucket_counts(weights)?;
-    let mut table = Box::new(BucketTable {
-        subset: [0; NUM_BUCKETS],
-    });
-    for (bucket, i) in table.subset.iter_mut().zip(spread(&counts)) {
-        *bucket = i;
+    let mut bounds = [NUM_BUCKETS as u16; MAX_SUBSETS];
+    let mut end = 0u32;
+    for (b, c) in bounds.iter_mut().zip(counts) {
+        end += c;
+        // The counts add up to NUM_BUCKETS, which fits in a u16 (asserted in tcpshift-common).
+        *b = u16::try_from(end).unwrap_or(NUM_BUCKETS as u16);
     }
-    Ok(table)
+    Ok(bounds)
 }
 
-/// The subsets of `counts[i]` positions each, spread evenly (see [`build_table`]): the `j`-th
-/// position of subset `i` is ideally at `(j + 1/2) / counts[i]` of the sequence.
-fn spread(counts: &[u32]) -> Vec<u8> {
-    // (j, subset) for every position of every subset.
-    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
-    let mut slots: Vec<(u64, u8)> = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for (i, &c) in counts.iter().enumerate() {
-        // i < MAX_SUBSETS <= 32, so it fits in a u8.
-        let i = u8::try_from(i).unwrap_or(u8::MAX);
-        slots.extend((0..u64::from(c)).map(|j| (j, i)));
-    }
-    let count_of = |i: u8| {
-        counts
-            .get(usize::from(i))
-            .map_or(1, |&c| u64::from(c.max(1)))
-    };
-    // Compare (2ja + 1) / ca with (2jb + 1) / cb exactly.
-    slots.sort_unstable_by(|&(ja, ia), &(jb, ib)| {
-        let lhs = (2 * ja + 1) * count_of(ib);
-        let rhs = (2 * jb + 1) * count_of(ia);
-        match lhs.cmp(&rhs) {
-            Ordering::Equal => ia.cmp(&ib),
-            other => other,
-        }
-    });
-    slots.into_iter().map(|(_, i)| i).collect()
-}
-
-/// The table of an exact weighted round-robin ([`tcpshift_common::mode::ROUND_ROBIN`]) and its
-/// period: the data path takes position `cursor % period` for each new connection.
-///
-/// The weights divided by their greatest common divisor are the counts of a sequence of
-/// `period = sum / gcd` positions, spread evenly as in [`build_table`] and repeated over the
-/// whole table: 80/20 is `0 0 1 0 0`, period 5. So every `k * period` consecutive connections
-/// are split exactly by the weights, and for two subsets every run of `N` consecutive
-/// connections gives each subset its exact share `N * w / sum` rounded down or up (within one
-/// connection); with `n` subsets, within `n - 1`. Weights whose reduced sum exceeds
-/// [`NUM_BUCKETS`] use the table of [`build_table`] as the sequence (period
-/// [`NUM_BUCKETS`], the bucket counts' granularity of 1/16 384).
-pub fn round_robin_table(weights: &[u32]) -> Result<(Box<BucketTable>, u32), WeightError> {
+/// The period of the round-robin sequence of `weights`
+/// ([`tcpshift_common::ServiceEntry::rr_period`]): the sum of the weights (at most
+/// [`MAX_SUBSETS`] × [`MAX_WEIGHT`], so it fits in a `u32`, and the data path's products of a
+/// position and a weight fit in a `u64`). Error for a weight above [`MAX_WEIGHT`].
+pub fn round_robin_period(weights: &[u32]) -> Result<u32, WeightError> {
     check_weights(weights)?;
-    let divisor = weights
-        .iter()
-        .filter(|&&w| w > 0)
-        .fold(0u32, |g, &w| gcd(g, w))
-        .max(1);
-    let reduced: Vec<u32> = weights.iter().map(|&w| w / divisor).collect();
-    let period: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
-    if period > NUM_BUCKETS as u64 {
-        return Ok((build_table(weights)?, NUM_BUCKETS as u32));
+    if let Some((i, &w)) = weights.iter().enumerate().find(|(_, w)| **w > MAX_WEIGHT) {
+        return Err(WeightError::TooLarge {
+            subset: format!("#{i}"),
+            weight: u64::from(w),
+        });
     }
-    let sequence = spread(&reduced);
-    let mut table = Box::new(BucketTable {
-        subset: [0; NUM_BUCKETS],
-    });
-    for (bucket, &i) in table.subset.iter_mut().zip(sequence.iter().cycle()) {
-        *bucket = i;
-    }
-    // period <= NUM_BUCKETS, so it fits in a u32.
-    Ok((table, u32::try_from(period).unwrap_or(NUM_BUCKETS as u32)))
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// The source-IP affinity table for `weights` under the hash seed `seed`: the buckets are put
-/// in one order that depends on the seed only (a seeded shuffle), and the subsets take
-/// consecutive runs of that order, subset 0 first, each as many as [`bucket_counts`] gives it.
-///
-/// The table is a function of `(seed, weights)` alone, not of the weights applied before: hosts
-/// that share the seed (a fleet) map every client address to the same subset, whatever
-/// revisions each host saw on the way. A weight change moves only the buckets between the old
-/// and the new run boundaries: with two subsets exactly the buckets the counts force (80/20 →
-/// 70/30 moves 10 % of the buckets, all from subset 0 to subset 1); with more subsets, a change
-/// between subsets `i < j` also shifts the runs between them, so up to `j - i` times that share
-/// moves (adjacent subsets: exactly the share).
-pub fn affinity_table(seed: u32, weights: &[u32]) -> Result<Box<BucketTable>, WeightError> {
-    let counts = bucket_counts(weights)?;
-    let mut order: Vec<usize> = (0..NUM_BUCKETS).collect();
-    order.sort_by_key(|&b| (mix64((u64::from(seed) << 32) | b as u64), b));
-    let mut table = Box::new(BucketTable {
-        subset: [0; NUM_BUCKETS],
-    });
-    let mut order = order.into_iter();
-    for (i, &c) in counts.iter().enumerate() {
-        // i < MAX_SUBSETS <= 32, so it fits in a u8.
-        let i = u8::try_from(i).unwrap_or(u8::MAX);
-        for bucket in order.by_ref().take(c as usize) {
-            table.subset[bucket] = i;
-        }
-    }
-    Ok(table)
-}
-
-/// A 64-bit mixing function (splitmix64's finaliser): a seeded order of the buckets.
-fn mix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    // At most 16 × 10⁶.
+    Ok(weights.iter().sum())
 }
 
 /// Parses one CLI assignment `NAME=W`. `W` must be a non-negative integer (at most
@@ -444,6 +362,7 @@ pub fn shares(weights: &[u32]) -> Vec<f64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tcpshift_common::choose;
 
     const N: u32 = NUM_BUCKETS as u32;
 
@@ -451,10 +370,34 @@ mod tests {
         pairs.iter().map(|(n, w)| (n.to_string(), *w)).collect()
     }
 
-    fn table_counts(table: &BucketTable, n: usize) -> Vec<u32> {
+    /// A service entry with `weights` as userspace writes it (ranges and period).
+    fn entry(weights: &[u32]) -> tcpshift_common::ServiceEntry {
+        let mut e = tcpshift_common::ServiceEntry {
+            n_subsets: weights.len() as u8,
+            bounds: bounds(weights).unwrap(),
+            rr_period: round_robin_period(weights).unwrap(),
+            ..Default::default()
+        };
+        e.weights[..weights.len()].copy_from_slice(weights);
+        e
+    }
+
+    /// The subset of every position of the hash space.
+    fn by_position(weights: &[u32]) -> Vec<u32> {
+        let e = entry(weights);
+        (0..N).map(|p| choose::by_position(&e, p)).collect()
+    }
+
+    /// The first `n` positions of the round-robin sequence.
+    fn round_robin(weights: &[u32], n: u64) -> Vec<u32> {
+        let e = entry(weights);
+        (0..n).map(|p| choose::round_robin(&e, p)).collect()
+    }
+
+    fn counts_of(subsets: &[u32], n: usize) -> Vec<u32> {
         let mut counts = vec![0u32; n];
-        for &s in table.subset.iter() {
-            counts[usize::from(s)] += 1;
+        for &s in subsets {
+            counts[s as usize] += 1;
         }
         counts
     }
@@ -492,63 +435,59 @@ mod tests {
             WeightError::TooManySubsets { count: 17 }.to_string(),
             "17 weights given; a service has at most 16 subsets"
         );
-        assert!(build_table(&[]).is_err());
-        assert!(build_table(&[0]).is_err());
+        assert!(bounds(&[]).is_err());
+        assert!(bounds(&[0]).is_err());
+        assert!(round_robin_period(&[0, 0]).is_err());
+        assert_eq!(
+            round_robin_period(&[1, MAX_WEIGHT + 1]),
+            Err(WeightError::TooLarge {
+                subset: "#1".into(),
+                weight: u64::from(MAX_WEIGHT) + 1
+            })
+        );
+    }
+
+    #[test]
+    fn bounds_examples() {
+        let mut expected = [N as u16; MAX_SUBSETS];
+        expected[0] = 13107;
+        assert_eq!(bounds(&[80, 20]), Ok(expected));
+        expected[0] = 0;
+        assert_eq!(bounds(&[0, 100, 0]), Ok(expected));
+        let split = by_position(&[0, 100, 0]);
+        assert!(split.iter().all(|&s| s == 1));
+        // Consecutive ranges, subset 0 first.
+        let split = by_position(&[1, 1]);
+        assert!(split[..N as usize / 2].iter().all(|&s| s == 0));
+        assert!(split[N as usize / 2..].iter().all(|&s| s == 1));
     }
 
     #[test]
     fn affinity_80_20_to_70_30_moves_a_tenth_and_back() {
-        let old = affinity_table(7, &[80, 20]).unwrap();
-        let new = affinity_table(7, &[70, 30]).unwrap();
-        let moved = old
-            .subset
-            .iter()
-            .zip(new.subset.iter())
-            .filter(|(a, b)| a != b);
-        assert_eq!(moved.count(), NUM_BUCKETS / 10);
-        // Every bucket that moved went from v1 to v2.
-        for (a, b) in old.subset.iter().zip(new.subset.iter()) {
-            assert!(a == b || (*a == 0 && *b == 1));
-        }
-        // Back to 80/20 is the old table, bucket for bucket: no history.
-        assert_eq!(affinity_table(7, &[80, 20]).unwrap().subset, old.subset);
-        // Another seed, another order.
-        assert_ne!(affinity_table(8, &[80, 20]).unwrap().subset, old.subset);
+        let old = by_position(&[80, 20]);
+        let new = by_position(&[70, 30]);
+        let moved = old.iter().zip(&new).filter(|(a, b)| a != b).count();
+        assert_eq!(moved, NUM_BUCKETS / 10);
+        // Every position that moved went from v1 to v2.
+        assert!(
+            old.iter()
+                .zip(&new)
+                .all(|(a, b)| a == b || (*a == 0 && *b == 1))
+        );
+        // Back to 80/20 is the old split, position for position: no history.
+        assert_eq!(by_position(&[80, 20]), old);
     }
 
     #[test]
     fn round_robin_80_20_is_exact_in_every_ten() {
-        let (table, period) = round_robin_table(&[80, 20]).unwrap();
-        assert_eq!(period, 5);
-        assert_eq!(&table.subset[..10], &[0, 0, 1, 0, 0, 0, 0, 1, 0, 0]);
-        let (table, period) = round_robin_table(&[0, 3, 0]).unwrap();
-        assert_eq!(period, 1);
-        assert!(table.subset.iter().all(|&s| s == 1));
-        // A reduced sum beyond the table: the bucket table is the sequence.
-        let (table, period) = round_robin_table(&[999_983, 1]).unwrap();
-        assert_eq!(period, NUM_BUCKETS as u32);
-        assert_eq!(table, build_table(&[999_983, 1]).unwrap());
-        assert!(round_robin_table(&[0, 0]).is_err());
-    }
-
-    #[test]
-    fn build_table_examples() {
-        let table = build_table(&[1, 1]).unwrap();
-        assert!(
-            table
-                .subset
-                .iter()
-                .enumerate()
-                .all(|(i, &s)| usize::from(s) == i % 2)
-        );
-        let table = build_table(&[0, 100, 0]).unwrap();
-        assert!(table.subset.iter().all(|&s| s == 1));
-        // 3:1 -> one bucket of subset 1 in every 4, in the middle of its stretch.
-        let table = build_table(&[3, 1]).unwrap();
-        assert_eq!(&table.subset[..8], &[0, 0, 1, 0, 0, 0, 1, 0]);
-        assert_eq!(table_counts(&table, 2), [12288, 4096]);
-        // Deterministic.
-        assert_eq!(build_table(&[7, 3, 5]), build_table(&[7, 3, 5]));
+        assert_eq!(round_robin_period(&[80, 20]), Ok(100));
+        assert_eq!(round_robin(&[80, 20], 10), [0, 0, 1, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(counts_of(&round_robin(&[80, 20], 1000), 2), [800, 200]);
+        assert!(round_robin(&[0, 3, 0], 10).iter().all(|&s| s == 1));
+        assert_eq!(round_robin(&[1, 1, 1], 6), [1, 0, 2, 1, 0, 2]);
+        // Weights far apart: still exact over a period, nothing overflows.
+        let seq = round_robin(&[999_983, 1], 1_000_000 + 17);
+        assert_eq!(seq.iter().filter(|&&s| s == 1).count(), 1);
     }
 
     #[test]
@@ -742,72 +681,34 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// An affinity table has the exact counts, and between two weightings of two subsets
-        /// moves only the buckets the counts force.
+        /// The ranges give every subset its exact count, and between two weightings of two
+        /// subsets move only the positions the counts force.
         #[test]
-        fn affinity_moves_only_what_the_weights_move(
-            seed in any::<u32>(),
-            old_weights in weights_strategy(),
+        fn ranges_count_and_move_only_what_the_weights_move(
+            weights in weights_strategy(),
             a in 0u32..1000,
             b in 0u32..1000,
         ) {
-            let table = affinity_table(seed, &old_weights).unwrap();
-            let counts = bucket_counts(&old_weights).unwrap();
-            prop_assert_eq!(table_counts(&table, old_weights.len()), counts);
+            let split = by_position(&weights);
+            prop_assert_eq!(counts_of(&split, weights.len()), bucket_counts(&weights).unwrap());
             prop_assume!(a + b > 0);
-            let x = affinity_table(seed, &[a, b]).unwrap();
-            let y = affinity_table(seed, &[b, a]).unwrap();
+            let (x, y) = (by_position(&[a, b]), by_position(&[b, a]));
             let (cx, cy) = (bucket_counts(&[a, b]).unwrap(), bucket_counts(&[b, a]).unwrap());
-            let moved = x.subset.iter().zip(y.subset.iter()).filter(|(p, q)| p != q).count();
+            let moved = x.iter().zip(&y).filter(|(p, q)| p != q).count();
             prop_assert_eq!(moved as u32, cx[0].abs_diff(cy[0]));
         }
-
-        #[test]
-        fn table_counts_and_spread(weights in weights_strategy()) {
-            let counts = bucket_counts(&weights).unwrap();
-            let table = build_table(&weights).unwrap();
-            prop_assert_eq!(table_counts(&table, weights.len()), counts.clone());
-
-            // Each half holds floor(c/2) or ceil(c/2) of a subset's c buckets.
-            let mut half = vec![0u32; weights.len()];
-            for &s in &table.subset[..NUM_BUCKETS / 2] {
-                half[usize::from(s)] += 1;
-            }
-            for (i, &c) in counts.iter().enumerate() {
-                prop_assert!(half[i] == c / 2 || half[i] == c.div_ceil(2),
-                    "subset {} has {} of {} buckets in the first half", i, half[i], c);
-            }
-
-            // In every prefix of t buckets, a subset with c buckets has t * c / N of them,
-            // give or take (n - 1) / 2.
-            let n = weights.len() as i64;
-            let mut seen = vec![0i64; weights.len()];
-            for (t, &s) in table.subset.iter().enumerate() {
-                seen[usize::from(s)] += 1;
-                let t = t as i64 + 1;
-                for (i, &c) in counts.iter().enumerate() {
-                    let deviation = (seen[i] * i64::from(N) - t * i64::from(c)).abs();
-                    prop_assert!(2 * deviation <= (n - 1) * i64::from(N),
-                        "subset {} off by {} buckets after {}", i,
-                        deviation as f64 / f64::from(N), t);
-                }
-            }
-        }
-
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Two subsets: every run of n consecutive positions of the round-robin cursor (the
-        /// table's first `period` buckets, repeated) gives each subset its exact share within
-        /// one connection.
+        /// Two subsets: every run of n consecutive positions of the round-robin cursor gives
+        /// each subset its exact share within one connection, wherever the run starts.
         #[test]
         fn round_robin_windows_within_one(a in 0..=1000u32, b in 0..=1000u32, n in 1..=1000u64) {
             prop_assume!(a + b > 0);
-            let (table, period) = round_robin_table(&[a, b]).unwrap();
-            let p = u64::from(period);
-            let seq: Vec<u8> = (0..p).map(|i| table.subset[i as usize]).collect();
+            let p = u64::from(a + b);
+            let seq = round_robin(&[a, b], p);
             let sum = u64::from(a + b);
             for start in 0..p {
                 let got = (start..start + n).filter(|&i| seq[(i % p) as usize] == 1).count();
@@ -816,6 +717,33 @@ mod tests {
                 let got = got as u64 * sum;
                 prop_assert!(got + sum >= exact && got <= exact + sum,
                     "{}/{}: {} of {} from {}", a, b, got / sum, n, start);
+            }
+        }
+
+        /// Any number of subsets: a period holds each subset exactly its weight, and every run
+        /// of consecutive positions gives each subset its exact share within k - 1
+        /// connections, k the number of subsets with a weight.
+        #[test]
+        fn round_robin_windows_within_k_minus_one(
+            weights in proptest::collection::vec(0..=12u32, 1..=MAX_SUBSETS),
+        ) {
+            prop_assume!(weights.iter().any(|&w| w > 0));
+            let p = u64::from(weights.iter().sum::<u32>());
+            let seq = round_robin(&weights, p);
+            prop_assert_eq!(counts_of(&seq, weights.len()), weights.clone());
+            let k = weights.iter().filter(|&&w| w > 0).count() as u64;
+            for n in 1..=p {
+                for start in 0..p {
+                    let mut got = vec![0u64; weights.len()];
+                    for i in start..start + n {
+                        got[seq[(i % p) as usize] as usize] += 1;
+                    }
+                    for (i, &w) in weights.iter().enumerate() {
+                        let (got, exact) = (got[i] * p, n * u64::from(w));
+                        prop_assert!(got.abs_diff(exact) <= (k - 1).max(1) * p,
+                            "{:?}: subset {} has {} of {} from {}", weights, i, got / p, n, start);
+                    }
+                }
             }
         }
     }

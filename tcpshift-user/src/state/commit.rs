@@ -2,9 +2,9 @@
 //!
 //! Each change is planned first ([`super::plan`], pure: nothing is written unless the whole
 //! change is valid), then written by [`State::commit`] in three phases: prepare every service
-//! (bucket tables in the generation the data path does not use, definitions, counters,
-//! sockets given up, annotations), commit them (one `TS_SERVICES` update per service: the
-//! moment its new connections follow the change), then release what the old definitions held
+//! (definitions, counters, sockets given up, annotations), commit them (one `TS_SERVICES` update
+//! per service, carrying its weights and the ranges derived from them: the moment its new
+//! connections follow the change), then release what the old definitions held
 //! (listen keys no longer used, slots gone) and delete. Every map update goes through
 //! [`write`], which retries while the kernel answers ENOMEM; if an update fails for good, what
 //! was written is put back ([`Plan::undo`]) and the error is returned.
@@ -12,7 +12,7 @@
 use std::{collections::HashMap as StdHashMap, path::PathBuf};
 
 use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
-use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, ServiceMeta, slot, table_key};
+use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, ServiceMeta, slot};
 use tracing::{info, warn};
 
 use crate::{
@@ -62,8 +62,8 @@ impl State {
     /// services left alone), room for the new ones. The changes are then written service by
     /// service, each committed by one `TS_SERVICES` update as in
     /// [`State::set_weights`]; if the kernel refuses a write half-way (out of memory), the
-    /// services already changed are put back as they were (their old bucket tables are still
-    /// in place) and the error is returned. Sockets of subsets whose address changed are
+    /// services already changed are put back as they were (their old entries, weights and
+    /// ranges included, are kept for that) and the error is returned. Sockets of subsets whose address changed are
     /// unregistered; the loader registers the new ones.
     ///
     /// A listen address written in another form with the same kernel key
@@ -136,9 +136,9 @@ impl State {
             None if plan.writes_annotations() => Some(self.create_routes()?),
             None => None,
         };
-        // The records before the change, for the roll-back and the generations to write (of
-        // the services written: an unchanged one needs neither, and with many services
-        // reading them all would cost more than the change).
+        // The records before the change, for the roll-back (of the services written: an
+        // unchanged one needs none, and with many services reading them all would cost more
+        // than the change).
         let mut before = Before::new();
         for s in &plan.steps {
             if s.old.is_some()
@@ -149,7 +149,7 @@ impl State {
             }
         }
         let mut progress = Progress::Prepare(0);
-        let written = self.write_plan(plan, &before, routes.as_mut(), &mut progress);
+        let written = self.write_plan(plan, routes.as_mut(), &mut progress);
         if let Err(e) = written {
             warn!(error = %e, "a change failed half-way; putting the services back as they were");
             self.undo(&plan.undo(progress), &before, routes.as_mut());
@@ -161,18 +161,9 @@ impl State {
     fn write_plan(
         &mut self,
         plan: &Plan,
-        before: &Before,
         mut routes: Option<&mut RoutesMap>,
         progress: &mut Progress,
     ) -> Result<()> {
-        let generation = |id: u32| {
-            before
-                .get(&id)
-                .and_then(|(_, e)| *e)
-                .map_or(0, |e| e.generation ^ 1)
-        };
-        let mut fresh = super::tables::Fresh::new();
-        let mut periods = StdHashMap::new();
         // 1. Everything the data path reaches only through the new entries. Sockets of subsets
         //    whose backend changed go first, so that no connection reaches an old backend
         //    under a new subset (it falls back to the other subsets until the new socket is
@@ -194,16 +185,10 @@ impl State {
             if !step.writes() {
                 continue;
             }
-            let ws = step.config.weights();
-            let (table, period) = self.table_for(step.config.balance, &ws, &mut fresh)?;
-            periods.insert(id, period);
-            let m = &mut self.maps;
-            write("table", "cannot write a bucket table", || {
-                m.buckets.insert(table_key(id, generation(id)), *table, 0)
-            })?;
             if step.change == Change::Reweighted {
                 continue;
             }
+            let m = &mut self.maps;
             let meta = service_meta(&step.config);
             write("definition", "cannot write a service definition", || {
                 m.meta.insert(id, meta, 0)
@@ -255,13 +240,7 @@ impl State {
             if !step.writes() {
                 continue;
             }
-            let entry = new_entry(
-                step.id,
-                generation(step.id),
-                &step.config.weights(),
-                &step.config,
-                periods.get(&step.id).copied().unwrap_or(0),
-            );
+            let entry = new_entry(step.id, &step.config.weights(), &step.config)?;
             let key = service_key_for(&step.config.listen, step.config.protocol);
             let services = &mut self.maps.services;
             write("entry", "cannot write a service entry", || {
@@ -385,16 +364,10 @@ impl State {
         Ok(())
     }
 
-    /// Removes everything of service `id` but its `TS_SERVICES` entry: both bucket tables,
-    /// sockets, counters, annotation and definition (last: it is how the id is found).
-    /// Slots from `n_subsets` on are empty already (a redefinition clears them).
+    /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters,
+    /// annotation and definition (last: it is how the id is found). Slots from `n_subsets` on
+    /// are empty already (a redefinition clears them).
     fn remove_id(&mut self, id: u32, n_subsets: u32, routes: Option<&mut RoutesMap>) -> Result<()> {
-        for generation in 0..2 {
-            ignore_missing(
-                self.maps.buckets.remove(&table_key(id, generation)),
-                "cannot remove a bucket table",
-            )?;
-        }
         self.clear_slots(id, 0, n_subsets)?;
         if let Some(routes) = routes {
             remove_annotation(routes, id)?;

@@ -9,21 +9,19 @@ use tcpshift_common::{
     SubsetMeta, mode, protocols, service_flags,
 };
 
-use crate::model::{Balance, Listen, Protocol, ServiceConfig};
+use crate::{
+    model::{Balance, Listen, Protocol, ServiceConfig},
+    weights,
+};
 
 use super::error::*;
 
-/// The `TS_SERVICES` entry of service `id` with weights `ws`, table generation `generation`,
-/// with `config`'s per-service settings (fail-closed, balance, protocol; `rr_period`: the
-/// round-robin sequence's length, see [`crate::weights::round_robin_table`], 0 in the other
-/// modes).
-pub(super) fn new_entry(
-    id: u32,
-    generation: u32,
-    ws: &[u32],
-    config: &ServiceConfig,
-    rr_period: u32,
-) -> ServiceEntry {
+/// The `TS_SERVICES` entry of service `id` with weights `ws` and the ranges derived from them
+/// ([`weights::bounds`]), with `config`'s per-service settings (fail-closed, balance,
+/// protocol; a round-robin service's sequence period, [`weights::round_robin_period`]). Error
+/// for weights no service can have (none above 0, too many, too large: the plan checked them).
+pub(super) fn new_entry(id: u32, ws: &[u32], config: &ServiceConfig) -> Result<ServiceEntry> {
+    let ws = &ws[..ws.len().min(MAX_SUBSETS)];
     let (fail_closed, balance, protocol) = (config.fail_closed, config.balance, config.protocol);
     let n_subsets = config.subsets.len().min(MAX_SUBSETS) as u8;
     let mut weights = [0u32; MAX_SUBSETS];
@@ -34,9 +32,8 @@ pub(super) fn new_entry(
             weighted_mask |= 1 << i;
         }
     }
-    ServiceEntry {
+    Ok(ServiceEntry {
         id,
-        generation,
         mode: entry_mode(balance),
         n_subsets,
         flags: entry_flags(protocol)
@@ -47,13 +44,14 @@ pub(super) fn new_entry(
             },
         weighted_mask,
         weights,
+        bounds: weights::bounds(ws)?,
         rr_period: if balance == Balance::RoundRobin {
-            rr_period
+            weights::round_robin_period(ws)?
         } else {
             0
         },
-        fallback_order: fallback_order(&ws[..ws.len().min(MAX_SUBSETS)]),
-    }
+        fallback_order: fallback_order(ws),
+    })
 }
 
 /// The order in which the data path tries the subsets when the chosen one has no live socket
@@ -277,14 +275,16 @@ mod tests {
         assert_eq!(&fallback_order(&[100])[..1], &[0]);
         let mut config = test_config(3);
         config.balance = Balance::RoundRobin;
-        let e = new_entry(7, 1, &[0, 80, 20], &config, 5);
+        let e = new_entry(7, &[0, 80, 20], &config).unwrap();
         assert_eq!(
             (e.mode, e.rr_period, &e.fallback_order[..3]),
-            (mode::ROUND_ROBIN, 5, &[1u8, 2, 0][..])
+            (mode::ROUND_ROBIN, 100, &[1u8, 2, 0][..])
         );
+        assert_eq!(&e.bounds[..3], &[0, 13107, 16384]);
         let mut config = test_config(2);
         config.balance = Balance::SourceIp;
-        let e = new_entry(7, 1, &[80, 20], &config, 5);
+        let e = new_entry(7, &[80, 20], &config).unwrap();
+        assert!(new_entry(7, &[0, 0], &config).is_err());
         assert_eq!((e.mode, e.rr_period), (mode::HASH_SOURCE_IP, 0));
         for b in [Balance::Hash, Balance::SourceIp, Balance::RoundRobin] {
             assert_eq!(balance_of(entry_mode(b)), b);

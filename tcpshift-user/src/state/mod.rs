@@ -7,7 +7,7 @@
 //! ```text
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
-//!     TS_GLOBAL TS_SERVICES TS_BUCKETS TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_GLOBAL TS_SERVICES TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
 //!     TS_UDP_SOCKETS TS_UDP_COUNTERS TS_UDP_FLOWS  UDP services' sockets, counters, flows
 //!     TS_LIMITS TS_LOAD            connection limits and ejections; open connections
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
@@ -59,8 +59,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash};
 use tcpshift_common::{
-    BucketTable, Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
-    RECENT_SECONDS, ServiceEntry, ServiceKey, ServiceMeta, global_flags, map_names, slot,
+    Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS, RECENT_SECONDS,
+    ServiceEntry, ServiceKey, ServiceMeta, global_flags, map_names, slot,
 };
 use tracing::debug;
 
@@ -83,7 +83,6 @@ mod rollouts;
 mod sockets;
 mod status;
 mod sys;
-mod tables;
 mod udp;
 
 #[cfg(feature = "failpoints")]
@@ -135,7 +134,6 @@ pub fn state_dir(netns: &Netns) -> PathBuf {
 struct Maps {
     global: Array<MapData, Global>,
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
-    buckets: HashMap<MapData, u32, BucketTable>,
     sockets: SockHash<MapData, u32>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     meta: HashMap<MapData, u32, ServiceMeta>,
@@ -294,7 +292,6 @@ impl State {
         let maps = Maps {
             global,
             services: open_map_as(&dir, map_names::SERVICES, read_only)?,
-            buckets: open_map_as(&dir, map_names::BUCKETS, read_only)?,
             sockets: open_map_as(&dir, map_names::SOCKETS, read_only)?,
             counters: open_map_as(&dir, map_names::COUNTERS, read_only)?,
             meta: open_map_as(&dir, map_names::META, read_only)?,

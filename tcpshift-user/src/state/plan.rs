@@ -137,7 +137,7 @@ impl Step {
 /// after some of its writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Progress {
-    /// Preparing step `n` (bucket table, definition, counters, sockets, annotation): nothing
+    /// Preparing step `n` (definition, counters, sockets, annotation): nothing
     /// is steered differently yet. `n == steps.len()` means removing the cleared annotations.
     Prepare(usize),
     /// Committing step `n` (its `TS_SERVICES` entry): the steps before it are committed.
@@ -149,7 +149,7 @@ pub(crate) enum Progress {
 /// What to put back after a failure (see [`Plan::undo`]), in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Undo {
-    /// Write the service's `TS_SERVICES` entry as it was (old key, generation and weights).
+    /// Write the service's `TS_SERVICES` entry as it was (old key, weights and ranges).
     RestoreEntry { id: u32 },
     /// Remove the entry written under a listen key that no service had before.
     RemoveEntry(Listen),
@@ -158,7 +158,7 @@ pub(crate) enum Undo {
     RemoveUdpEntry(Listen),
     /// Write the service's definition as it was.
     RestoreDefinition { id: u32 },
-    /// Remove a service created by the change: bucket tables, slots, annotation, definition.
+    /// Remove a service created by the change: slots, annotation, definition.
     RemoveService { id: u32, n_subsets: u32 },
     /// Put an annotation back (`None`: remove it).
     RestoreAnnotation { id: u32, text: Option<String> },
