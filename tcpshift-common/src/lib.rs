@@ -18,7 +18,7 @@
 //! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, generation, mode, subsets, flags ([`service_flags`]: fail-closed), weights | userspace |
 //! | `TS_BUCKETS` | hash, no prealloc | [`table_key`]: `id * 2 + generation` | [`BucketTable`]: `subset[16384]` | userspace |
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
-//! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
+//! | `TS_COUNTERS` | hash, no prealloc, one value shared by all CPUs (atomic adds) | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
 //! | `TS_CURSORS` | array, [`MAX_SERVICES`] entries | service id | `u64`: the service's round-robin cursor, shared by all CPUs ([`mode::ROUND_ROBIN`]; atomic fetch-add by sk_lookup) | sk_lookup (never written by userspace) |
 //! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
@@ -47,7 +47,7 @@
 /// Magic stored in [`Global::magic`]: "tcpshift" in ASCII.
 pub const MAGIC: u64 = u64::from_be_bytes(*b"tcpshift");
 /// Version of the pinned map layout. Bumped on any change to a type below or to the set of maps.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Maximum number of services per network namespace.
 pub const MAX_SERVICES: u32 = 16_384;
@@ -289,7 +289,10 @@ pub struct BucketTable {
     pub subset: [u8; NUM_BUCKETS],
 }
 
-/// Per-subset counters (`TS_COUNTERS`, one per CPU, summed by userspace).
+/// Per-subset counters (`TS_COUNTERS`): one value shared by all CPUs, every field changed
+/// only by atomic adds (the recent ring also by compare-and-exchange, see [`RecentSecond`]).
+/// They count per-connection events, not packets, so sharing costs a few locked adds per
+/// connection and the map's memory does not grow with the number of CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -331,7 +334,9 @@ pub struct Counters {
     /// of new connections over the last seconds, without any sampling by userspace.
     pub recent: [RecentSecond; RECENT_SECONDS],
     /// Smoothed RTT of closed connections at close, a log2 histogram: see [`srtt_bucket`].
-    pub srtt_histogram: [u64; SRTT_BUCKETS],
+    /// `u32` counts (wrapping after 4 294 967 295 connections in one bucket); readers widen
+    /// them to `u64`.
+    pub srtt_histogram: [u32; SRTT_BUCKETS],
 }
 
 /// Number of buckets of [`Counters::srtt_histogram`].
@@ -390,19 +395,30 @@ pub struct RecentSecond {
     /// The second (`CLOCK_MONOTONIC_COARSE` / 10⁹, truncated to 32 bits) these counts are for;
     /// an entry whose second is not the one asked for is stale and counts 0.
     pub second: u32,
-    /// Connections steered to the subset during that second (on this CPU).
+    /// Connections steered to the subset during that second.
     pub steered: u32,
 }
 
 impl RecentSecond {
-    /// Counts one connection steered during `second`, restarting a stale entry.
+    /// Adding this to the entry read as one little-endian `u64` counts one connection:
+    /// `second` is its low half, `steered` its high half (a wrap of `steered` carries out
+    /// of the word, never into `second`). The programs update the shared entry this way
+    /// (`tcpshift-ebpf` `atomic.rs`).
+    pub const ONE_STEERED: u64 = 1 << 32;
+
+    /// The entry read as one little-endian `u64` word: `second | steered << 32`.
     #[inline(always)]
-    pub fn count(&mut self, second: u32) {
-        if self.second != second {
-            self.second = second;
-            self.steered = 0;
+    pub const fn from_word(word: u64) -> Self {
+        Self {
+            second: word as u32,
+            steered: (word >> 32) as u32,
         }
-        self.steered = self.steered.wrapping_add(1);
+    }
+
+    /// This entry as one `u64` word: `second | steered << 32` (see [`Self::from_word`]).
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        self.second as u64 | (self.steered as u64) << 32
     }
 }
 
@@ -732,7 +748,7 @@ assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80 + 4 + MAX_SUBSETS);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(RecentSecond, 8);
-assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);
+assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 4 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);

@@ -137,7 +137,8 @@ struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
     buckets: HashMap<MapData, u32, BucketTable>,
     sockets: SockHash<MapData, u32>,
-    counters: PerCpuHashMap<MapData, u32, Counters>,
+    /// `TS_COUNTERS`: one value per slot, shared by all CPUs.
+    counters: HashMap<MapData, u32, Counters>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
     socktag: Map,
