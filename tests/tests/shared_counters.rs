@@ -71,7 +71,7 @@ fn counts_made_on_every_cpu_at_once_add_up_exactly() -> Result<()> {
     ns.wait_live(Duration::from_secs(10))?;
     let cpus = thread::available_parallelism().map_or(2, |n| n.get());
     let threads = (2 * cpus).max(4);
-    let per_thread = 100;
+    let per_thread = 500;
     let made = (threads * per_thread) as u64;
     let retransmits_before = syn_retransmits()?;
     let start = Instant::now();
