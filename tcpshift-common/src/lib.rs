@@ -748,6 +748,20 @@ assert_size!(ServiceKey, 20);
 assert_size!(ServiceEntry, 80 + 4 + MAX_SUBSETS);
 assert_size!(BucketTable, NUM_BUCKETS);
 assert_size!(RecentSecond, 8);
+// The programs update a ring entry as one word (`RecentSecond::to_word`): its memory must be
+// that word, second in the low half.
+#[cfg(target_endian = "little")]
+const _: () = {
+    let r = RecentSecond {
+        second: 0x0102_0304,
+        steered: 0x0a0b_0c0d,
+    };
+    // SAFETY: `RecentSecond` is two `u32`s without padding, 8 bytes (asserted above).
+    let word = unsafe { core::mem::transmute::<RecentSecond, u64>(r) };
+    assert!(word == r.to_word() && word == 0x0a0b_0c0d_0102_0304);
+    let back = RecentSecond::from_word(word);
+    assert!(back.second == r.second && back.steered == r.steered);
+};
 assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 4 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
