@@ -17,7 +17,7 @@
 //! | `TS_GLOBAL` | array, 1 entry | `0` | [`Global`]: magic, layout version, hash seed, flags (debug events), netns cookie | loader (at install; flags by `tcpshiftd --log-level`) |
 //! | `TS_SERVICES` | hash, no prealloc | [`ServiceKey`]: `{addr[16], port, proto}` | [`ServiceEntry`]: id, mode, subsets, flags ([`service_flags`]: fail-closed), weights and the ranges derived from them | userspace |
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
-//! | `TS_COUNTERS` | per-CPU hash | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
+//! | `TS_COUNTERS` | hash, no prealloc, one value shared by all CPUs (atomic adds) | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
 //! | `TS_CURSORS` | array, [`MAX_SERVICES`] entries | service id | `u64`: the service's round-robin cursor, shared by all CPUs ([`mode::ROUND_ROBIN`]; atomic fetch-add by sk_lookup) | sk_lookup (never written by userspace) |
 //! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
@@ -288,7 +288,10 @@ pub struct ServiceEntry {
     pub fallback_order: [u8; MAX_SUBSETS],
 }
 
-/// Per-subset counters (`TS_COUNTERS`, one per CPU, summed by userspace).
+/// Per-subset counters (`TS_COUNTERS`): one value shared by all CPUs, every field changed
+/// only by atomic adds (the recent ring also by compare-and-exchange, see [`RecentSecond`]).
+/// They count per-connection events, not packets, so sharing costs a few locked adds per
+/// connection and the map's memory does not grow with the number of CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -330,7 +333,9 @@ pub struct Counters {
     /// of new connections over the last seconds, without any sampling by userspace.
     pub recent: [RecentSecond; RECENT_SECONDS],
     /// Smoothed RTT of closed connections at close, a log2 histogram: see [`srtt_bucket`].
-    pub srtt_histogram: [u64; SRTT_BUCKETS],
+    /// `u32` counts (wrapping after 4 294 967 295 connections in one bucket); readers widen
+    /// them to `u64`.
+    pub srtt_histogram: [u32; SRTT_BUCKETS],
 }
 
 /// Number of buckets of [`Counters::srtt_histogram`].
@@ -389,19 +394,30 @@ pub struct RecentSecond {
     /// The second (`CLOCK_MONOTONIC_COARSE` / 10⁹, truncated to 32 bits) these counts are for;
     /// an entry whose second is not the one asked for is stale and counts 0.
     pub second: u32,
-    /// Connections steered to the subset during that second (on this CPU).
+    /// Connections steered to the subset during that second.
     pub steered: u32,
 }
 
 impl RecentSecond {
-    /// Counts one connection steered during `second`, restarting a stale entry.
+    /// Adding this to the entry read as one little-endian `u64` counts one connection:
+    /// `second` is its low half, `steered` its high half (a wrap of `steered` carries out
+    /// of the word, never into `second`). The programs update the shared entry this way
+    /// (`tcpshift-ebpf` `atomic.rs`).
+    pub const ONE_STEERED: u64 = 1 << 32;
+
+    /// The entry read as one little-endian `u64` word: `second | steered << 32`.
     #[inline(always)]
-    pub fn count(&mut self, second: u32) {
-        if self.second != second {
-            self.second = second;
-            self.steered = 0;
+    pub const fn from_word(word: u64) -> Self {
+        Self {
+            second: word as u32,
+            steered: (word >> 32) as u32,
         }
-        self.steered = self.steered.wrapping_add(1);
+    }
+
+    /// This entry as one `u64` word: `second | steered << 32` (see [`Self::from_word`]).
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        self.second as u64 | (self.steered as u64) << 32
     }
 }
 
@@ -727,7 +743,21 @@ assert_size!(
     16 + 4 * MAX_SUBSETS + 2 * MAX_SUBSETS + MAX_SUBSETS
 );
 assert_size!(RecentSecond, 8);
-assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 8 * SRTT_BUCKETS);
+// The programs update a ring entry as one word (`RecentSecond::to_word`): its memory must be
+// that word, second in the low half.
+#[cfg(target_endian = "little")]
+const _: () = {
+    let r = RecentSecond {
+        second: 0x0102_0304,
+        steered: 0x0a0b_0c0d,
+    };
+    // SAFETY: `RecentSecond` is two `u32`s without padding, 8 bytes (asserted above).
+    let word = unsafe { core::mem::transmute::<RecentSecond, u64>(r) };
+    assert!(word == r.to_word() && word == 0x0a0b_0c0d_0102_0304);
+    let back = RecentSecond::from_word(word);
+    assert!(back.second == r.second && back.steered == r.steered);
+};
+assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 4 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
 assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);

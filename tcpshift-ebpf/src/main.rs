@@ -12,12 +12,15 @@
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The round-robin cursor and `limits.rs`'s open-connection count need atomic adds:
+// The round-robin cursor, `limits.rs`'s open-connection count and the shared counters
+// (`atomic.rs`) need atomic adds:
 // `AtomicU64::fetch_add` is not available on bpfel-unknown-none, the intrinsic (BPF_ATOMIC,
 // with BPF_FETCH for the cursor: kernel >= 5.12) is.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod atomic;
 #[cfg(target_arch = "bpf")]
 mod limits;
 #[cfg(target_arch = "bpf")]

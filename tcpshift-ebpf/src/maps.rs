@@ -34,9 +34,10 @@ pub(crate) static TS_CURSORS: Array<u64> = Array::with_max_entries(MAX_SERVICES,
 #[map(name = "TS_SOCKETS")]
 pub(crate) static TS_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
 
+/// Connection counters per slot, one value shared by all CPUs (updated only atomically).
 #[map(name = "TS_COUNTERS")]
-static TS_COUNTERS: PerCpuHashMap<u32, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+static TS_COUNTERS: HashMap<u32, Counters> =
+    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "TS_UDP_SOCKETS")]
 pub(crate) static TS_UDP_SOCKETS: SockHash<u32> = SockHash::with_max_entries(MAX_SLOTS, 0);
@@ -128,13 +129,13 @@ pub(crate) fn lookup_service_proto(
     }
 }
 
-/// Updates this CPU's counters of `slot` with `f` (nothing if userspace has not created
-/// them: it does when it registers the subset).
+/// Updates the counters of `slot` with `f` (nothing if userspace has not created them: it
+/// does when it registers the subset). The value is shared by all CPUs: `f` changes it only
+/// with the atomic updates of `atomic.rs` (`add!(c.field, n)`).
 #[inline(always)]
-pub(crate) fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
+pub(crate) fn count(slot: u32, f: impl FnOnce(*mut Counters)) {
     if let Some(c) = TS_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU value, the program is not preempted while it runs.
-        f(unsafe { &mut *c });
+        f(c);
     }
 }
 

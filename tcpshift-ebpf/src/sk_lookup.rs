@@ -14,7 +14,10 @@
 //!    (`service_flags::FAIL_CLOSED`), refuse the connection (`SK_DROP`), so that no other
 //!    socket bound to the service's address receives it.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::addr_of_mut,
+};
 
 use aya_ebpf::{
     bindings::sk_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::sk_lookup,
@@ -26,6 +29,7 @@ use tcpshift_common::{
     flow_hash, global_flags, mode, service_flags, slot,
 };
 
+use crate::atomic::{add, count_recent};
 use crate::maps::{AF_INET, TS_CURSORS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
 
 #[sk_lookup]
@@ -38,11 +42,17 @@ pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 /// Counts a connection steered to a subset, in its total and in the recent-seconds ring.
 #[inline(always)]
-fn count_steered(c: &mut Counters) {
-    c.steered += 1;
+fn count_steered(c: *mut Counters) {
+    add!(c.steered, 1);
     // SAFETY: no preconditions.
     let second = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    c.recent[second as usize % RECENT_SECONDS].count(second);
+    // SAFETY: `count` passes a live, aligned map value; the index is below the ring's length.
+    unsafe {
+        count_recent(
+            addr_of_mut!((*c).recent[second as usize % RECENT_SECONDS]),
+            second,
+        )
+    };
 }
 
 /// Steers one lookup; returns the program's verdict.
@@ -127,7 +137,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let chosen_slot = slot(id, chosen);
-    count(chosen_slot, |c| c.chosen += 1);
+    count(chosen_slot, |c| add!(c.chosen, 1));
     let limits = match global {
         Some(g) => g.flags & global_flags::LIMITS != 0,
         None => false,
@@ -147,10 +157,10 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     }
     let (next, skipped) = next_candidate(ctx, entry, chosen, limits);
     if let Some(i) = next {
-        count(chosen_slot, |c| c.fallback_out += 1);
+        count(chosen_slot, |c| add!(c.fallback_out, 1));
         count(slot(id, i), |c| {
             count_steered(c);
-            c.fallback_in += 1;
+            add!(c.fallback_in, 1);
         });
         if log {
             debug!(
@@ -178,7 +188,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         }
         return sk_action::SK_DROP;
     }
-    count(chosen_slot, |c| c.misses += 1);
+    count(chosen_slot, |c| add!(c.misses, 1));
     if log {
         debug!(
             ctx,

@@ -18,12 +18,13 @@
 //! operation) leaves out the failure signals' callbacks: no `RTO_CB` and no reset watch after
 //! an abort; the accounting above stays.
 //!
-//! Every counter is per CPU; the record is the socket's own storage. Nothing is shared between
-//! connections on this path except the per-CPU counter slot.
+//! The record is the socket's own storage. Nothing is shared between connections on this path
+//! except the subset's counters, one value for all CPUs changed only by atomic adds
+//! (`atomic.rs`: a few locked adds per connection, none per packet).
 
 use core::{
     ffi::c_void,
-    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+    ptr::{addr_of, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
@@ -44,6 +45,7 @@ use tcpshift_common::{
     srtt_bucket, tag, tag_flags,
 };
 
+use crate::atomic::add;
 use crate::limits;
 use crate::maps::{AF_INET, TS_GLOBAL, count, log_on, lookup_service, socktag};
 
@@ -164,7 +166,7 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
         write_volatile(addr_of!((*t).flags).cast_mut(), tag_flags::OPEN_COUNTED);
         write_volatile(addr_of!((*t).kind).cast_mut(), tag::OPEN);
     }
-    count(found, |c| c.opened += 1);
+    count(found, |c| add!(c.opened, 1));
     limits::opened(found);
     // State changes for the accounting, and retransmission timeouts (the timer's expiry
     // only, never a per-packet callback) unless the signals are switched off to measure
@@ -270,21 +272,15 @@ fn state_change(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
     // SAFETY: see `established`.
     // Volatile accesses keep that order (BPF has no fence instruction to ask for it).
     unsafe { write_volatile(addr_of!((*t).kind).cast_mut(), tag::CLOSING) };
+    // The adds are fully ordered atomics (`atomic.rs`): they stay between the two writes.
     count(slot, |c| {
-        // SAFETY: per-CPU value of this CPU, valid for the run.
-        unsafe {
-            let p = addr_of_mut!(c.bytes_received);
-            write_volatile(p, read_volatile(p) + received);
-            let p = addr_of_mut!(c.bytes_sent);
-            write_volatile(p, read_volatile(p) + sent);
-            let p = addr_of_mut!(c.closed);
-            write_volatile(p, read_volatile(p) + 1);
-            if without_reply {
-                let p = addr_of_mut!(c.closed_without_reply);
-                write_volatile(p, read_volatile(p) + 1);
-            }
+        add!(c.bytes_received, received);
+        add!(c.bytes_sent, sent);
+        add!(c.closed, 1);
+        if without_reply {
+            add!(c.closed_without_reply, 1);
         }
-        c.srtt_histogram[srtt] += 1;
+        add!(c.srtt_histogram[srtt], 1);
     });
     if flags & tag_flags::OPEN_COUNTED != 0 {
         limits::closed(slot);
@@ -371,7 +367,7 @@ fn sending_after_close(ops: *mut bpf_sock_ops) {
         );
     }
     if tcp_flags & TCP_RST != 0 {
-        count(slot, |c| c.reset_by_backend += 1);
+        count(slot, |c| add!(c.reset_by_backend, 1));
     }
 }
 
@@ -392,6 +388,6 @@ fn retransmit_timeout(ops: *mut bpf_sock_ops) {
         )
     };
     if kind == tag::OPEN {
-        count(slot, |c| c.retransmit_timeouts += 1);
+        count(slot, |c| add!(c.retransmit_timeouts, 1));
     }
 }

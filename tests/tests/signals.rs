@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tcpshift_tests::{TestNs, poll_until, privileged, scaled, seed_addr, seed_config};
 
-/// Offsets (in `u64` words) of `tcpshift_common::Counters` fields, layout version 4.
+/// Offsets (in `u64` words) of `tcpshift_common::Counters` fields, layout version 6.
 mod field {
     pub const MISSES: usize = 4;
     pub const OPENED: usize = 5;
@@ -25,19 +25,23 @@ mod field {
     pub const RESET_BY_BACKEND: usize = 9;
     pub const CLOSED_WITHOUT_REPLY: usize = 10;
     pub const RETRANSMIT_TIMEOUTS: usize = 11;
-    /// First bucket of `srtt_histogram` (after 12 words and the 16 × 8-byte `recent` ring).
+    /// First bucket of `srtt_histogram` (after 12 words and the 16 × 8-byte `recent` ring);
+    /// its buckets are `u32`, widened to one word each by [`super::counters`].
     pub const SRTT_HISTOGRAM: usize = 12 + 16;
     pub const SRTT_BUCKETS: usize = 16;
-    /// `size_of::<Counters>() / 8`.
+    /// Words of the result: the `u64` fields and ring entries, then one per bucket.
     pub const WORDS: usize = SRTT_HISTOGRAM + SRTT_BUCKETS;
+    /// `size_of::<Counters>()`.
+    pub const BYTES: usize = SRTT_HISTOGRAM * 8 + SRTT_BUCKETS * 4;
 }
 
 /// Index of v1 and v2 in the seed config (slot = service id × 16 + index).
 const V1: u32 = 0;
 const V2: u32 = 1;
 
-/// The counters of subset `subset` of the namespace's only service, summed over CPUs, read
-/// with `bpftool map dump pinned …/TS_COUNTERS -j` (the map has no BTF: raw bytes).
+/// The counters of subset `subset` of the namespace's only service (one value shared by all
+/// CPUs), read with `bpftool map dump pinned …/TS_COUNTERS -j` (the map has no BTF: raw
+/// bytes); the `u32` srtt buckets are widened to words.
 fn counters(subset: u32) -> Result<[u64; field::WORDS]> {
     let ino = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
     let path = format!("/sys/fs/bpf/tcpshift/netns-{ino}/TS_COUNTERS");
@@ -51,27 +55,32 @@ fn counters(subset: u32) -> Result<[u64; field::WORDS]> {
         String::from_utf8_lossy(&out.stderr)
     );
     let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")?;
-    let mut sum = [0u64; field::WORDS];
+    let mut words = [0u64; field::WORDS];
     for entry in dump.as_array().context("bpftool dump is not a list")? {
         let key = bytes(&entry["key"])?;
         let slot = u32::from_le_bytes(key.as_slice().try_into().context("4-byte key")?);
         if slot % 16 != subset {
             continue;
         }
-        for cpu in entry["values"].as_array().context("per-CPU values")? {
-            let value = bytes(&cpu["value"])?;
-            ensure!(
-                value.len() == field::WORDS * 8,
-                "Counters of {} bytes, expected {} (layout changed?)",
-                value.len(),
-                field::WORDS * 8
-            );
-            for (i, word) in value.chunks_exact(8).enumerate() {
-                sum[i] += u64::from_le_bytes(word.try_into().context("8 bytes")?);
-            }
+        let value = bytes(&entry["value"]).context("one value (not per CPU)")?;
+        ensure!(
+            value.len() == field::BYTES,
+            "Counters of {} bytes, expected {} (layout changed?)",
+            value.len(),
+            field::BYTES
+        );
+        let (head, histogram) = value.split_at(field::SRTT_HISTOGRAM * 8);
+        let head = head
+            .chunks_exact(8)
+            .map(|w| w.try_into().map(u64::from_le_bytes));
+        let histogram = histogram
+            .chunks_exact(4)
+            .map(|w| w.try_into().map(|w| u64::from(u32::from_le_bytes(w))));
+        for (out, word) in words.iter_mut().zip(head.chain(histogram)) {
+            *out = word.context("word of the value")?;
         }
     }
-    Ok(sum)
+    Ok(words)
 }
 
 /// bpftool's `["0x01", "0x00", …]` as bytes.

@@ -9,9 +9,9 @@
 //! [`write`], which retries while the kernel answers ENOMEM; if an update fails for good, what
 //! was written is put back ([`Plan::undo`]) and the error is returned.
 
-use std::{collections::HashMap as StdHashMap, path::PathBuf};
+use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, MapData, MapError};
 use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, ServiceMeta, slot};
 use tracing::{info, warn};
 
@@ -480,22 +480,22 @@ pub(super) fn write(
     .map_err(map_err(what))
 }
 
-/// Creates zeroed counters for `slot` unless they exist.
+/// `BPF_NOEXIST`: a map update that only creates (EEXIST if the key is there).
+const BPF_NOEXIST: u64 = 1;
+
+/// Creates zeroed counters for `slot` unless they exist: a create-only insert, so counts the
+/// programs are adding to the one shared value are never overwritten.
 pub(super) fn ensure_counters(
-    counters: &mut PerCpuHashMap<MapData, u32, Counters>,
+    counters: &mut HashMap<MapData, u32, Counters>,
     slot: u32,
 ) -> Result<()> {
-    if counters.get(&slot, 0).is_ok() {
-        return Ok(());
-    }
-    let n = aya::util::nr_cpus().map_err(|(what, e)| StateError::Io {
-        what: "cannot count CPUs",
-        path: PathBuf::from(what),
-        error: e,
-    })?;
     write("counters", "cannot create counters", || {
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); n])?;
-        counters.insert(slot, zeros, 0)
+        match counters.insert(slot, Counters::default(), BPF_NOEXIST) {
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            other => other,
+        }
     })
 }
 

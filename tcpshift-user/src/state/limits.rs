@@ -317,7 +317,7 @@ impl State {
         })
     }
 
-    /// The counters of one subset (summed over CPUs), for the outlier loop.
+    /// The counters of one subset, for the outlier loop.
     pub fn subset_counters(&self, slot: u32) -> Result<CounterStatus> {
         self.counters(slot)
     }

@@ -135,7 +135,8 @@ struct Maps {
     global: Array<MapData, Global>,
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
     sockets: SockHash<MapData, u32>,
-    counters: PerCpuHashMap<MapData, u32, Counters>,
+    /// `TS_COUNTERS`: one value per slot, shared by all CPUs.
+    counters: HashMap<MapData, u32, Counters>,
     meta: HashMap<MapData, u32, ServiceMeta>,
     /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
     socktag: Map,

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap as StdHashMap, net::SocketAddr, os::fd::AsFd, path::PathBuf};
 
-use aya::maps::{Map, MapError, PerCpuValues};
+use aya::maps::{Map, MapError};
 use serde::Serialize;
 use tcpshift_common::{
     Counters, MAX_SUBSETS, SRTT_BUCKETS, global_flags, mode, service_flags, slot, tag,
@@ -47,7 +47,7 @@ pub struct SubsetStatus {
     pub limits: super::LimitStatus,
 }
 
-/// Data-path counters of one subset (summed over CPUs).
+/// Data-path counters of one subset (one value shared by all CPUs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CounterStatus {
     /// New connections whose hash chose this subset.
@@ -145,38 +145,35 @@ pub struct Status {
 
 impl State {
     pub(super) fn counters(&self, slot: u32) -> Result<CounterStatus> {
-        let values: PerCpuValues<Counters> = match self.maps.counters.get(&slot, 0) {
+        // One value shared by all CPUs (the programs add to it atomically).
+        let v: Counters = match self.maps.counters.get(&slot, 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => return Ok(CounterStatus::default()),
             Err(e) => return Err(map_err("cannot read counters")(e)),
         };
         let now = coarse_second();
-        let mut c = CounterStatus::default();
-        for v in values.iter() {
-            c.steered_recent += v
+        Ok(CounterStatus {
+            steered_recent: v
                 .recent
                 .iter()
                 .filter(|r| now.wrapping_sub(r.second) < OBSERVED_WINDOW_SECS)
                 .map(|r| u64::from(r.steered))
-                .sum::<u64>();
-            c.chosen += v.chosen;
-            c.steered += v.steered;
-            c.fallback_in += v.fallback_in;
-            c.fallback_out += v.fallback_out;
-            c.misses += v.misses;
-            c.opened += v.opened;
-            c.closed += v.closed;
-            c.bytes_received += v.bytes_received;
-            c.bytes_sent += v.bytes_sent;
-            c.reset_by_backend += v.reset_by_backend;
-            c.closed_without_reply += v.closed_without_reply;
-            c.retransmit_timeouts += v.retransmit_timeouts;
-            for (sum, n) in c.srtt_histogram.iter_mut().zip(v.srtt_histogram.iter()) {
-                *sum += n;
-            }
-        }
-        c.active = c.opened.saturating_sub(c.closed);
-        Ok(c)
+                .sum(),
+            chosen: v.chosen,
+            steered: v.steered,
+            fallback_in: v.fallback_in,
+            fallback_out: v.fallback_out,
+            misses: v.misses,
+            opened: v.opened,
+            closed: v.closed,
+            active: v.opened.saturating_sub(v.closed),
+            bytes_received: v.bytes_received,
+            bytes_sent: v.bytes_sent,
+            reset_by_backend: v.reset_by_backend,
+            closed_without_reply: v.closed_without_reply,
+            retransmit_timeouts: v.retransmit_timeouts,
+            srtt_histogram: v.srtt_histogram.map(u64::from),
+        })
     }
 
     pub(super) fn all_counters(&self, slots: &[u32]) -> Result<StdHashMap<u32, CounterStatus>> {
