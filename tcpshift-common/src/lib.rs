@@ -19,11 +19,13 @@
 //! | `TS_SOCKETS` | sockhash | [`slot`]: `id * MAX_SUBSETS + subset` | the subset's listening socket | loader (the kernel removes closed sockets) |
 //! | `TS_COUNTERS` | hash, no prealloc, one value shared by all CPUs (atomic adds) | [`slot`] | [`Counters`] | the programs (userspace creates each slot's zeroed entry) |
 //! | `TS_CURSORS` | array, [`MAX_SERVICES`] entries | service id | `u64`: the service's round-robin cursor, shared by all CPUs ([`mode::ROUND_ROBIN`]; atomic fetch-add by sk_lookup) | sk_lookup (never written by userspace) |
-//! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: names, listen, backend addresses | userspace (never read by the programs) |
+//! | `TS_META` | hash, no prealloc | service id | [`ServiceMeta`]: name, listen address, number of subsets, protocols | userspace (never read by the programs) |
+//! | `TS_SUBSET_META` | hash, no prealloc | [`slot`] | [`SubsetMeta`]: a subset's name and backend address, one entry per subset in use | userspace (never read by the programs) |
 //! | `TS_SOCKTAG` | sk_storage, `BPF_F_CLONE` | a socket | [`SockTag`]: a listener's slots, or a connection's slot, state and client FIN | loader (listeners), sock_ops (connections) |
 //! | `TS_ROUTES` | hash, no prealloc | service id | annotation: little-endian `u16` length + up to 1 022 bytes (the Istio VirtualService a service was routed by, JSON) | `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_ROLLOUTS` | hash, no prealloc | rollout name (64 bytes, NUL-padded) | little-endian `u32` length + JSON of the rollout's spec, state and history | `tcpshiftctl rollout`, `apply` and tcpshiftd (created on first use, never read by the programs) |
-//! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (explicit rule or the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `TS_OWNERS` | hash, no prealloc | [`slot`] | who may serve the subset (the uid trusted at first registration), who holds its socket, refusals (`tcpshift-user` `state/owners.rs`) | the registrar: tcpshiftd and `tcpshiftctl apply` (created on first use, not in the eBPF object, never read by the programs) |
+//! | `TS_OWNER_RULES` | hash, no prealloc | [`slot`] | the subset's explicit owner rule (uid, cgroup path); an entry only for a subset that has one | `tcpshiftctl apply` and tcpshiftd (created on first use, not in the eBPF object, never read by the programs) |
 //! | `TS_UDP_SOCKETS` | sockhash | [`slot`] | the subset's UDP socket (a `tcp+udp` service has one in each sockhash under the same slot) | loader (the kernel removes closed sockets) |
 //! | `TS_UDP_COUNTERS` | per-CPU hash | [`slot`] | [`UdpCounters`] | sk_lookup (userspace creates each UDP slot's zeroed entry) |
 //! | `TS_UDP_FLOWS` | LRU hash, `max_entries` set at install | [`UdpFlowKey`]: service id, 4-tuple | [`UdpFlow`]: subset, last datagram time | sk_lookup (the kernel evicts the least recently used entry when full) |
@@ -81,6 +83,14 @@ pub mod map_names {
     pub const COUNTERS: &str = "TS_COUNTERS";
     /// See [`super::ServiceMeta`].
     pub const META: &str = "TS_META";
+    /// See [`super::SubsetMeta`].
+    pub const SUBSET_META: &str = "TS_SUBSET_META";
+    /// Who may serve each subset (trusted uid, holder, refusals): userspace-only, created on
+    /// first use (not declared in the eBPF object, never read by the programs).
+    pub const OWNERS: &str = "TS_OWNERS";
+    /// Explicit owner rules of the subsets that have one: userspace-only, created on first
+    /// use (not declared in the eBPF object, never read by the programs).
+    pub const OWNER_RULES: &str = "TS_OWNER_RULES";
     /// See [`super::SockTag`].
     pub const SOCKTAG: &str = "TS_SOCKTAG";
     /// Per-service annotations: userspace-only, created by the first `tcpshiftctl apply` that
@@ -102,9 +112,9 @@ pub mod map_names {
     pub const LIMITS: &str = "TS_LIMITS";
     /// See [`super::SlotLoad`].
     pub const LOAD: &str = "TS_LOAD";
-    /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`], which is
-    /// not in the object).
-    pub const ALL: [&str; 12] = [
+    /// Every map of the eBPF object, in the order they are pinned (not [`ROUTES`] and the
+    /// other maps created on first use, which are not in the object).
+    pub const ALL: [&str; 13] = [
         GLOBAL,
         SERVICES,
         SOCKETS,
@@ -117,11 +127,14 @@ pub mod map_names {
         UDP_FLOWS,
         LIMITS,
         LOAD,
+        SUBSET_META,
     ];
 }
 
 /// Every map name that can be pinned in a namespace's state directory: the maps of the eBPF
-/// object ([`map_names::ALL`]) and [`map_names::ROUTES`], which userspace creates on first use.
+/// object ([`map_names::ALL`]) and those userspace creates on first use
+/// ([`map_names::ROUTES`], [`map_names::ROLLOUTS`], [`map_names::OWNERS`],
+/// [`map_names::OWNER_RULES`]).
 pub const PINNED_MAPS: &[&str] = &[
     map_names::GLOBAL,
     map_names::SERVICES,
@@ -137,8 +150,11 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::UDP_FLOWS,
     map_names::LIMITS,
     map_names::LOAD,
+    map_names::SUBSET_META,
+    map_names::OWNERS,
+    map_names::OWNER_RULES,
 ];
-const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 2);
+const _: () = assert!(PINNED_MAPS.len() == map_names::ALL.len() + 4);
 
 /// Name of the sk_lookup program in the eBPF object.
 pub const PROGRAM_SK_LOOKUP: &str = "tcpshift_sk_lookup";
@@ -489,7 +505,9 @@ impl Default for SockTag {
     }
 }
 
-/// One subset's static description in [`ServiceMeta`].
+/// Value of `TS_SUBSET_META`, keyed by [`slot`]: one subset's static description, an entry
+/// for each subset in use of a service ([`ServiceMeta::n_subsets`]). Never read by the data
+/// path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubsetMeta {
@@ -505,8 +523,8 @@ pub struct SubsetMeta {
     pub _pad: [u8; 5],
 }
 
-/// Value of `TS_META`: what userspace needs to show and re-register a service. Never read by
-/// the data path.
+/// Value of `TS_META`: what userspace needs to show and re-register a service, with the
+/// [`SubsetMeta`] entries of its subsets in `TS_SUBSET_META`. Never read by the data path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceMeta {
@@ -516,14 +534,13 @@ pub struct ServiceMeta {
     pub key: ServiceKey,
     /// 0 when listening on any address, otherwise 4 or 6.
     pub listen_family: u8,
-    /// Number of valid entries in `subsets`.
+    /// Number of subsets: `TS_SUBSET_META` holds the entries of slots `0..n_subsets` of this
+    /// service, indices matching [`ServiceEntry::weights`].
     pub n_subsets: u8,
     /// See [`protocols`] (0 means TCP only).
     pub protocols: u8,
     /// Explicit padding.
     pub _pad: u8,
-    /// The subsets, indices matching [`ServiceEntry::weights`].
-    pub subsets: [SubsetMeta; MAX_SUBSETS],
 }
 
 /// Why a subset was ejected ([`SlotLimits::reason`]).
@@ -760,7 +777,7 @@ const _: () = {
 assert_size!(Counters, 96 + 8 * RECENT_SECONDS + 4 * SRTT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<Counters>().is_multiple_of(16));
 assert_size!(SubsetMeta, 56);
-assert_size!(ServiceMeta, 64 + 20 + 4 + 56 * 16);
+assert_size!(ServiceMeta, 64 + 20 + 4);
 assert_size!(SockTag, 16 + 4 * MAX_LISTENER_SLOTS);
 assert_size!(UdpFlowKey, 40);
 assert_size!(UdpFlow, 16);

@@ -15,9 +15,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
 };
 use tcpshift_common::{
-    Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, ServiceEntry,
-    ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, UdpCounters, UdpFlow, UdpFlowKey,
-    global_flags,
+    Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS,
+    ServiceEntry, ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, SubsetMeta, UdpCounters,
+    UdpFlow, UdpFlowKey, global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]
@@ -66,6 +66,12 @@ pub(crate) static TS_LOAD: HashMap<u32, SlotLoad> =
 #[map(name = "TS_META")]
 static TS_META: HashMap<u32, ServiceMeta> =
     HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Userspace-only description of each subset in use, keyed by slot (like `TS_META`, declared
+/// here to be created, pinned and versioned with the other maps).
+#[map(name = "TS_SUBSET_META")]
+static TS_SUBSET_META: HashMap<u32, SubsetMeta> =
+    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// BTF definition of `TS_SOCKTAG`: socket-local storage, cloned into accepted connections.
 /// (aya-ebpf's `SkStorage` has no `BPF_F_CLONE`; this is the same layout with the flag.)
@@ -189,4 +195,11 @@ fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
 #[inline(never)]
 pub fn tcpshift_meta_anchor() -> *const core::ffi::c_void {
     core::ptr::addr_of!(TS_META).cast()
+}
+
+// Keep the userspace-only map of subsets in the object.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn tcpshift_subset_meta_anchor() -> *const core::ffi::c_void {
+    core::ptr::addr_of!(TS_SUBSET_META).cast()
 }

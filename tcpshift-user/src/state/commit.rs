@@ -12,7 +12,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, MapData, MapError};
-use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, ServiceMeta, slot};
+use tcpshift_common::{Counters, MAX_SUBSETS, ServiceEntry, slot};
 use tracing::{info, warn};
 
 use crate::{
@@ -28,7 +28,7 @@ use super::{
 };
 
 /// The definition and entry of each service a change touches, as they were before it, by id.
-type Before = StdHashMap<u32, (ServiceMeta, Option<ServiceEntry>)>;
+type Before = StdHashMap<u32, (Definition, Option<ServiceEntry>)>;
 
 impl State {
     /// Makes the kernel state match `services` (e.g. a loader configuration's): creates new
@@ -143,9 +143,10 @@ impl State {
         for s in &plan.steps {
             if s.old.is_some()
                 && s.writes()
-                && let Ok(meta) = self.maps.meta.get(&s.id, 0)
+                && let Ok(Some(meta)) = self.definition(s.id)
             {
-                before.insert(s.id, (meta, self.entry(&meta)?));
+                let entry = self.entry(&meta)?;
+                before.insert(s.id, (meta, entry));
             }
         }
         let mut progress = Progress::Prepare(0);
@@ -188,11 +189,8 @@ impl State {
             if step.change == Change::Reweighted {
                 continue;
             }
+            self.write_definition(id, &service_meta(&step.config))?;
             let m = &mut self.maps;
-            let meta = service_meta(&step.config);
-            write("definition", "cannot write a service definition", || {
-                m.meta.insert(id, meta, 0)
-            })?;
             for i in 0..step.n_subsets() {
                 ensure_counters(&mut m.counters, slot(id, i))?;
                 if step.config.protocol.udp() {
@@ -325,10 +323,9 @@ impl State {
                 ),
                 Undo::RestoreDefinition { id } => {
                     if let Some((meta, _)) = before.get(id) {
-                        let m = &mut self.maps.meta;
                         report(
                             "cannot restore a service definition",
-                            write("restore", "meta", || m.insert(id, meta, 0)),
+                            self.restore_definition(*id, meta),
                         );
                     }
                 }
@@ -349,7 +346,8 @@ impl State {
         }
     }
 
-    /// Removes the sockets and counters of slots `from..to` of service `id`.
+    /// Removes the sockets, counters, subset definitions and owner rules of slots `from..to` of
+    /// service `id`.
     fn clear_slots(&mut self, id: u32, from: u32, to: u32) -> Result<()> {
         for i in from..to.min(MAX_SUBSETS as u32) {
             let s = slot(id, i);
@@ -360,13 +358,56 @@ impl State {
                 "cannot unregister a socket",
             )?;
             ignore_missing(self.maps.udp_counters.remove(&s), "cannot remove counters")?;
+            ignore_missing(
+                self.maps.subset_meta.remove(&s),
+                "cannot remove a subset definition",
+            )?;
+        }
+        self.remove_owner_rules(id, from, to)
+    }
+
+    /// Writes the definition of service `id`: its subsets' `TS_SUBSET_META` records first,
+    /// then its `TS_META` record (how the id is found), so that a definition found is
+    /// complete. Records of subsets the service no longer has are removed when it is
+    /// released ([`State::clear_slots`]).
+    fn write_definition(&mut self, id: u32, def: &Definition) -> Result<()> {
+        let m = &mut self.maps;
+        for (i, sub) in def.subsets.iter().enumerate() {
+            let s = slot(id, i as u32);
+            write("definition", "cannot write a subset definition", || {
+                m.subset_meta.insert(s, sub, 0)
+            })?;
+        }
+        write("definition", "cannot write a service definition", || {
+            m.meta.insert(id, def.service, 0)
+        })
+    }
+
+    /// Puts back the definition `def` of service `id` as it was before a change (roll-back):
+    /// its records, and no record for a subset it did not have.
+    fn restore_definition(&mut self, id: u32, def: &Definition) -> Result<()> {
+        let m = &mut self.maps;
+        for (i, sub) in def.subsets.iter().enumerate() {
+            let s = slot(id, i as u32);
+            write("restore", "cannot restore a subset definition", || {
+                m.subset_meta.insert(s, sub, 0)
+            })?;
+        }
+        write("restore", "cannot restore a service definition", || {
+            m.meta.insert(id, def.service, 0)
+        })?;
+        for i in def.subsets.len() as u32..MAX_SUBSETS as u32 {
+            ignore_missing(
+                m.subset_meta.remove(&slot(id, i)),
+                "cannot remove a subset definition",
+            )?;
         }
         Ok(())
     }
 
-    /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters,
-    /// annotation and definition (last: it is how the id is found). Slots from `n_subsets` on
-    /// are empty already (a redefinition clears them).
+    /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters, subset definitions, owner rules, annotation and definition (last: it
+    /// is how the id is found).
+    /// Slots from `n_subsets` on are empty already (a redefinition clears them).
     fn remove_id(&mut self, id: u32, n_subsets: u32, routes: Option<&mut RoutesMap>) -> Result<()> {
         self.clear_slots(id, 0, n_subsets)?;
         if let Some(routes) = routes {

@@ -1,7 +1,11 @@
-//! Translation between the domain types and the kernel's records: `ServiceMeta`,
-//! `ServiceEntry`, `ServiceKey`, fixed-size names, and the annotations of `TS_ROUTES`.
+//! Translation between the domain types and the kernel's records: `ServiceMeta` and
+//! `SubsetMeta` (a [`Definition`]), `ServiceEntry`, `ServiceKey`, fixed-size names, and the
+//! annotations of `TS_ROUTES`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Deref,
+};
 
 use aya::maps::{HashMap, MapData, MapError};
 use tcpshift_common::{
@@ -178,34 +182,63 @@ pub(super) fn ip_bytes(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-pub(super) fn service_meta(svc: &ServiceConfig) -> ServiceMeta {
-    let mut subsets = [SubsetMeta {
-        name: [0; SUBSET_NAME_LEN],
-        addr: [0; 16],
-        port: 0,
-        family: 0,
-        _pad: [0; 5],
-    }; MAX_SUBSETS];
-    for (i, s) in svc.subsets.iter().enumerate().take(MAX_SUBSETS) {
-        subsets[i] = SubsetMeta {
+/// A service's definition as userspace stores it: its `TS_META` record and the
+/// `TS_SUBSET_META` records of its subsets (slots `0..n_subsets`, by index). Derefs to the
+/// service's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Definition {
+    /// The `TS_META` record.
+    pub(super) service: ServiceMeta,
+    /// The subsets' records, `service.n_subsets` of them.
+    pub(super) subsets: Vec<SubsetMeta>,
+}
+
+impl Deref for Definition {
+    type Target = ServiceMeta;
+
+    fn deref(&self) -> &ServiceMeta {
+        &self.service
+    }
+}
+
+/// The `TS_SUBSET_META` record standing in for one that is missing (a definition being
+/// written or removed while it is read without the lock): no name, no address.
+pub(super) const NO_SUBSET: SubsetMeta = SubsetMeta {
+    name: [0; SUBSET_NAME_LEN],
+    addr: [0; 16],
+    port: 0,
+    family: 0,
+    _pad: [0; 5],
+};
+
+/// The records of `svc`'s definition.
+pub(super) fn service_meta(svc: &ServiceConfig) -> Definition {
+    let subsets = svc
+        .subsets
+        .iter()
+        .take(MAX_SUBSETS)
+        .map(|s| SubsetMeta {
             name: name_bytes(&s.name),
             addr: ip_bytes(s.addr.ip()),
             port: s.addr.port(),
             family: if s.addr.is_ipv4() { 4 } else { 6 },
             _pad: [0; 5],
-        };
-    }
-    ServiceMeta {
-        name: name_bytes(&svc.name),
-        key: service_key_for(&svc.listen, svc.protocol),
-        listen_family: match svc.listen {
-            Listen::Any { .. } => 0,
-            Listen::Addr(a) if a.is_ipv4() => 4,
-            Listen::Addr(_) => 6,
+        })
+        .collect::<Vec<_>>();
+    Definition {
+        service: ServiceMeta {
+            name: name_bytes(&svc.name),
+            key: service_key_for(&svc.listen, svc.protocol),
+            listen_family: match svc.listen {
+                Listen::Any { .. } => 0,
+                Listen::Addr(a) if a.is_ipv4() => 4,
+                Listen::Addr(_) => 6,
+            },
+            // At most MAX_SUBSETS (16).
+            n_subsets: subsets.len() as u8,
+            protocols: protocol_bits(svc.protocol),
+            _pad: 0,
         },
-        n_subsets: svc.subsets.len().min(MAX_SUBSETS) as u8,
-        protocols: protocol_bits(svc.protocol),
-        _pad: 0,
         subsets,
     }
 }
@@ -267,6 +300,29 @@ mod tests {
             balance: Balance::Hash,
             protocol: Protocol::Tcp,
         }
+    }
+
+    #[test]
+    fn a_definition_has_one_subset_record_per_subset_and_reads_back() {
+        let mut config = test_config(2);
+        config.subsets[1].addr = "[::1]:9001".parse().expect("addr");
+        let def = service_meta(&config);
+        assert_eq!((def.n_subsets, def.subsets.len()), (2, 2));
+        assert_eq!(name_str(&def.name), "a");
+        assert_eq!(listen_of(&def), config.listen);
+        let back: Vec<_> = def
+            .subsets
+            .iter()
+            .map(|s| (name_str(&s.name), subset_addr(s)))
+            .collect();
+        assert_eq!(
+            back,
+            vec![
+                ("v0".to_string(), config.subsets[0].addr),
+                ("v1".to_string(), config.subsets[1].addr)
+            ]
+        );
+        assert_eq!(service_meta(&test_config(16)).subsets.len(), 16);
     }
 
     #[test]

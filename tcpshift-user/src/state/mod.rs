@@ -8,10 +8,12 @@
 //! /sys/fs/bpf/tcpshift/            (0700, flock'ed while state changes)
 //!   netns-4026531840/              one directory per network namespace
 //!     TS_GLOBAL TS_SERVICES TS_SOCKETS TS_COUNTERS TS_META TS_SOCKTAG   maps
+//!     TS_SUBSET_META               each subset's name and backend (with TS_META: definitions)
 //!     TS_UDP_SOCKETS TS_UDP_COUNTERS TS_UDP_FLOWS  UDP services' sockets, counters, flows
 //!     TS_LIMITS TS_LOAD            connection limits and ejections; open connections
 //!     TS_ROUTES                    per-service annotations (created by the first apply)
 //!     TS_OWNERS                    who may serve each subset, refusals (created on first use)
+//!     TS_OWNER_RULES               explicit owner rules, of subsets with one (first use)
 //!     link                         the sk_lookup link: keeps the program attached
 //!     sockops-link                 the sock_ops link (cgroup v2 root): connection accounting
 //! ```
@@ -41,9 +43,10 @@
 //! - `limits.rs`: connection limits and outlier ejections (`TS_LIMITS`, `TS_LOAD`):
 //!   [`State::set_traffic_policies`], the outlier loop's reads and writes, [`LimitStatus`];
 //! - `sockets.rs`: [`Missing`] sockets, [`State::register_socket`], listener tags;
-//! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`),
+//! - `owners.rs`: whose sockets may serve a subset (`TS_OWNERS`, `TS_OWNER_RULES`),
 //!   [`State::register_owned_socket`], [`State::accept_owner`];
-//! - `encode.rs`: domain types to kernel records and back (`ServiceMeta`, `ServiceEntry`,
+//! - `encode.rs`: domain types to kernel records and back (`ServiceMeta` and `SubsetMeta`,
+//!   `ServiceEntry`,
 //!   [`service_key`], names, annotations);
 //! - `sys.rs`: the only raw `bpf()` calls (read-only maps, pinned links, program info, link
 //!   update);
@@ -59,8 +62,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash};
 use tcpshift_common::{
-    Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS, RECENT_SECONDS,
-    ServiceEntry, ServiceKey, ServiceMeta, global_flags, map_names, slot,
+    Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
+    RECENT_SECONDS, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta, global_flags, map_names,
+    slot,
 };
 use tracing::debug;
 
@@ -138,6 +142,8 @@ struct Maps {
     /// `TS_COUNTERS`: one value per slot, shared by all CPUs.
     counters: HashMap<MapData, u32, Counters>,
     meta: HashMap<MapData, u32, ServiceMeta>,
+    /// `TS_SUBSET_META`: the subsets of the definitions in `meta`, by slot.
+    subset_meta: HashMap<MapData, u32, SubsetMeta>,
     /// `TS_SOCKTAG`, kept untyped: its fd is also handed to sock_diag.
     socktag: Map,
     /// `TS_UDP_SOCKETS`.
@@ -296,6 +302,7 @@ impl State {
             sockets: open_map_as(&dir, map_names::SOCKETS, read_only)?,
             counters: open_map_as(&dir, map_names::COUNTERS, read_only)?,
             meta: open_map_as(&dir, map_names::META, read_only)?,
+            subset_meta: open_map_as(&dir, map_names::SUBSET_META, read_only)?,
             socktag: open_socktag(&dir, read_only)?,
             udp_sockets: open_map_as(&dir, map_names::UDP_SOCKETS, read_only)?,
             udp_counters: open_map_as(&dir, map_names::UDP_COUNTERS, read_only)?,
@@ -335,13 +342,54 @@ impl State {
             .hash_seed)
     }
 
-    fn all_meta(&self) -> Result<Vec<(u32, ServiceMeta)>> {
+    /// Every service's definition (`TS_META` with its subsets' `TS_SUBSET_META`), by id,
+    /// sorted by name.
+    fn all_meta(&self) -> Result<Vec<(u32, Definition)>> {
         let mut out = Vec::new();
         for item in self.maps.meta.iter() {
-            out.push(item.map_err(map_err("cannot read service definitions"))?);
+            let (id, service) = item.map_err(map_err("cannot read service definitions"))?;
+            out.push((id, self.with_subsets(id, service)?));
         }
         out.sort_by_key(|a| a.1.name);
         Ok(out)
+    }
+
+    /// The definition of service `id`, if it has one.
+    fn definition(&self, id: u32) -> Result<Option<Definition>> {
+        match self.maps.meta.get(&id, 0) {
+            Ok(service) => self.with_subsets(id, service).map(Some),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("cannot read a service definition")(e)),
+        }
+    }
+
+    /// The record of subset `index` of service `id`, if the service has such a subset.
+    fn subset_definition(&self, id: u32, index: u32) -> Result<Option<SubsetMeta>> {
+        match self.maps.meta.get(&id, 0) {
+            Ok(service) if index < u32::from(service.n_subsets) => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err("cannot read a service definition")(e)),
+        }
+        match self.maps.subset_meta.get(&slot(id, index), 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("cannot read a subset definition")(e)),
+        }
+    }
+
+    /// `service`'s definition: its record and those of its subsets (a missing one, as while
+    /// a change writes or removes the definition, reads as [`NO_SUBSET`]).
+    fn with_subsets(&self, id: u32, service: ServiceMeta) -> Result<Definition> {
+        let n = usize::from(service.n_subsets).min(MAX_SUBSETS);
+        let mut subsets = Vec::with_capacity(n);
+        for i in 0..n as u32 {
+            subsets.push(match self.maps.subset_meta.get(&slot(id, i), 0) {
+                Ok(s) => s,
+                Err(MapError::KeyNotFound) => NO_SUBSET,
+                Err(e) => return Err(map_err("cannot read a subset definition")(e)),
+            });
+        }
+        Ok(Definition { service, subsets })
     }
 
     fn entry(&self, meta: &ServiceMeta) -> Result<Option<ServiceEntry>> {
@@ -449,7 +497,7 @@ impl State {
         self.views(&self.all_meta()?)
     }
 
-    fn views(&self, all: &[(u32, ServiceMeta)]) -> Result<Vec<ServiceView>> {
+    fn views(&self, all: &[(u32, Definition)]) -> Result<Vec<ServiceView>> {
         let live = self.live_slots()?;
         let live_udp = self.live_udp_slots()?;
         let routes = self.open_routes()?;

@@ -14,17 +14,26 @@
 //!   afresh the same way (the record names the address it is for).
 //!
 //! The record also describes who held the registered socket (uid, pid, process) for `status`.
+//!
+//! A subset with an explicit owner rule (a uid, a cgroup) has it in a second userspace-only
+//! map, `TS_OWNER_RULES` (created on first use too), keyed by slot: an entry only for the
+//! subsets that have a rule, so the common record stays small. A rule belongs with the owner
+//! record of the same slot: it applies while that record is for the subset's backend, and goes
+//! when the record starts afresh for another backend, when the rule is dropped, and with the
+//! slot (a subset or service deleted).
 
 use std::{net::SocketAddr, os::fd::BorrowedFd};
 
 use aya::maps::{HashMap, MapData, MapError};
-use tcpshift_common::{MAX_SLOTS, MAX_SUBSETS, slot};
+use tcpshift_common::{MAX_SLOTS, MAX_SUBSETS, map_names, slot};
 
 use super::{State, encode::*, error::*, open_map, sockets::Missing};
 use crate::model::{OwnerRule, ServiceView};
 
 /// Name of the userspace-only map of subset owners.
-pub(super) const OWNERS: &str = "TS_OWNERS";
+pub(super) const OWNERS: &str = map_names::OWNERS;
+/// Name of the userspace-only map of explicit owner rules.
+pub(super) const OWNER_RULES: &str = map_names::OWNER_RULES;
 
 /// Bits of [`OwnerRecord::flags`].
 const TRUSTED: u8 = 1;
@@ -64,18 +73,25 @@ pub(super) struct OwnerRecord {
     refused_comm: [u8; COMM_LEN],
     /// The last refused socket's inode: a socket is counted once, not at every scan.
     refused_inode: u64,
-    /// The explicit rule's uid, when [`RULE_UID`] is in `rule_flags`.
-    rule_uid: u32,
-    /// [`RULE_UID`], [`RULE_CGROUP`].
-    rule_flags: u32,
-    /// The explicit rule's cgroup path, NUL-padded, when [`RULE_CGROUP`].
-    rule_cgroup: [u8; RULE_CGROUP_LEN],
 }
-const _: () = assert!(std::mem::size_of::<OwnerRecord>() == 352);
+const _: () = assert!(std::mem::size_of::<OwnerRecord>() == 88);
 
-/// Bit of [`OwnerRecord::rule_flags`]: the subset names a uid.
+/// Value of `TS_OWNER_RULES`, keyed by slot: the explicit owner rule of a subset that has one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RuleRecord {
+    /// The rule's uid, when [`RULE_UID`] is in `flags`.
+    uid: u32,
+    /// [`RULE_UID`], [`RULE_CGROUP`].
+    flags: u32,
+    /// The rule's cgroup path, NUL-padded, when [`RULE_CGROUP`].
+    cgroup: [u8; RULE_CGROUP_LEN],
+}
+const _: () = assert!(std::mem::size_of::<RuleRecord>() == 8 + RULE_CGROUP_LEN);
+
+/// Bit of [`RuleRecord::flags`]: the subset names a uid.
 const RULE_UID: u32 = 1;
-/// Bit of [`OwnerRecord::rule_flags`]: the subset names a cgroup.
+/// Bit of [`RuleRecord::flags`]: the subset names a cgroup.
 const RULE_CGROUP: u32 = 2;
 /// Longest cgroup path of a rule, in bytes.
 pub const RULE_CGROUP_LEN: usize = 256;
@@ -96,9 +112,6 @@ impl Default for OwnerRecord {
             refused_pid: 0,
             refused_comm: [0; COMM_LEN],
             refused_inode: 0,
-            rule_uid: 0,
-            rule_flags: 0,
-            rule_cgroup: [0; RULE_CGROUP_LEN],
         }
     }
 }
@@ -106,8 +119,11 @@ impl Default for OwnerRecord {
 // SAFETY: OwnerRecord is #[repr(C)], made of integers and byte arrays only, without padding
 // (the size assertion above), so every bit pattern is a valid value.
 unsafe impl aya::Pod for OwnerRecord {}
+// SAFETY: as for OwnerRecord: #[repr(C)], two u32 and a byte array, no padding (asserted).
+unsafe impl aya::Pod for RuleRecord {}
 
 pub(super) type OwnersMap = HashMap<MapData, u32, OwnerRecord>;
+pub(super) type RulesMap = HashMap<MapData, u32, RuleRecord>;
 
 /// Who holds a socket offered for registration (from the `/proc` walker and `fstat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,38 +241,6 @@ impl OwnerRecord {
         self.addr == addr && self.port == port && self.family == family
     }
 
-    /// The explicit rule recorded by the last apply.
-    fn rule(&self) -> OwnerRule {
-        OwnerRule {
-            uid: (self.rule_flags & RULE_UID != 0).then_some(self.rule_uid),
-            cgroup: (self.rule_flags & RULE_CGROUP != 0).then(|| {
-                let end = self
-                    .rule_cgroup
-                    .iter()
-                    .position(|c| *c == 0)
-                    .unwrap_or(RULE_CGROUP_LEN);
-                String::from_utf8_lossy(&self.rule_cgroup[..end]).into_owned()
-            }),
-        }
-    }
-
-    /// Records `rule` (replacing the previous one).
-    fn set_rule(&mut self, rule: &OwnerRule) {
-        self.rule_flags = 0;
-        self.rule_uid = 0;
-        self.rule_cgroup = [0; RULE_CGROUP_LEN];
-        if let Some(uid) = rule.uid {
-            self.rule_flags |= RULE_UID;
-            self.rule_uid = uid;
-        }
-        if let Some(c) = &rule.cgroup {
-            self.rule_flags |= RULE_CGROUP;
-            let b = c.as_bytes();
-            let n = b.len().min(RULE_CGROUP_LEN - 1);
-            self.rule_cgroup[..n].copy_from_slice(&b[..n]);
-        }
-    }
-
     /// A fresh record for `backend`, keeping the refusal count of `old`.
     fn fresh(backend: SocketAddr, old: Option<&OwnerRecord>) -> Self {
         let (addr, port, family) = backend_bytes(backend);
@@ -274,6 +258,46 @@ impl OwnerRecord {
             r.refused_inode = old.refused_inode;
         }
         r
+    }
+}
+
+impl RuleRecord {
+    /// The rule recorded.
+    fn rule(&self) -> OwnerRule {
+        OwnerRule {
+            uid: (self.flags & RULE_UID != 0).then_some(self.uid),
+            cgroup: (self.flags & RULE_CGROUP != 0).then(|| {
+                let end = self
+                    .cgroup
+                    .iter()
+                    .position(|c| *c == 0)
+                    .unwrap_or(RULE_CGROUP_LEN);
+                String::from_utf8_lossy(&self.cgroup[..end]).into_owned()
+            }),
+        }
+    }
+
+    /// The record of `rule` (`None` for an empty rule: it has no entry).
+    fn of(rule: &OwnerRule) -> Option<Self> {
+        if rule.is_empty() {
+            return None;
+        }
+        let mut r = RuleRecord {
+            uid: 0,
+            flags: 0,
+            cgroup: [0; RULE_CGROUP_LEN],
+        };
+        if let Some(uid) = rule.uid {
+            r.flags |= RULE_UID;
+            r.uid = uid;
+        }
+        if let Some(c) = &rule.cgroup {
+            r.flags |= RULE_CGROUP;
+            let b = c.as_bytes();
+            let n = b.len().min(RULE_CGROUP_LEN - 1);
+            r.cgroup[..n].copy_from_slice(&b[..n]);
+        }
+        Some(r)
     }
 }
 
@@ -307,6 +331,42 @@ impl State {
         open_map(&self.dir, OWNERS)
     }
 
+    /// `TS_OWNER_RULES`, if it was created.
+    fn open_rules(&self) -> Result<Option<RulesMap>> {
+        if !self.dir.join(OWNER_RULES).exists() {
+            return Ok(None);
+        }
+        self.open_pinned(OWNER_RULES).map(Some)
+    }
+
+    /// `TS_OWNER_RULES`, created and pinned if absent.
+    fn rules_or_create(&mut self) -> Result<RulesMap> {
+        if let Some(m) = self.open_rules()? {
+            return Ok(m);
+        }
+        let map: RulesMap = HashMap::create(MAX_SLOTS, BPF_F_NO_PREALLOC)
+            .map_err(map_err("cannot create the subset owner rule map"))?;
+        let path = self.dir.join(OWNER_RULES);
+        map.pin(&path).map_err(|e| StateError::Program {
+            what: format!("cannot pin {}", path.display()),
+            error: Box::new(e),
+        })?;
+        self.share_new_pin(&path)?;
+        open_map(&self.dir, OWNER_RULES)
+    }
+
+    /// Removes the owner rules of slots `from..to` of service `id` (subsets or a service
+    /// removed; the caller holds the lock).
+    pub(super) fn remove_owner_rules(&self, id: u32, from: u32, to: u32) -> Result<()> {
+        let Some(mut rules) = self.open_rules()? else {
+            return Ok(());
+        };
+        for i in from..to.min(MAX_SUBSETS as u32) {
+            remove_rule(&mut rules, slot(id, i))?;
+        }
+        Ok(())
+    }
+
     /// Registers `socket` for the subset `m` if its holder may serve it (root, or the uid
     /// trusted at the subset's first registration), else counts and records the refusal.
     pub fn register_owned_socket(
@@ -317,23 +377,31 @@ impl State {
     ) -> Result<OwnerCheck> {
         let _lock = self.lock()?;
         let mut owners = self.owners_or_create()?;
-        let current = match self.maps.meta.get(&m.service_id, 0) {
-            Ok(meta) => meta,
-            Err(MapError::KeyNotFound) => return Ok(OwnerCheck::Stale),
-            Err(e) => return Err(map_err("cannot read a service definition")(e)),
-        };
-        let idx = m.index as usize;
-        if idx >= usize::from(current.n_subsets) || subset_addr(&current.subsets[idx]) != m.backend
+        if self
+            .subset_definition(m.service_id, m.index)?
+            .is_none_or(|sub| subset_addr(&sub) != m.backend)
         {
             return Ok(OwnerCheck::Stale);
         }
         let s = slot(m.service_id, m.index);
         let old = read_record(&owners, s)?;
+        let mut rules = self.open_rules()?;
+        let kept = old.is_some_and(|r| r.is_for(m.backend));
         let mut record = match old {
             Some(r) if r.is_for(m.backend) => r,
             other => OwnerRecord::fresh(m.backend, other.as_ref()),
         };
-        let rule = record.rule();
+        // The rule goes with the record: a record started afresh (for another backend) has
+        // none, and its slot's rule is removed when the fresh record is written.
+        let rule = match (&rules, kept) {
+            (Some(rules), true) => read_rule(rules, s)?.map(|r| r.rule()),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let drop_stale_rule = |rules: &mut Option<RulesMap>| match rules {
+            Some(rules) if !kept => remove_rule(rules, s),
+            _ => Ok(()),
+        };
         let trusted = (record.flags & TRUSTED != 0).then_some(record.trusted_uid);
         let refused_as = if !rule.is_empty() {
             (!rule.allows(holder.uid, holder.cgroup.as_deref()))
@@ -349,6 +417,7 @@ impl State {
                 record.refused_pid = holder.pid as u32;
                 record.refused_comm = comm_bytes(&holder.comm);
                 record.refused_inode = holder.inode;
+                drop_stale_rule(&mut rules)?;
                 owners
                     .insert(s, record, 0)
                     .map_err(map_err("cannot count a refused socket"))?;
@@ -366,6 +435,7 @@ impl State {
         record.holder_uid = holder.uid;
         record.holder_pid = holder.pid as u32;
         record.holder_comm = comm_bytes(&holder.comm);
+        drop_stale_rule(&mut rules)?;
         // The record first: a socket is never live without a record naming its holder.
         owners
             .insert(s, record, 0)
@@ -412,11 +482,18 @@ impl State {
             return Ok(());
         }
         let mut owners = self.owners_or_create()?;
-        for (id, meta) in self.all_meta()? {
-            let name = name_str(&meta.name);
-            let Some((_, rules)) = wanted.iter().find(|(n, _)| *n == name) else {
-                continue;
-            };
+        let mut rules_map = self.open_rules()?;
+        // The subsets' records of the services named only.
+        let mut named = Vec::new();
+        for item in self.maps.meta.iter() {
+            let (id, service) = item.map_err(map_err("cannot read service definitions"))?;
+            let name = name_str(&service.name);
+            if let Some((_, rules)) = wanted.iter().find(|(n, _)| *n == name) {
+                named.push((id, service, rules));
+            }
+        }
+        for (id, service, rules) in named {
+            let meta = self.with_subsets(id, service)?;
             let n = usize::from(meta.n_subsets).min(MAX_SUBSETS);
             for (i, sub) in meta.subsets[..n].iter().enumerate() {
                 let sub_name = name_str(&sub.name);
@@ -428,14 +505,24 @@ impl State {
                 let s = slot(id, i as u32);
                 let backend = subset_addr(sub);
                 let old = read_record(&owners, s)?;
+                let kept = old.is_some_and(|r| r.is_for(backend));
                 let mut record = match old {
                     Some(r) if r.is_for(backend) => r,
                     other => OwnerRecord::fresh(backend, other.as_ref()),
                 };
-                if record.rule() == rule && old.is_some() {
+                // The rule recorded: only while the record is for this backend.
+                let recorded = match (&rules_map, kept) {
+                    (Some(m), true) => read_rule(m, s)?.map(|r| r.rule()),
+                    _ => None,
+                }
+                .unwrap_or_default();
+                if recorded == rule && old.is_some() {
+                    if let (Some(m), false) = (rules_map.as_mut(), kept) {
+                        // A rule of an earlier backend never applies again.
+                        remove_rule(m, s)?;
+                    }
                     continue;
                 }
-                record.set_rule(&rule);
                 let breaks = !rule.is_empty()
                     && record.flags & HELD != 0
                     && !rule.allows(
@@ -448,6 +535,21 @@ impl State {
                     );
                 if breaks {
                     record.flags &= !HELD;
+                }
+                match RuleRecord::of(&rule) {
+                    Some(r) => {
+                        let m = match rules_map.as_mut() {
+                            Some(m) => m,
+                            None => rules_map.insert(self.rules_or_create()?),
+                        };
+                        m.insert(s, r, 0)
+                            .map_err(map_err("cannot record a subset's owner rule"))?;
+                    }
+                    None => {
+                        if let Some(m) = rules_map.as_mut() {
+                            remove_rule(m, s)?;
+                        }
+                    }
                 }
                 owners
                     .insert(s, record, 0)
@@ -468,17 +570,20 @@ impl State {
         Ok(())
     }
 
-    /// Fills the owner rules of `views` from `TS_OWNERS`.
+    /// Fills the owner rules of `views` from `TS_OWNER_RULES` (a rule counts while its
+    /// slot's `TS_OWNERS` record is for the subset's backend).
     pub(super) fn fill_owner_rules(&self, views: &mut [ServiceView]) -> Result<()> {
-        let Some(owners) = self.open_owners()? else {
+        let (Some(owners), Some(rules)) = (self.open_owners()?, self.open_rules()?) else {
             return Ok(());
         };
         for v in views {
             for (i, sub) in v.config.subsets.iter_mut().enumerate() {
-                if let Some(r) = read_record(&owners, slot(v.id, i as u32))?
+                let s = slot(v.id, i as u32);
+                if let Some(rule) = read_rule(&rules, s)?
+                    && let Some(r) = read_record(&owners, s)?
                     && r.is_for(sub.addr)
                 {
-                    sub.owner = r.rule();
+                    sub.owner = rule.rule();
                 }
             }
         }
@@ -544,6 +649,18 @@ impl State {
     }
 }
 
+fn read_rule(rules: &RulesMap, slot: u32) -> Result<Option<RuleRecord>> {
+    match rules.get(&slot, 0) {
+        Ok(r) => Ok(Some(r)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err("cannot read a subset's owner rule")(e)),
+    }
+}
+
+fn remove_rule(rules: &mut RulesMap, slot: u32) -> Result<()> {
+    ignore_missing(rules.remove(&slot), "cannot remove a subset's owner rule")
+}
+
 fn read_record(owners: &OwnersMap, slot: u32) -> Result<Option<OwnerRecord>> {
     match owners.get(&slot, 0) {
         Ok(r) => Ok(Some(r)),
@@ -569,6 +686,35 @@ mod tests {
         assert!(f.is_for(b));
         assert_eq!(f.flags & TRUSTED, 0);
         assert_eq!(f.refused, 3);
+    }
+
+    #[test]
+    fn a_rule_round_trips_and_an_empty_one_has_no_record() {
+        assert_eq!(RuleRecord::of(&OwnerRule::default()), None);
+        for rule in [
+            OwnerRule {
+                uid: Some(1000),
+                cgroup: None,
+            },
+            OwnerRule {
+                uid: None,
+                cgroup: Some("/system.slice/echo.service".into()),
+            },
+            OwnerRule {
+                uid: Some(0),
+                cgroup: Some("/a".into()),
+            },
+        ] {
+            let r = RuleRecord::of(&rule).expect("a rule has a record");
+            assert_eq!(r.rule(), rule);
+        }
+        let long = "x".repeat(300);
+        let r = RuleRecord::of(&OwnerRule {
+            uid: None,
+            cgroup: Some(long),
+        })
+        .expect("record");
+        assert_eq!(r.rule().cgroup.map(|c| c.len()), Some(RULE_CGROUP_LEN - 1));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use aya::maps::{MapData, MapError, SkStorage};
+use aya::maps::{MapData, SkStorage};
 use tcpshift_common::{MAX_LISTENER_SLOTS, MAX_SUBSETS, NO_SLOT, SockTag, slot, slot_service, tag};
 use tracing::warn;
 
@@ -66,13 +66,9 @@ impl State {
     /// subset still has that backend address. Returns whether it was registered.
     pub fn register_socket(&mut self, m: &Missing, socket: BorrowedFd<'_>) -> Result<bool> {
         let _lock = self.lock()?;
-        let current = match self.maps.meta.get(&m.service_id, 0) {
-            Ok(meta) => meta,
-            Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(map_err("cannot read a service definition")(e)),
-        };
-        let idx = m.index as usize;
-        if idx >= usize::from(current.n_subsets) || subset_addr(&current.subsets[idx]) != m.backend
+        if self
+            .subset_definition(m.service_id, m.index)?
+            .is_none_or(|sub| subset_addr(&sub) != m.backend)
         {
             return Ok(false);
         }
