@@ -370,7 +370,7 @@ impl State {
         }
     }
 
-    /// Removes the sockets and counters of slots `from..to` of service `id`.
+    /// Removes the sockets, counters, limits and loads of slots `from..to` of service `id`.
     fn clear_slots(&mut self, id: u32, from: u32, to: u32) -> Result<()> {
         for i in from..to.min(MAX_SUBSETS as u32) {
             let s = slot(id, i);
@@ -382,7 +382,7 @@ impl State {
             )?;
             ignore_missing(self.maps.udp_counters.remove(&s), "cannot remove counters")?;
         }
-        Ok(())
+        self.clear_limit_slots(id, from, to)
     }
 
     /// Removes everything of service `id` but its `TS_SERVICES` entry: both bucket tables,
