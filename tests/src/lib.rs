@@ -23,6 +23,7 @@ use serde_json::Value;
 
 pub mod chaos;
 pub mod etcd;
+pub mod fleet;
 pub mod pinned;
 
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
