@@ -121,10 +121,17 @@ pub(crate) fn opened(slot: u32) {
     }
 }
 
-/// A connection counted by [`opened`] closed.
+/// A connection counted by [`opened`] closed. Taken off an existing entry only: the entry of
+/// a slot whose service or subset was deleted (userspace removed it) is not created again.
 #[inline(always)]
 pub(crate) fn closed(slot: u32) {
-    if let Some(p) = add(slot, OPEN, u64::MAX) {
-        refresh_full(slot, p);
-    }
+    let Some(p) = TS_LOAD.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: as in `add`: a valid, aligned map value shared by all CPUs; atomic add of
+    // `u64::MAX` (takes one off) on its first word.
+    let _ = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p.cast::<u64>().add(OPEN), u64::MAX)
+    };
+    refresh_full(slot, p);
 }

@@ -23,6 +23,8 @@ use serde_json::Value;
 
 pub mod chaos;
 pub mod etcd;
+pub mod fleet;
+pub mod pinned;
 
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
 pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";

@@ -6,9 +6,7 @@
 //! the store is down.
 
 use std::{
-    collections::BTreeMap,
     fs::File,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::Duration,
@@ -17,179 +15,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tcpshift_tests::{
-    bin_dir, count_prefixes, etcd::EtcdCluster, exchange, poll_until, privileged, seed_addr,
-    seed_config,
+    bin_dir,
+    etcd::EtcdCluster,
+    exchange,
+    fleet::{Node, fleet, in_netns, store_ctl, store_ctl_ok},
+    poll_until, privileged, seed_addr, seed_config,
 };
-
-/// One node: a network namespace of its own (`/run/netns/NAME`), its backends and its
-/// tcpshiftd.
-struct Node {
-    name: String,
-    path: PathBuf,
-    echoes: Vec<Child>,
-    daemon: Option<Child>,
-    log: PathBuf,
-}
-
-impl Node {
-    /// Creates the namespace, brings `lo` up and starts tcp-echo v1 (`one`, port 9001) and
-    /// v2 (`two`, port 9002) in it.
-    fn new(tag: &str, i: usize) -> Result<Self> {
-        let name = format!("tsfleet-{}-{tag}-{i}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let path = PathBuf::from(format!("/run/netns/{name}"));
-        let node = Self {
-            log: std::env::temp_dir().join(format!("{name}.log")),
-            name,
-            path,
-            echoes: Vec::new(),
-            daemon: None,
-        };
-        run(node.nsenter("ip").args(["link", "set", "lo", "up"]))?;
-        let mut node = node;
-        for (port, prefix) in [(9001, "one"), (9002, "two")] {
-            let child = node
-                .nsenter(&bin_dir().join("tcp-echo").to_string_lossy())
-                .args(["--bind", "127.0.0.1", &port.to_string(), prefix])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("cannot start tcp-echo")?;
-            node.echoes.push(child);
-        }
-        Ok(node)
-    }
-
-    fn nsenter(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path.display())).arg(program);
-        c
-    }
-
-    /// Starts tcpshiftd following `url` as node NAME.
-    fn start(&mut self, url: &str) -> Result<()> {
-        self.start_with(url, &[])
-    }
-
-    /// Starts tcpshiftd following `url` as node NAME, with `extra` arguments (TLS, user).
-    fn start_with(&mut self, url: &str, extra: &[&str]) -> Result<()> {
-        let log = File::create(&self.log)?;
-        let child = Command::new(bin_dir().join("tcpshiftd"))
-            .arg("--netns")
-            .arg(&self.path)
-            .args(["--store", url, "--node", &self.name, "--log-level", "info"])
-            .args(extra)
-            .stderr(log)
-            .spawn()
-            .context("cannot start tcpshiftd")?;
-        self.daemon = Some(child);
-        Ok(())
-    }
-
-    fn kill_daemon(&mut self) -> Result<()> {
-        if let Some(mut c) = self.daemon.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `tcpshiftctl --netns PATH ARGS` (the local host's view).
-    fn ctl(&self, args: &[&str]) -> Result<Output> {
-        Command::new(bin_dir().join("tcpshiftctl"))
-            .arg("--netns")
-            .arg(&self.path)
-            .args(args)
-            .output()
-            .context("cannot run tcpshiftctl")
-    }
-
-    /// The kernel's weights of tcp-echo on this node (`status --json`).
-    fn weights(&self) -> Result<Option<(u64, u64)>> {
-        let out = self.ctl(&["status", "--json"])?;
-        if !out.status.success() {
-            return Ok(None);
-        }
-        let status: Value = serde_json::from_slice(&out.stdout)?;
-        let Some(svc) = status["services"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["name"] == "tcp-echo"))
-        else {
-            return Ok(None);
-        };
-        let weight = |name: &str| {
-            svc["subsets"]
-                .as_array()
-                .and_then(|a| a.iter().find(|s| s["name"] == name))
-                .and_then(|s| s["weight"].as_u64())
-                .unwrap_or(0)
-        };
-        let live = svc["subsets"]
-            .as_array()
-            .is_some_and(|a| a.iter().all(|s| s["live"] == true));
-        Ok(live.then(|| (weight("v1"), weight("v2"))))
-    }
-
-    /// Waits until the kernel holds weights v1/v2 with both sockets live.
-    fn wait_weights(&self, v1: u64, v2: u64) -> Result<()> {
-        poll_until(
-            Duration::from_secs(20),
-            &format!("node {} at v1={v1} v2={v2}", self.name),
-            || Ok((self.weights()? == Some((v1, v2))).then_some(())),
-        )
-        .with_context(|| format!("tcpshiftd's log:\n{}", self.log()))
-    }
-
-    /// `n` connections to the seed's address inside this node, reply prefixes counted.
-    fn count(&self, n: usize) -> Result<BTreeMap<String, usize>> {
-        in_netns(&self.path, move || count_prefixes(seed_addr(), n))
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.kill_daemon();
-        for c in &mut self.echoes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = self.ctl(&["uninstall"]);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread that has entered the network namespace at `path`.
-fn in_netns<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let ns = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    std::thread::spawn(move || {
-        // SAFETY: setns on a namespace fd we hold; affects only this new thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the connection thread panicked"))?
-}
 
 /// One exchange with the seed's address from 127.0.0.1:`port`; the reply's prefix.
 fn from_port(port: u16) -> Result<String> {
@@ -240,51 +71,12 @@ fn from_port(port: u16) -> Result<String> {
     Ok(reply.split(' ').next().unwrap_or_default().to_string())
 }
 
-/// `tcpshiftctl --store URL ARGS`.
-fn store_ctl(url: &str, args: &[&str]) -> Result<Output> {
-    Command::new(bin_dir().join("tcpshiftctl"))
-        .args(["--store", url])
-        .args(args)
-        .output()
-        .context("cannot run tcpshiftctl")
-}
-
-fn store_ctl_ok(url: &str, args: &[&str]) -> Result<String> {
-    let out = store_ctl(url, args)?;
-    if !out.status.success() {
-        bail!(
-            "tcpshiftctl --store {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A cluster, 3 nodes following it, and the seed (all v1) applied through the store.
-fn fleet(tag: &str) -> Result<(EtcdCluster, Vec<Node>, PathBuf)> {
-    let cluster = EtcdCluster::start(3)?;
-    let url = cluster.url();
-    let mut nodes = (0..3)
-        .map(|i| Node::new(tag, i))
-        .collect::<Result<Vec<_>>>()?;
-    for n in &mut nodes {
-        n.start(&url)?;
-    }
-    let seed = cluster.dir().join("seed.yaml");
-    std::fs::write(&seed, seed_config(100, 0))?;
-    store_ctl_ok(&url, &["apply", "-f", &seed.to_string_lossy()])?;
-    for n in &nodes {
-        n.wait_weights(100, 0)?;
-    }
-    Ok((cluster, nodes, seed))
-}
-
 #[test]
 fn seed_all_v1_then_20_v2_applied_once_reaches_every_node() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
-    let (cluster, nodes, _) = fleet("seed")?;
+    let (cluster, nodes, _) = fleet("seed", &[])?;
     let url = cluster.url();
     for n in &nodes {
         let counts = n.count(200)?;
@@ -339,7 +131,7 @@ fn all_members_stopped_nodes_keep_steering_then_changes_flow_again() -> Result<(
     if !privileged() {
         return Ok(());
     }
-    let (mut cluster, nodes, _) = fleet("down")?;
+    let (mut cluster, nodes, _) = fleet("down", &[])?;
     let url = cluster.url();
     store_ctl_ok(&url, &["set-weight", "v2=20"])?;
     for n in &nodes {
@@ -393,7 +185,7 @@ fn eight_concurrent_writers_lose_nothing_and_bad_input_is_refused() -> Result<()
     if !privileged() {
         return Ok(());
     }
-    let (cluster, nodes, _) = fleet("writers")?;
+    let (cluster, nodes, _) = fleet("writers", &[])?;
     let url = cluster.url();
     // 8 writers, each adding its own service: every one must be there afterwards.
     let handles: Vec<_> = (0..8)
@@ -457,7 +249,7 @@ fn hundred_changes_while_the_leader_is_killed_and_restarted_every_node_ends_on_t
     if !privileged() {
         return Ok(());
     }
-    let (mut cluster, nodes, _) = fleet("leader")?;
+    let (mut cluster, nodes, _) = fleet("leader", &[])?;
     let url = cluster.url();
     // Clients on every node for the whole run: every connection must be answered.
     let stop = Arc::new(AtomicBool::new(false));
@@ -586,7 +378,7 @@ fn a_node_cut_from_the_store_falls_behind_keeps_steering_and_catches_up() -> Res
     if !privileged() {
         return Ok(());
     }
-    let (cluster, mut nodes, _) = fleet("cut")?;
+    let (cluster, mut nodes, _) = fleet("cut", &[])?;
     let url = cluster.url();
     // Node 2 reaches the store only through a relay to member 0.
     let member0: std::net::SocketAddr = url
@@ -631,7 +423,7 @@ fn a_node_killed_while_changes_happen_converges_when_started_again() -> Result<(
     if !privileged() {
         return Ok(());
     }
-    let (cluster, mut nodes, _) = fleet("restart")?;
+    let (cluster, mut nodes, _) = fleet("restart", &[])?;
     let url = cluster.url();
     nodes[1].kill_daemon()?;
     for v2 in [10, 20, 30, 40, 45] {
@@ -659,7 +451,7 @@ fn a_host_rebooted_with_the_store_down_steers_as_soon_as_the_store_answers() -> 
     store_ctl_ok(&url, &["apply", "-f", &seed.to_string_lossy()])?;
     cluster.kill(0)?;
     // A freshly booted host: a new namespace, nothing pinned, the store down.
-    let mut node = Node::new("reboot", 0)?;
+    let mut node = Node::new("reboot", 0, &[])?;
     assert!(
         !node.ctl(&["status", "--json"])?.status.success(),
         "a fresh namespace has no tcpshift state"
@@ -1000,7 +792,7 @@ fn a_store_behind_tls_and_a_password_is_followed_and_wrong_credentials_are_refus
     assert!(!out.status.success(), "no client certificate: refused");
 
     // A node follows the store over TLS with the password.
-    let mut node = Node::new("tls", 0)?;
+    let mut node = Node::new("tls", 0, &[])?;
     let node_flags = good.iter().map(String::as_str).collect::<Vec<_>>();
     node.start_with(&url, &node_flags)?;
     node.wait_weights(100, 0)?;
@@ -1022,7 +814,7 @@ fn a_store_behind_tls_and_a_password_is_followed_and_wrong_credentials_are_refus
     );
 
     // A node with a wrong password keeps retrying and says why.
-    let mut bad = Node::new("tls", 1)?;
+    let mut bad = Node::new("tls", 1, &[])?;
     let bad_flags = flags(&ca, &wrong);
     bad.start_with(
         &url,

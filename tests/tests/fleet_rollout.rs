@@ -4,10 +4,6 @@
 //! judged on the sum of every node's signals; every node is checked with real connections.
 
 use std::{
-    fs::File,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,201 +12,13 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use tcpshift_tests::{
-    bin_dir, counter, etcd::EtcdCluster, exchange, poll_until, privileged, seed_addr, seed_config,
+    counter, exchange,
+    fleet::{Node, fleet, in_netns, store_ctl_ok},
+    poll_until, privileged, seed_addr,
 };
-
-/// One node: its network namespace (`/run/netns/NAME`), backends and tcpshiftd.
-struct Node {
-    name: String,
-    path: PathBuf,
-    echoes: Vec<Child>,
-    daemon: Option<Child>,
-    log: PathBuf,
-}
-
-impl Node {
-    /// Creates the namespace and starts tcp-echo v1 (`one`, 9001) and v2 (`two`, 9002, with
-    /// the extra `v2_args`, e.g. a fault) in it.
-    fn new(tag: &str, i: usize, v2_args: &[&str]) -> Result<Self> {
-        let name = format!("tsroll-{}-{tag}-{i}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let mut node = Self {
-            log: std::env::temp_dir().join(format!("{name}.log")),
-            path: PathBuf::from(format!("/run/netns/{name}")),
-            name,
-            echoes: Vec::new(),
-            daemon: None,
-        };
-        run(node.nsenter("ip").args(["link", "set", "lo", "up"]))?;
-        for (port, prefix, extra) in [(9001, "one", &[][..]), (9002, "two", v2_args)] {
-            let child = node
-                .nsenter(&bin_dir().join("tcp-echo").to_string_lossy())
-                .args(["--bind", "127.0.0.1"])
-                .args(extra)
-                .args([&port.to_string(), prefix])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("cannot start tcp-echo")?;
-            node.echoes.push(child);
-        }
-        Ok(node)
-    }
-
-    fn nsenter(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path.display())).arg(program);
-        c
-    }
-
-    /// Starts tcpshiftd following `url` as this node.
-    fn start(&mut self, url: &str) -> Result<()> {
-        let log = File::options().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin_dir().join("tcpshiftd"))
-            .arg("--netns")
-            .arg(&self.path)
-            .args(["--store", url, "--node", &self.name, "--log-level", "info"])
-            .stderr(log)
-            .spawn()
-            .context("cannot start tcpshiftd")?;
-        self.daemon = Some(child);
-        Ok(())
-    }
-
-    fn kill_daemon(&mut self) -> Result<()> {
-        if let Some(mut c) = self.daemon.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Result<Output> {
-        Command::new(bin_dir().join("tcpshiftctl"))
-            .arg("--netns")
-            .arg(&self.path)
-            .args(args)
-            .output()
-            .context("cannot run tcpshiftctl")
-    }
-
-    fn status(&self) -> Result<Value> {
-        let out = self.ctl(&["status", "--json"])?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    /// The kernel's weights (v1, v2) of tcp-echo on this node, once both sockets are live.
-    fn weights(&self) -> Result<Option<(u64, u64)>> {
-        let Ok(status) = self.status() else {
-            return Ok(None);
-        };
-        let w = |n: &str| tcpshift_tests::subset(&status, n).map(|s| s["weight"].as_u64());
-        let live = ["v1", "v2"]
-            .iter()
-            .all(|n| tcpshift_tests::subset(&status, n).is_some_and(|s| s["live"] == true));
-        Ok(match (w("v1"), w("v2")) {
-            (Some(Some(a)), Some(Some(b))) if live => Some((a, b)),
-            _ => None,
-        })
-    }
-
-    fn wait_weights(&self, v1: u64, v2: u64) -> Result<()> {
-        poll_until(
-            Duration::from_secs(30),
-            &format!("node {} at v1={v1} v2={v2}", self.name),
-            || Ok((self.weights()? == Some((v1, v2))).then_some(())),
-        )
-        .with_context(|| format!("tcpshiftd's log:\n{}", self.log()))
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.kill_daemon();
-        for c in &mut self.echoes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = self.ctl(&["uninstall"]);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread that has entered the network namespace at `path`.
-fn in_netns<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let ns = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    thread::spawn(move || {
-        // SAFETY: setns on a namespace fd we hold; affects only this new thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the connection thread panicked"))?
-}
-
-/// `tcpshiftctl --store URL ARGS`, which must succeed; its stdout.
-fn store_ctl(url: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin_dir().join("tcpshiftctl"))
-        .args(["--store", url])
-        .args(args)
-        .output()
-        .context("cannot run tcpshiftctl")?;
-    if !out.status.success() {
-        bail!(
-            "tcpshiftctl --store {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A cluster, 3 nodes following it (v2 started with `v2_args`), the seed at 100/0.
-fn fleet(tag: &str, v2_args: &[&str]) -> Result<(EtcdCluster, Vec<Node>)> {
-    let cluster = EtcdCluster::start(3)?;
-    let url = cluster.url();
-    let mut nodes = (0..3)
-        .map(|i| Node::new(tag, i, v2_args))
-        .collect::<Result<Vec<_>>>()?;
-    for n in &mut nodes {
-        n.start(&url)?;
-    }
-    let seed = cluster.dir().join("seed.yaml");
-    std::fs::write(&seed, seed_config(100, 0))?;
-    store_ctl(&url, &["apply", "-f", &seed.to_string_lossy()])?;
-    for n in &nodes {
-        n.wait_weights(100, 0)?;
-    }
-    Ok((cluster, nodes))
-}
 
 /// One node's clients' answered prefixes and failures.
 type Outcome = (Vec<String>, Vec<String>);
@@ -262,7 +70,7 @@ impl Traffic {
 
 /// The fleet's one rollout (`--store rollout status --json`).
 fn rollout(url: &str) -> Result<Value> {
-    let all: Value = serde_json::from_str(&store_ctl(url, &["rollout", "status", "--json"])?)?;
+    let all: Value = serde_json::from_str(&store_ctl_ok(url, &["rollout", "status", "--json"])?)?;
     all.get(0).cloned().context("no rollout in the store")
 }
 
@@ -306,10 +114,10 @@ fn a_healthy_canary_is_promoted_on_every_node_driven_once_on_the_sum_of_their_si
     if !privileged() {
         return Ok(());
     }
-    let (cluster, nodes) = fleet("ok", &[])?;
+    let (cluster, nodes, _) = fleet("ok", &[])?;
     let url = cluster.url();
     let traffic = Traffic::start(&nodes);
-    let out = store_ctl(
+    let out = store_ctl_ok(
         &url,
         &[
             "rollout",
@@ -374,10 +182,10 @@ fn a_canary_resetting_30_percent_everywhere_is_aborted_on_every_node_and_v1_neve
     if !privileged() {
         return Ok(());
     }
-    let (cluster, nodes) = fleet("reset", &["--fault-reset-percent", "30"])?;
+    let (cluster, nodes, _) = fleet("reset", &["--fault-reset-percent", "30"])?;
     let url = cluster.url();
     let traffic = Traffic::start(&nodes);
-    store_ctl(
+    store_ctl_ok(
         &url,
         &[
             "rollout",
@@ -473,12 +281,12 @@ fn the_driving_node_killed_mid_pause_another_node_goes_on_from_the_same_step() -
     if !privileged() {
         return Ok(());
     }
-    let (cluster, mut nodes) = fleet("takeover", &[])?;
+    let (cluster, mut nodes, _) = fleet("takeover", &[])?;
     let url = cluster.url();
     let traffic = Traffic::start(&nodes);
     let file = cluster.dir().join("rollout.yaml");
     std::fs::write(&file, DOC)?;
-    let out = store_ctl(&url, &["apply", "-f", &file.to_string_lossy()])?;
+    let out = store_ctl_ok(&url, &["apply", "-f", &file.to_string_lossy()])?;
     ensure!(
         out.contains("rollout/echo started in the fleet store"),
         "{out}"
@@ -549,11 +357,11 @@ fn store_set_weight_pauses_resume_rewrites_and_abort_forget_drains_every_node() 
     if !privileged() {
         return Ok(());
     }
-    let (cluster, nodes) = fleet("manual", &[])?;
+    let (cluster, nodes, _) = fleet("manual", &[])?;
     let url = cluster.url();
     let file = cluster.dir().join("rollout.yaml");
     std::fs::write(&file, DOC.replace("{duration: 10s}", "{duration: 1h}"))?;
-    store_ctl(&url, &["apply", "-f", &file.to_string_lossy()])?;
+    store_ctl_ok(&url, &["apply", "-f", &file.to_string_lossy()])?;
     for n in &nodes {
         n.wait_weights(70, 30)?;
     }
@@ -563,23 +371,23 @@ fn store_set_weight_pauses_resume_rewrites_and_abort_forget_drains_every_node() 
     let err = String::from_utf8_lossy(&local.stderr);
     ensure!(err.contains("follows the fleet store"), "{err}");
     // A fleet set-weight pauses the rollout (the driver notices) and says so.
-    store_ctl(&url, &["set-weight", "v2=50"])?;
+    store_ctl_ok(&url, &["set-weight", "v2=50"])?;
     let r = wait_phase(&url, "Paused", Duration::from_secs(30), &nodes)?;
     let why = r["state"]["message"].as_str().unwrap_or("");
     ensure!(why.contains("changed by hand (v1=50 v2=50"), "{why}");
     // resume writes the rollout's weights again, on every node.
-    let out = store_ctl(&url, &["rollout", "resume", "echo"])?;
+    let out = store_ctl_ok(&url, &["rollout", "resume", "echo"])?;
     ensure!(out.contains("phase    Progressing"), "{out}");
     for n in &nodes {
         n.wait_weights(70, 30)?;
     }
     // abort --forget drains the canary everywhere and removes the record.
-    let out = store_ctl(&url, &["rollout", "abort", "--forget", "echo"])?;
+    let out = store_ctl_ok(&url, &["rollout", "abort", "--forget", "echo"])?;
     ensure!(out.contains("rollout/echo aborted and forgotten"), "{out}");
     for n in &nodes {
         n.wait_weights(100, 0)?;
     }
-    let out = store_ctl(&url, &["rollout", "status"])?;
+    let out = store_ctl_ok(&url, &["rollout", "status"])?;
     ensure!(out.contains("(no rollouts)"), "{out}");
     Ok(())
 }

@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use tcpshift_tests::{Conn, TestNs, exchange, poll_until, privileged, scaled, seed_addr, subset};
+use tcpshift_tests::{
+    Conn, TestNs, exchange, pinned, poll_until, privileged, scaled, seed_addr, subset,
+};
 
 /// `subsets[name].limits[field]` of a status document, as a number (0 when absent).
 fn limit(status: &Value, name: &str, field: &str) -> u64 {
@@ -365,4 +367,111 @@ spec:
     );
     ensure!(limit(&s, "v1", "max_connections") == 0 && limit(&s, "v2", "max_connections") == 4);
     Ok(())
+}
+
+/// Whether any TCP socket of this namespace has local port `port` (the backends' ends of the
+/// service's connections), read with `ss`.
+fn sockets_on(port: u16) -> Result<bool> {
+    let out = std::process::Command::new("ss")
+        .args(["-Htan", &format!("sport = :{port}")])
+        .output()
+        .context("cannot run ss (install iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The listening sockets are on the backends' own ports, not on the service port.
+    Ok(!out.stdout.iter().all(u8::is_ascii_whitespace))
+}
+
+#[test]
+fn deleting_a_service_removes_its_load_and_a_new_one_starts_at_zero() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut ns = TestNs::new()?;
+    ns.echo("127.0.0.1", 9001, "one")?;
+    ns.echo("127.0.0.1", 9002, "two")?;
+    ns.bare_loader()?;
+    let file = ns.file("limited.yaml");
+    std::fs::write(
+        &file,
+        "services:
+  tcp-echo:
+    listen: 31400
+    subsets: {v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}
+    weights: {v1: 50, v2: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: tcp-echo-destination
+spec:
+  host: tcp-echo
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 3}
+",
+    )?;
+    let apply = || -> Result<()> {
+        ns.ctl_ok(&["apply", "-f", &file.display().to_string()])?;
+        ns.wait_live(scaled(Duration::from_secs(10)))?;
+        Ok(())
+    };
+    apply()?;
+    let (held, counts) = hold(seed_addr(), 6)?;
+    ensure!(
+        counts.get("one") == Some(&3) && counts.get("two") == Some(&3),
+        "6 connections with 3 allowed on each subset: {counts:?}: {}",
+        ns.status()?
+    );
+    // The only service has id 0: slots 0 and 1, and the service's summary entry.
+    let load = pinned::map_keys("TS_LOAD")?;
+    ensure!(
+        load.len() == 3 && load[..2] == [0, 1],
+        "TS_LOAD of one service with two subsets: {load:?}"
+    );
+
+    // Deleted with its connections still open: every entry of the service goes.
+    ns.ctl_ok(&["delete", "service", "tcp-echo"])?;
+    for map in ["TS_LOAD", "TS_LIMITS"] {
+        let keys = pinned::map_keys(map)?;
+        ensure!(keys.is_empty(), "{map} after the delete: {keys:?}");
+    }
+    // The deleted service's connections close afterwards: their closes leave nothing behind.
+    drop(held);
+    poll_until(
+        Duration::from_secs(10),
+        "the held connections closed",
+        || Ok((!sockets_on(31400)?).then_some(())),
+    )?;
+    let keys = pinned::map_keys("TS_LOAD")?;
+    ensure!(
+        keys.is_empty(),
+        "TS_LOAD after the deleted service's connections closed: {keys:?}"
+    );
+
+    // The same service again takes the same slots and counts from 0: 3 on each, then full.
+    apply()?;
+    let s = ns.status()?;
+    ensure!(
+        limit(&s, "v1", "open") == 0 && limit(&s, "v2", "open") == 0,
+        "open counts of the new service: {s}"
+    );
+    let (_held, counts) = hold(seed_addr(), 6)?;
+    ensure!(
+        counts.get("one") == Some(&3) && counts.get("two") == Some(&3),
+        "the new service with 3 allowed on each subset: {counts:?}"
+    );
+    let s = ns.status()?;
+    ensure!(
+        limit(&s, "v1", "open") == 3 && limit(&s, "v2", "open") == 3,
+        "open counts of the new service: {s}"
+    );
+    match TcpStream::connect_timeout(&seed_addr(), scaled(Duration::from_secs(5))) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(()),
+        Err(e) => bail!("a 7th connection: expected refused, got {e}"),
+        Ok(_) => bail!("a 7th connection was accepted: the new service's count is off"),
+    }
 }

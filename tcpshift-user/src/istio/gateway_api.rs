@@ -412,22 +412,19 @@ fn kube_services(docs: &[Document]) -> HashMap<&str, &KubeService> {
         .collect()
 }
 
-/// The TCPRoutes stored with the services in the kernel: (service, route name, route).
-fn stored_routes(current: &[ServiceView]) -> Vec<(&str, String, TcpRouteInfo)> {
-    current
-        .iter()
-        .filter_map(|v| {
-            let info = v
-                .annotation
-                .as_deref()
-                .and_then(RouteInfo::from_annotation)?;
-            Some((
-                v.config.name.as_str(),
-                info.virtual_service,
-                info.tcp_route?,
-            ))
-        })
-        .collect()
+/// The TCPRoutes stored with the services in the kernel: (service, what is stored with it
+/// but the route, the route). The one reader of stored routes: applies and `get` use it.
+fn stored_routes(
+    current: &[ServiceView],
+) -> impl Iterator<Item = (&ServiceView, RouteInfo, TcpRouteInfo)> {
+    current.iter().filter_map(|v| {
+        let mut info = v
+            .annotation
+            .as_deref()
+            .and_then(RouteInfo::from_annotation)?;
+        let route = info.tcp_route.take()?;
+        Some((v, info, route))
+    })
 }
 
 /// The tcpshift service a TCPRoute routes (see the module documentation): the `app` label
@@ -451,17 +448,20 @@ pub(super) fn route_service(
     {
         return app.clone();
     }
-    let stored = stored_routes(current);
-    if let Some((service, _, _)) = stored.iter().find(|(_, n, _)| n == &route.metadata.name) {
-        return (*service).to_owned();
+    let stored: Vec<_> = stored_routes(current).collect();
+    if let Some((v, _, _)) = stored
+        .iter()
+        .find(|(_, info, _)| info.virtual_service == route.metadata.name)
+    {
+        return v.config.name.clone();
     }
     if let Some(b) = first
-        && let Some((service, _, _)) = stored.iter().find(|(_, _, tr)| {
+        && let Some((v, _, _)) = stored.iter().find(|(_, _, tr)| {
             tr.backends.iter().any(|s| s.name == b.name)
                 || tr.services.iter().any(|(name, _)| name == &b.name)
         })
     {
-        return (*service).to_owned();
+        return v.config.name.clone();
     }
     route.metadata.name.clone()
 }
@@ -494,19 +494,13 @@ pub(super) fn resolve_route(
         })
         .collect();
     let service = route_service(docs, current, route);
-    let stored_listeners: Vec<(String, u16)> = stored_routes(current)
-        .into_iter()
-        .filter(|(s, _, _)| *s == service)
-        .flat_map(|(_, _, tr)| tr.listeners)
-        .collect();
-    let stored: Vec<(String, String)> = stored_routes(current)
-        .into_iter()
-        .filter(|(s, _, _)| *s == service)
-        .flat_map(|(_, _, tr)| {
-            let backends = tr.backends.into_iter().map(|b| (b.name, b.subset));
-            backends.chain(tr.services).collect::<Vec<_>>()
-        })
-        .collect();
+    let mut stored_listeners: Vec<(String, u16)> = Vec::new();
+    let mut stored: Vec<(String, String)> = Vec::new();
+    for (_, _, tr) in stored_routes(current).filter(|(v, _, _)| v.config.name == service) {
+        stored_listeners.extend(tr.listeners);
+        stored.extend(tr.backends.into_iter().map(|b| (b.name, b.subset)));
+        stored.extend(tr.services);
+    }
     let mut known: Vec<(String, String)> = services
         .values()
         .filter(|s| s.spec.selector.get("app") == Some(&service))
@@ -695,14 +689,8 @@ pub(super) fn resolve_route(
 /// The TCPRoutes that describe the services applied from one, sorted by name; weights are
 /// the kernel's.
 pub fn tcp_routes(views: &[ServiceView]) -> Vec<TcpRouteObject> {
-    let mut out: Vec<TcpRouteObject> = views
-        .iter()
-        .filter_map(|v| {
-            let info = v
-                .annotation
-                .as_deref()
-                .and_then(RouteInfo::from_annotation)?;
-            let tr = info.tcp_route.clone()?;
+    let mut out: Vec<TcpRouteObject> = stored_routes(views)
+        .map(|(v, info, tr)| {
             let backend_refs = tr
                 .backends
                 .iter()
@@ -719,7 +707,7 @@ pub fn tcp_routes(views: &[ServiceView]) -> Vec<TcpRouteObject> {
                     ..BackendRef::default()
                 })
                 .collect();
-            Some(Object {
+            Object {
                 api_version: info.api_version,
                 kind: "TCPRoute".to_owned(),
                 metadata: Metadata {
@@ -735,7 +723,7 @@ pub fn tcp_routes(views: &[ServiceView]) -> Vec<TcpRouteObject> {
                     }],
                 },
                 status: None,
-            })
+            }
         })
         .collect();
     out.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
@@ -745,11 +733,7 @@ pub fn tcp_routes(views: &[ServiceView]) -> Vec<TcpRouteObject> {
 /// The Gateway API Gateways the stored TCPRoutes attached to, with the listeners they used.
 pub fn gateway_api_gateways(views: &[ServiceView]) -> Vec<GatewayApiGateway> {
     let mut by_name: BTreeMap<String, Vec<Listener>> = BTreeMap::new();
-    for v in views {
-        let Some(info) = v.annotation.as_deref().and_then(RouteInfo::from_annotation) else {
-            continue;
-        };
-        let Some(tr) = info.tcp_route else { continue };
+    for (_, _, tr) in stored_routes(views) {
         for parent in &tr.parent_refs {
             let entry = by_name.entry(parent.name.clone()).or_default();
             for (name, port) in &tr.listeners {

@@ -346,8 +346,8 @@ impl State {
         }
     }
 
-    /// Removes the sockets, counters, subset definitions and owner rules of slots `from..to` of
-    /// service `id`.
+    /// Removes the sockets, counters, subset definitions, owner rules, limits and loads of slots
+    /// `from..to` of service `id`.
     fn clear_slots(&mut self, id: u32, from: u32, to: u32) -> Result<()> {
         for i in from..to.min(MAX_SUBSETS as u32) {
             let s = slot(id, i);
@@ -363,7 +363,8 @@ impl State {
                 "cannot remove a subset definition",
             )?;
         }
-        self.remove_owner_rules(id, from, to)
+        self.remove_owner_rules(id, from, to)?;
+        self.clear_limit_slots(id, from, to)
     }
 
     /// Writes the definition of service `id`: its subsets' `TS_SUBSET_META` records first,
@@ -402,7 +403,7 @@ impl State {
                 "cannot remove a subset definition",
             )?;
         }
-        Ok(())
+        self.clear_limit_slots(id, from, to)
     }
 
     /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters, subset definitions, owner rules, annotation and definition (last: it

@@ -190,6 +190,36 @@ fn write_summary(map: &mut LimitsMap, id: u32) -> Result<()> {
         .map_err(map_err("cannot write a connection limit"))
 }
 
+/// Clears the bytes of subsets `from..to` in the summary entry `key` of `TS_LOAD` (the
+/// subsets are gone). Read-modify-write: a byte sock_ops stores meanwhile for another subset
+/// may be lost, and is written again at that subset's next open or close.
+fn clear_full_bytes(map: &mut LoadMap, key: u32, from: u32, to: u32) -> Result<()> {
+    let mut v = match map.get(&key, 0) {
+        Ok(v) => v,
+        Err(MapError::KeyNotFound) => return Ok(()),
+        Err(e) => return Err(map_err("cannot read open connections")(e)),
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&v.open.to_ne_bytes());
+    bytes[8..].copy_from_slice(&v.refused.to_ne_bytes());
+    let old = bytes;
+    for b in &mut bytes[from as usize..to as usize] {
+        *b = 0;
+    }
+    if bytes == old {
+        return Ok(());
+    }
+    let [a, b] = [&bytes[..8], &bytes[8..]].map(|h| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(h);
+        u64::from_ne_bytes(w)
+    });
+    v.open = a;
+    v.refused = b;
+    map.insert(key, v, 0)
+        .map_err(map_err("cannot write open connections"))
+}
+
 impl State {
     fn limits_map(&self) -> Result<LimitsMap> {
         self.open_pinned(map_names::LIMITS)
@@ -253,6 +283,34 @@ impl State {
             }
         }
         let any = map.keys().next().is_some();
+        self.set_limits_flag(any)
+    }
+
+    /// Removes the `TS_LIMITS` and `TS_LOAD` entries of slots `from..to` of service `id` (a
+    /// deleted service or subset, or leftovers of a service that had the id before), and the
+    /// service's summary entries with them (`from` = 0) or the removed subsets' part of them;
+    /// clears `LIMITS` when no limit is left. Called under the caller's lock, once no service
+    /// entry routes to these slots any more.
+    ///
+    /// A connection of a removed slot that closes later does not create its `TS_LOAD` entry
+    /// again (sock_ops takes a close off an existing entry only), so nothing is left behind.
+    pub(super) fn clear_limit_slots(&mut self, id: u32, from: u32, to: u32) -> Result<()> {
+        let mut limits = self.limits_map()?;
+        let mut load = self.load_map()?;
+        let to = to.min(MAX_SUBSETS as u32);
+        for i in from..to {
+            let key = slot(id, i);
+            ignore_missing(limits.remove(&key), "cannot remove a connection limit")?;
+            ignore_missing(load.remove(&key), "cannot remove open connections")?;
+        }
+        let summary = service_summary_key(id);
+        if from == 0 {
+            ignore_missing(load.remove(&summary), "cannot remove open connections")?;
+        } else if from < to {
+            clear_full_bytes(&mut load, summary, from, to)?;
+        }
+        write_summary(&mut limits, id)?;
+        let any = limits.keys().next().is_some();
         self.set_limits_flag(any)
     }
 

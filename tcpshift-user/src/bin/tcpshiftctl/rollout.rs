@@ -142,23 +142,81 @@ fn stable_of(
         .with_context(|| format!("service {service:?} has no subset besides {canary:?}"))
 }
 
-/// The short form's spec.
-fn short_spec(
-    service: &str,
-    stable: &str,
-    canary: &str,
-    steps: &[u32],
-    interval: &str,
+/// The arguments of `rollout start` (the short form).
+struct StartArgs {
+    service: String,
+    canary: String,
+    stable: Option<String>,
+    steps: Vec<u32>,
+    interval: String,
     min_connections: u64,
     failure_limit: u32,
-) -> Result<RolloutSpec> {
-    let interval = parse_duration(interval)
-        .map_err(anyhow::Error::msg)
-        .context("--interval")?;
-    let mut spec = RolloutSpec::short(service, stable, canary, steps, interval);
-    spec.analysis.min_connections = min_connections;
-    spec.analysis.failure_limit = failure_limit;
-    Ok(spec)
+}
+
+impl StartArgs {
+    /// The short form's spec, `subsets` being the service's subsets (`None`: no such
+    /// service).
+    fn spec(self, subsets: Option<Vec<String>>) -> Result<RolloutSpec> {
+        let stable = stable_of(self.stable, &self.service, &self.canary, subsets)?;
+        let interval = parse_duration(&self.interval)
+            .map_err(anyhow::Error::msg)
+            .context("--interval")?;
+        let mut spec =
+            RolloutSpec::short(&self.service, &stable, &self.canary, &self.steps, interval);
+        spec.analysis.min_connections = self.min_connections;
+        spec.analysis.failure_limit = self.failure_limit;
+        Ok(spec)
+    }
+}
+
+/// What a `rollout` command asks for, the same on this namespace's rollouts and on the fleet
+/// store's: [`run`] and [`run_store`] each carry it out on their own.
+enum Action {
+    /// Start a rollout.
+    Start(StartArgs),
+    /// Show the rollouts (or one).
+    Status { name: Option<String>, json: bool },
+    /// Print a rollout's events.
+    History { name: Option<String> },
+    /// Abort a rollout and remove its record.
+    Forget { name: Option<String> },
+    /// A manual command on a rollout.
+    Command {
+        name: Option<String>,
+        command: Command,
+    },
+}
+
+impl From<RolloutCommand> for Action {
+    fn from(c: RolloutCommand) -> Self {
+        let command = |name, command| Action::Command { name, command };
+        match c {
+            RolloutCommand::Start {
+                service,
+                canary,
+                stable,
+                steps,
+                interval,
+                min_connections,
+                failure_limit,
+            } => Action::Start(StartArgs {
+                service,
+                canary,
+                stable,
+                steps,
+                interval,
+                min_connections,
+                failure_limit,
+            }),
+            RolloutCommand::Status { name, json } => Action::Status { name, json },
+            RolloutCommand::History { name } => Action::History { name },
+            RolloutCommand::Abort { name, forget: true } => Action::Forget { name },
+            RolloutCommand::Promote { name, full } => command(name, Command::Promote { full }),
+            RolloutCommand::Pause { name } => command(name, Command::Pause),
+            RolloutCommand::Resume { name } => command(name, Command::Resume),
+            RolloutCommand::Abort { name, .. } => command(name, Command::Abort),
+        }
+    }
 }
 
 /// `tcpshiftctl --store URL rollout ...`: the same commands on the fleet's rollouts, kept in
@@ -175,35 +233,17 @@ pub async fn run_store(store: &Store, args: RolloutArgs) -> Result<()> {
         )
     };
     let place = "the fleet store";
-    let record = match args.command {
-        RolloutCommand::Start {
-            service,
-            canary,
-            stable,
-            steps,
-            interval,
-            min_connections,
-            failure_limit,
-        } => {
+    let record = match Action::from(args.command) {
+        Action::Start(start) => {
             let subsets = store
                 .load()
                 .await?
                 .state
-                .get(&service)
+                .get(&start.service)
                 .map(|s| s.config.subsets.iter().map(|x| x.name.clone()).collect());
-            let stable = stable_of(stable, &service, &canary, subsets)?;
-            let spec = short_spec(
-                &service,
-                &stable,
-                &canary,
-                &steps,
-                &interval,
-                min_connections,
-                failure_limit,
-            )?;
-            fleet::start(store, spec).await?
+            fleet::start(store, start.spec(subsets)?).await?
         }
-        RolloutCommand::Status { name, json } => {
+        Action::Status { name, json } => {
             let all: Vec<RolloutRecord> = records()
                 .await?
                 .into_iter()
@@ -211,7 +251,7 @@ pub async fn run_store(store: &Store, args: RolloutArgs) -> Result<()> {
                 .collect();
             return show(&all, name.as_deref(), json);
         }
-        RolloutCommand::History { name } => {
+        Action::History { name } => {
             let all = records().await?;
             let name = pick_of(&all, name, place)?;
             let r = all
@@ -221,7 +261,7 @@ pub async fn run_store(store: &Store, args: RolloutArgs) -> Result<()> {
             print!("{}", history(r));
             return Ok(());
         }
-        RolloutCommand::Abort { name, forget: true } => {
+        Action::Forget { name } => {
             let name = pick_of(&records().await?, name, place)?;
             if !fleet::forget(store, &name).await? {
                 bail!("no rollout named {name:?} in the fleet store");
@@ -229,21 +269,9 @@ pub async fn run_store(store: &Store, args: RolloutArgs) -> Result<()> {
             println!("rollout/{name} aborted and forgotten");
             return Ok(());
         }
-        RolloutCommand::Promote { name, full } => {
+        Action::Command { name, command } => {
             let name = pick_of(&records().await?, name, place)?;
-            fleet::command(store, &name, Command::Promote { full }).await?
-        }
-        RolloutCommand::Pause { name } => {
-            let name = pick_of(&records().await?, name, place)?;
-            fleet::command(store, &name, Command::Pause).await?
-        }
-        RolloutCommand::Resume { name } => {
-            let name = pick_of(&records().await?, name, place)?;
-            fleet::command(store, &name, Command::Resume).await?
-        }
-        RolloutCommand::Abort { name, .. } => {
-            let name = pick_of(&records().await?, name, place)?;
-            fleet::command(store, &name, Command::Abort).await?
+            fleet::command(store, &name, command).await?
         }
     };
     print!("{}", describe(&record));
@@ -284,89 +312,45 @@ pub fn run(netns: &Netns, args: RolloutArgs, local: bool) -> Result<()> {
         crate::fleet::guard(netns, local)?;
     }
     let mut state = State::open(netns)?;
-    match args.command {
-        RolloutCommand::Start {
-            service,
-            canary,
-            stable,
-            steps,
-            interval,
-            min_connections,
-            failure_limit,
-        } => {
+    let record = match Action::from(args.command) {
+        Action::Start(start) => {
             let subsets = state
                 .services()?
                 .into_iter()
-                .find(|v| v.config.name == service)
+                .find(|v| v.config.name == start.service)
                 .map(|v| v.config.subsets.into_iter().map(|s| s.name).collect());
-            let stable = stable_of(stable, &service, &canary, subsets)?;
-            let spec = short_spec(
-                &service,
-                &stable,
-                &canary,
-                &steps,
-                &interval,
-                min_connections,
-                failure_limit,
-            )?;
-            let record = drive::start(&mut state, spec)?;
-            print!("{}", describe(&record));
+            drive::start(&mut state, start.spec(subsets)?)?
         }
-        RolloutCommand::Status { name, json } => {
+        Action::Status { name, json } => {
             let all: Vec<RolloutRecord> = state
                 .rollouts()?
                 .into_iter()
                 .filter(|r| name.as_ref().is_none_or(|n| &r.spec.name == n))
                 .collect();
-            show(&all, name.as_deref(), json)?;
+            return show(&all, name.as_deref(), json);
         }
-        RolloutCommand::Promote { name, full } => {
-            let name = pick(&state, name)?;
-            print!(
-                "{}",
-                describe(&drive::command(
-                    &mut state,
-                    &name,
-                    Command::Promote { full }
-                )?)
-            );
-        }
-        RolloutCommand::Pause { name } => {
-            let name = pick(&state, name)?;
-            print!(
-                "{}",
-                describe(&drive::command(&mut state, &name, Command::Pause)?)
-            );
-        }
-        RolloutCommand::Resume { name } => {
-            let name = pick(&state, name)?;
-            print!(
-                "{}",
-                describe(&drive::command(&mut state, &name, Command::Resume)?)
-            );
-        }
-        RolloutCommand::Abort { name, forget: true } => {
-            let name = pick(&state, name)?;
-            if !drive::forget(&mut state, &name)? {
-                bail!("no rollout named {name:?}");
-            }
-            println!("rollout/{name} aborted and forgotten");
-        }
-        RolloutCommand::Abort { name, .. } => {
-            let name = pick(&state, name)?;
-            print!(
-                "{}",
-                describe(&drive::command(&mut state, &name, Command::Abort)?)
-            );
-        }
-        RolloutCommand::History { name } => {
+        Action::History { name } => {
             let name = pick(&state, name)?;
             let r = state
                 .rollout(&name)?
                 .with_context(|| format!("no rollout named {name:?}"))?;
             print!("{}", history(&r));
+            return Ok(());
         }
-    }
+        Action::Forget { name } => {
+            let name = pick(&state, name)?;
+            if !drive::forget(&mut state, &name)? {
+                bail!("no rollout named {name:?}");
+            }
+            println!("rollout/{name} aborted and forgotten");
+            return Ok(());
+        }
+        Action::Command { name, command } => {
+            let name = pick(&state, name)?;
+            drive::command(&mut state, &name, command)?
+        }
+    };
+    print!("{}", describe(&record));
     Ok(())
 }
 

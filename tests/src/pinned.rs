@@ -1,0 +1,53 @@
+//! Reading the calling thread's namespace's pinned maps back with `bpftool`, to check what
+//! the kernel holds rather than what `tcpshiftctl` shows.
+
+use std::{os::unix::fs::MetadataExt, process::Command};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+/// The pinned map `name` (e.g. `TS_LOAD`) of the calling thread's network namespace.
+pub fn map_path(name: &str) -> Result<String> {
+    let ino = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("cannot read this thread's network namespace")?
+        .ino();
+    Ok(format!("/sys/fs/bpf/tcpshift/netns-{ino}/{name}"))
+}
+
+/// The keys of the pinned map `name`, whose keys are `u32` (slots, service ids), sorted.
+pub fn map_keys(name: &str) -> Result<Vec<u32>> {
+    let path = map_path(name)?;
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned", &path, "-j"])
+        .output()
+        .context("cannot run bpftool (cargo xtask bootstrap installs it)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map dump {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")?;
+    let mut keys = Vec::new();
+    for entry in dump.as_array().context("bpftool dump is not a list")? {
+        let key = bytes(&entry["key"])?;
+        let key: [u8; 4] = key
+            .as_slice()
+            .try_into()
+            .with_context(|| format!("{name}: a key of {} bytes, expected 4", key.len()))?;
+        keys.push(u32::from_le_bytes(key));
+    }
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// bpftool's `["0x01", "0x00", …]` as bytes.
+pub fn bytes(v: &Value) -> Result<Vec<u8>> {
+    v.as_array()
+        .context("not a byte list")?
+        .iter()
+        .map(|b| {
+            let s = b.as_str().context("byte is not a string")?;
+            u8::from_str_radix(s.trim_start_matches("0x"), 16).with_context(|| format!("{s:?}"))
+        })
+        .collect()
+}
