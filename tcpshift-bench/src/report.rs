@@ -81,8 +81,11 @@ pub fn run(inputs: &Inputs) -> Result<()> {
     )?;
     write(&inputs.out_dir.join("results.md"), &markdown)?;
     let png = inputs.out_dir.join("chart.png");
-    chart::draw(&summary, &machine, &inputs.font, &png)
-        .with_context(|| format!("cannot draw {}", png.display()))?;
+    // `--only scale` / `--only cost` have no rate or latency to draw.
+    if !summary.rate.is_empty() && !summary.latency.is_empty() {
+        chart::draw(&summary, &machine, &inputs.font, &png)
+            .with_context(|| format!("cannot draw {}", png.display()))?;
+    }
     print!("{markdown}");
     if inputs.check && !summary.problems.is_empty() {
         anyhow::bail!(

@@ -49,8 +49,11 @@ pub struct MapRow {
     /// `max_entries`.
     pub max_entries: u64,
     /// Subsets → ((a) bytes, (c) bytes, (c − a) ÷ services).
-    pub by_subsets: BTreeMap<u32, (Option<u64>, Option<u64>, Option<f64>)>,
+    pub by_subsets: BTreeMap<u32, MapBytes>,
 }
+
+/// A map's (a) bytes, (c) bytes and (c − a) ÷ services.
+pub type MapBytes = (Option<u64>, Option<u64>, Option<f64>);
 
 /// The memory part of the summary.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -37,10 +37,13 @@ pub struct ModeCostRow {
     pub errors: u64,
 }
 
+/// One round's (sk_lookup ns/run, both programs' ns/connection).
+type Figures = (Option<f64>, Option<f64>);
+
 /// Per setting, per round: (sk_lookup ns/run, both programs' ns/connection).
 #[derive(Debug, Default)]
 pub struct Acc {
-    by_setting: BTreeMap<String, BTreeMap<u32, (Option<f64>, Option<f64>)>>,
+    by_setting: BTreeMap<String, BTreeMap<u32, Figures>>,
     errors: BTreeMap<String, u64>,
 }
 
@@ -67,8 +70,7 @@ impl Acc {
     /// One row per setting seen (empty when the step did not run).
     pub fn rows(self) -> Vec<ModeCostRow> {
         let hash = self.by_setting.get(SETTINGS[0].0);
-        let ratio = |rounds: &BTreeMap<u32, (Option<f64>, Option<f64>)>,
-                     pick: fn(&(Option<f64>, Option<f64>)) -> Option<f64>| {
+        let ratio = |rounds: &BTreeMap<u32, Figures>, pick: fn(&Figures) -> Option<f64>| {
             Spread::of(rounds.iter().filter_map(|(round, v)| {
                 let base = pick(hash?.get(round)?).filter(|b| *b > 0.0)?;
                 Some(pick(v)? / base)
