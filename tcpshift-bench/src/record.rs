@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf_cost::BpfCost,
     load::{BulkResult, CpuUse, PacedResult, RateResult},
-    steer::{BpfStats, FlipSample, PopulateResult},
+    steer::{BpfStats, FlipSample, PopulateResult, ReweightResult},
 };
 
 /// Names the measurement: which target, which round, and for scale runs the map size.
@@ -91,6 +91,14 @@ pub enum Record {
         /// Timings.
         result: PopulateResult,
     },
+    /// (e) one weight change of every service of a scale run (after its traffic), and the
+    /// kernel memory afterwards.
+    Reweight {
+        /// Which measurement.
+        labels: Labels,
+        /// Timings and the memory reading.
+        result: ReweightResult,
+    },
     /// (f) weight-change latency.
     WeightChange {
         /// Which measurement.
@@ -113,6 +121,22 @@ pub enum Record {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bpf: Option<BpfCost>,
     },
+    /// BPF time per connection of one balancing setting of the 80/20 service: `hash` (the
+    /// default), `source-ip` (affinity), `round-robin`, or `limits` (hash with connection
+    /// limits set far above the load).
+    ModeCost {
+        /// Which measurement.
+        labels: Labels,
+        /// The setting.
+        setting: String,
+        /// Client threads.
+        concurrency: usize,
+        /// What the clients saw.
+        result: RateResult,
+        /// Both programs' run time in the window; `None` when it could not be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bpf: Option<BpfCost>,
+    },
 }
 
 impl Record {
@@ -125,7 +149,9 @@ impl Record {
             | Record::Split { labels, .. }
             | Record::Populate { labels, .. }
             | Record::WeightChange { labels, .. }
-            | Record::BpfCost { labels, .. } => labels,
+            | Record::Reweight { labels, .. }
+            | Record::BpfCost { labels, .. }
+            | Record::ModeCost { labels, .. } => labels,
         }
     }
 }

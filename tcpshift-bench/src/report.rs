@@ -19,8 +19,12 @@ use crate::{
 
 mod bpf_cost;
 mod chart;
+mod memory;
+mod mode_cost;
 
 pub use bpf_cost::BpfCostRow;
+pub use memory::{MapRow, MemoryRow, MemorySummary};
+pub use mode_cost::ModeCostRow;
 
 /// The font the chart uses by default (Debian's fonts-dejavu-core).
 pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -77,8 +81,11 @@ pub fn run(inputs: &Inputs) -> Result<()> {
     )?;
     write(&inputs.out_dir.join("results.md"), &markdown)?;
     let png = inputs.out_dir.join("chart.png");
-    chart::draw(&summary, &machine, &inputs.font, &png)
-        .with_context(|| format!("cannot draw {}", png.display()))?;
+    // `--only scale` / `--only cost` have no rate or latency to draw.
+    if !summary.rate.is_empty() && !summary.latency.is_empty() {
+        chart::draw(&summary, &machine, &inputs.font, &png)
+            .with_context(|| format!("cannot draw {}", png.display()))?;
+    }
     print!("{markdown}");
     if inputs.check && !summary.problems.is_empty() {
         anyhow::bail!(
@@ -284,6 +291,11 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// BPF time per connection with the failure signals on and off (`None`: not run).
     pub bpf_cost: Option<BpfCostRow>,
+    /// BPF time per connection of the balancing modes and of connection limits (empty: not
+    /// run).
+    pub mode_cost: Vec<ModeCostRow>,
+    /// Kernel memory per service in the scale runs.
+    pub memory: MemorySummary,
 }
 
 /// Values of one figure per round, for one target.
@@ -342,6 +354,8 @@ pub fn summarise(records: &[Record]) -> Summary {
     // (f) flips by kind.
     let mut flips: BTreeMap<String, Vec<crate::steer::FlipSample>> = BTreeMap::new();
     let mut bpf_cost = bpf_cost::Acc::default();
+    let mut mode_cost = mode_cost::Acc::default();
+    let mut memory = memory::Acc::default();
 
     for r in records {
         match r {
@@ -456,6 +470,11 @@ pub fn summarise(records: &[Record]) -> Summary {
                 e.2 = *expected_v2_percent;
             }
             Record::Populate { labels, result } => {
+                memory.populated(
+                    labels,
+                    result.memory_installed.as_ref(),
+                    result.memory_populated.as_ref(),
+                );
                 if let (Some(n), Some(s)) = (labels.services, labels.subsets) {
                     let acc = populated.entry((n, s)).or_default();
                     acc.0.insert(labels.round, result.apply_ms);
@@ -469,6 +488,14 @@ pub fn summarise(records: &[Record]) -> Summary {
                 bpf,
                 ..
             } => bpf_cost.add(labels, *signals, result, *bpf),
+            Record::ModeCost {
+                labels,
+                setting,
+                result,
+                bpf,
+                ..
+            } => mode_cost.add(labels, setting, result, *bpf),
+            Record::Reweight { labels, result } => memory.changed(labels, &result.memory),
             Record::WeightChange { samples, .. } => {
                 for s in samples {
                     flips.entry(s.how.clone()).or_default().push(s.clone());
@@ -672,6 +699,8 @@ pub fn summarise(records: &[Record]) -> Summary {
         problems: Vec::new(),
         warnings: Vec::new(),
         bpf_cost: bpf_cost.row(),
+        mode_cost: mode_cost.rows(),
+        memory: memory.summary(),
     };
     summary.goals = goals(&summary);
     summary.problems = problems(&summary);
@@ -777,6 +806,8 @@ fn problems(s: &Summary) -> Vec<String> {
         }
     }
     out.extend(bpf_cost::problems(s.bpf_cost.as_ref()));
+    out.extend(mode_cost::problems(&s.mode_cost));
+    out.extend(memory::problems(&s.memory));
     for g in &s.goals {
         if g.measured.is_none() {
             out.push(format!("goal not measured: {}", g.name));
@@ -849,6 +880,8 @@ fn goals(s: &Summary) -> Vec<Goal> {
         .and_then(|r| r.p99_us.ratio);
     out.push(at_most("p99 latency × direct".into(), 1.10, p99));
     out.push(bpf_cost::goal(s.bpf_cost.as_ref()));
+    out.extend(mode_cost::goals(&s.mode_cost));
+    out.push(memory::goal(&s.memory));
     for subsets in [2, 16] {
         let v = s
             .scale
@@ -1183,6 +1216,7 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
     }
 
     bpf_cost::markdown(&mut o, s.bpf_cost.as_ref());
+    mode_cost::markdown(&mut o, &s.mode_cost);
 
     // (d)
     if !s.split.is_empty() {
@@ -1252,6 +1286,8 @@ pub fn markdown(s: &Summary, machine: &Value, command: &str) -> String {
             );
         }
     }
+
+    memory::markdown(&mut o, &s.memory);
 
     // (f)
     if !s.weight_change.is_empty() {

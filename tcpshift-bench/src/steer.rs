@@ -20,12 +20,15 @@ use serde::{Deserialize, Serialize};
 use tcpshift::{
     config::Config,
     discovery,
-    model::Weights,
+    model::{ServiceConfig, Weights},
     netns::Netns,
     state::{State, state_dir},
 };
 
-use crate::load::{self, LINE};
+use crate::{
+    load::{self, LINE},
+    memory::{self, KernelMemory},
+};
 
 /// How long filling the maps took ([`populate`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,6 +51,31 @@ pub struct PopulateResult {
     /// The first such failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_error: Option<String>,
+    /// Kernel memory of every pinned map right after install, before any service (stage (a)
+    /// of [`crate::memory::Stages`]); `None` when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_installed: Option<KernelMemory>,
+    /// Kernel memory after every service was applied and every socket registered (stage
+    /// (b)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_populated: Option<KernelMemory>,
+}
+
+/// One weight change of every service ([`reweight`]) and the kernel memory afterwards.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReweightResult {
+    /// Services applied.
+    pub services: u32,
+    /// Applying them all (in chunks), ms.
+    pub apply_ms: f64,
+    /// Apply attempts that failed and were retried.
+    pub apply_retries: u32,
+    /// The first such failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_error: Option<String>,
+    /// Kernel memory of every pinned map afterwards (stage (c) of
+    /// [`crate::memory::Stages`]).
+    pub memory: KernelMemory,
 }
 
 /// How often [`populate`] retries a failed apply (in all).
@@ -67,30 +95,9 @@ pub fn populate(config_path: &Path) -> Result<PopulateResult> {
     let t = Instant::now();
     let (mut state, _) = State::install(&netns, tcpshift::EBPF_OBJECT)?;
     let install_ms = ms(t.elapsed());
+    let memory_installed = memory_or_warn("after install");
     let t = Instant::now();
-    // Applying thousands of services in one burst fails: elements of maps without
-    // preallocation (the per-CPU counters above all) come from a per-CPU cache that the
-    // kernel refills asynchronously, and a burst finds it empty. So apply in chunks (services
-    // absent from a configuration are left alone) and retry a chunk after a pause; applying
-    // again continues where it stopped.
-    let (mut apply_retries, mut apply_error) = (0, None);
-    for chunk in config.services.chunks(APPLY_CHUNK) {
-        loop {
-            match state.apply(chunk, Weights::FromConfig) {
-                Ok(_) => break,
-                Err(e) if apply_retries < APPLY_ATTEMPTS => {
-                    apply_retries += 1;
-                    apply_error.get_or_insert_with(|| format!("{e:#}"));
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(e).context(format!(
-                        "cannot apply the configuration ({apply_retries} attempts failed)"
-                    ));
-                }
-            }
-        }
-    }
+    let (apply_retries, apply_error) = apply_in_chunks(&mut state, &config.services)?;
     let apply_ms = ms(t.elapsed());
     let t = Instant::now();
     let mut sockets: HashMap<SocketAddr, OwnedFd> = HashMap::new();
@@ -122,6 +129,64 @@ pub fn populate(config_path: &Path) -> Result<PopulateResult> {
         sockets: registered,
         apply_retries,
         apply_error,
+        memory_installed,
+        memory_populated: memory_or_warn("after populate"),
+    })
+}
+
+/// The kernel memory of the current namespace's maps; a failure is printed (the record then
+/// has no reading, which the report shows as "not measured") rather than failing the setup.
+fn memory_or_warn(stage: &str) -> Option<KernelMemory> {
+    memory::read_current()
+        .map_err(|e| eprintln!("tcpshift-load: cannot read the kernel memory {stage}: {e:#}"))
+        .ok()
+}
+
+/// Applies `services` [`APPLY_CHUNK`] at a time, retrying a chunk that fails; returns the
+/// retries and the first failure.
+///
+/// Applying thousands of services in one burst fails: elements of maps without
+/// preallocation (the per-CPU counters above all) come from a per-CPU cache that the kernel
+/// refills asynchronously, and a burst finds it empty. So apply in chunks (services absent
+/// from a configuration are left alone) and retry a chunk after a pause; applying again
+/// continues where it stopped.
+fn apply_in_chunks(state: &mut State, services: &[ServiceConfig]) -> Result<(u32, Option<String>)> {
+    let (mut apply_retries, mut apply_error) = (0, None);
+    for chunk in services.chunks(APPLY_CHUNK) {
+        loop {
+            match state.apply(chunk, Weights::FromConfig) {
+                Ok(_) => break,
+                Err(e) if apply_retries < APPLY_ATTEMPTS => {
+                    apply_retries += 1;
+                    apply_error.get_or_insert_with(|| format!("{e:#}"));
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(e).context(format!(
+                        "cannot apply the configuration ({apply_retries} attempts failed)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok((apply_retries, apply_error))
+}
+
+/// Applies `config` to the tcpshift state of the current namespace (installed by
+/// [`populate`] with the same services and other weights: one weight change of every
+/// service), then reads the kernel memory of every pinned map.
+pub fn reweight(config_path: &Path) -> Result<ReweightResult> {
+    let config = Config::from_file(config_path)?;
+    let mut state = State::open(&Netns::current()?)?;
+    let t = Instant::now();
+    let (apply_retries, apply_error) = apply_in_chunks(&mut state, &config.services)?;
+    let apply_ms = ms(t.elapsed());
+    Ok(ReweightResult {
+        services: config.services.len() as u32,
+        apply_ms,
+        apply_retries,
+        apply_error,
+        memory: memory::read_current()?,
     })
 }
 

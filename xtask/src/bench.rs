@@ -46,7 +46,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000.0, value_name = "PER_SECOND")]
     latency_rate: f64,
     /// Run only this section (`fleet`: 8 nodes following a 1-member etcd, see bench/fleet.rs; `udp`: the UDP datagram
-    /// rate and round trip, see bench/udp.rs, written to udp.json and udp.md).
+    /// rate and round trip, see bench/udp.rs, written to udp.json and udp.md; `scale` and
+    /// `cost`: those sections of the main report, written to results.md without `--check`,
+    /// since the other goals read "not measured").
     #[arg(long, value_enum, value_name = "SECTION")]
     only: Option<Section>,
 }
@@ -58,6 +60,10 @@ enum Section {
     Fleet,
     /// The UDP datagram rate and round trip: direct, tcpshift and nftables DNAT.
     Udp,
+    /// (e) 1 to 10 000 services: cost per connection and kernel memory per service.
+    Scale,
+    /// tcpshift's BPF time per connection: signals on/off, balancing modes, limits.
+    Cost,
 }
 
 /// Seconds of each UDP measurement.
@@ -326,6 +332,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         out: out.clone(),
         raw: raw.clone(),
         failures: Vec::new(),
+        only: args.only,
     };
     let measured = bench.measure();
     bench.env.clean_up();
@@ -333,7 +340,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let failures = std::mem::take(&mut bench.failures);
     measured?;
 
-    let command_line = if args.quick {
+    let mut command_line = if args.quick {
         "cargo xtask bench --quick".to_string()
     } else {
         let mut c = "cargo xtask bench".to_string();
@@ -342,6 +349,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         c
     };
+    let section = match args.only {
+        Some(Section::Scale) => Some("scale"),
+        Some(Section::Cost) => Some("cost"),
+        _ => None,
+    };
+    if let Some(name) = section {
+        command_line.push_str(&format!(" --only {name}"));
+    }
     let mut report = std::process::Command::new(&bench.load);
     report
         .arg("report")
@@ -352,8 +367,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .arg("--out-dir")
         .arg(&out)
         .arg("--command-line")
-        .arg(&command_line)
-        .arg("--check");
+        .arg(&command_line);
+    // One section alone leaves the other goals "not measured": check full runs only.
+    if section.is_none() {
+        report.arg("--check");
+    }
     cmd::run(&mut report)?;
     say(format_args!(
         "wrote {}, {} and {} in {:.0} s",
@@ -362,7 +380,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cmd::short(&out.join("chart.png")).display(),
         started.elapsed().as_secs_f64()
     ));
-    fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick))?;
+    if section.is_none() {
+        fleet::run(&bins, &out, &fleet::FleetPlan::new(args.quick))?;
+    }
     if !failures.is_empty() {
         bail!(
             "{} measurement(s) failed:\n  {}",
@@ -393,6 +413,8 @@ struct Bench {
     out: PathBuf,
     raw: PathBuf,
     failures: Vec<String>,
+    /// `--only scale` or `--only cost`: that section alone.
+    only: Option<Section>,
 }
 
 impl Bench {
@@ -403,6 +425,16 @@ impl Bench {
         peers::write(&main_config, &peers::tcpshift_yaml(TCPSHIFT_PORT, 80, 20))?;
         let nft_conf = self.out.join("nftables.conf");
         peers::write(&nft_conf, &peers::nftables_conf(NFT_PORT))?;
+        if self.only == Some(Section::Scale) {
+            return self.scale();
+        }
+        if self.only == Some(Section::Cost) {
+            for round in 1..=self.plan.rounds {
+                self.bpf_cost(&main_config, round)?;
+                self.mode_cost(round)?;
+            }
+            return Ok(());
+        }
         let workloads = self.plan.workloads();
         // Targets are interleaved within every round (with --quick too): each workload
         // measures every target back to back, so that a change of the machine's load over
@@ -418,6 +450,7 @@ impl Bench {
                 }
             }
             self.bpf_cost(&main_config, round)?;
+            self.mode_cost(round)?;
         }
         self.scale()?;
         self.weight_change(&main_config)?;
@@ -649,6 +682,54 @@ impl Bench {
         Ok(())
     }
 
+    /// BPF time per connection of the 80/20 service in each of [`peers::MODE_SETTINGS`] (the
+    /// hash mode, source-IP affinity, round-robin, hash with connection limits far above the
+    /// load): tcpshiftd started once per setting, back to back within the round, the first
+    /// one rotating between rounds.
+    fn mode_cost(&mut self, round: u32) -> Result<()> {
+        let p = self.plan.clone();
+        let n = peers::MODE_SETTINGS.len();
+        for i in 0..n {
+            let (setting, extra) = peers::MODE_SETTINGS[(i + round as usize - 1) % n];
+            check_interrupted()?;
+            self.env.check_alive()?;
+            let config = self.out.join(format!("tcpshift-{setting}.yaml"));
+            peers::write(&config, &peers::tcpshift_mode_yaml(TCPSHIFT_PORT, extra))?;
+            step(format_args!(
+                "round {round}/{}: tcpshift BPF time per connection, {setting}",
+                p.rounds
+            ));
+            self.env.tcpshift_up(&config)?;
+            let labels = [
+                "--target".to_string(),
+                Target::Tcpshift.name().to_string(),
+                "--round".to_string(),
+                round.to_string(),
+            ];
+            let result = self.measure_one(
+                &labels,
+                &[
+                    "mode-cost",
+                    "--addr",
+                    &Target::Tcpshift.addr(),
+                    "--concurrency",
+                    &p.scale_concurrency.to_string(),
+                    "--warmup",
+                    &p.warmup.to_string(),
+                    "--duration",
+                    &p.duration.to_string(),
+                    "--setting",
+                    setting,
+                ],
+                p.warmup + p.duration,
+            );
+            let down = self.env.tcpshift_down();
+            result?;
+            down?;
+        }
+        Ok(())
+    }
+
     /// (e) tcpshift with 1 to 10 000 services. The map size alone: every size gets the same
     /// traffic (all connections to the first service's port, the same listeners), and the
     /// sizes are interleaved within each round (each is set up afresh per round: 10 000
@@ -675,11 +756,14 @@ impl Bench {
     fn scale_one(&mut self, n: u32, s: u32, round: u32, spread: bool) -> Result<()> {
         let p = self.plan.clone();
         let path = self.out.join(format!("scale-{n}x{s}.yaml"));
-        if !path.exists() {
-            peers::write(
-                &path,
-                &peers::scale_yaml(n, s, SCALE_FIRST_PORT, SCALE_BACKEND_PORT),
-            )?;
+        let changed = self.out.join(format!("scale-{n}x{s}-changed.yaml"));
+        for (path, change) in [(&path, false), (&changed, true)] {
+            if !path.exists() {
+                peers::write(
+                    path,
+                    &peers::scale_yaml(n, s, SCALE_FIRST_PORT, SCALE_BACKEND_PORT, change),
+                )?;
+            }
         }
         let labels = |ports: Option<u32>| {
             let mut l: Vec<String> = [
@@ -745,6 +829,17 @@ impl Bench {
                     p.warmup + p.duration,
                 )?;
             }
+            // Kernel memory (c): after one weight change of every service (and the traffic).
+            step(format_args!(
+                "scale, round {round}/{}: {n} services × {s} subsets: change every weight, \
+                 read the kernel memory",
+                p.scale_rounds
+            ));
+            self.measure_one(
+                &labels(None),
+                &["reweight", "--config", &changed.display().to_string()],
+                100.0,
+            )?;
         }
         self.env.load(
             &self.load,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tcpshift_bench::{
     bpf_cost::CostMeter,
     load::{self, Stop},
+    memory,
     record::{Labels, Record},
     report,
     steer::{self, FlipParams, ProgStats},
@@ -160,6 +161,15 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// (e) After `populate`: apply CONFIG (the same services with other weights: one weight
+    /// change of every service), then read the kernel memory of every pinned map.
+    Reweight {
+        /// tcpshift YAML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the kernel memory of every pinned map of this namespace's tcpshift state (JSON).
+    Memory,
     /// Remove tcpshift from this network namespace.
     Uninstall,
     /// (f) Weight-change latency: flip a two-subset service between 100/0 and 0/100.
@@ -203,6 +213,20 @@ enum Cmd {
         /// (`off`: started with `--measure-without-signals`).
         #[arg(long, value_parser = ["on", "off"], default_value = "on")]
         signals: String,
+    },
+    /// BPF time per connection of one balancing setting: like `bpf-cost`, recorded with
+    /// the setting tcpshiftd was started with.
+    ModeCost {
+        #[command(flatten)]
+        addrs: Addrs,
+        /// Client threads.
+        #[arg(long, short, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        window: Window,
+        /// Recorded with the result: the service's setting.
+        #[arg(long, value_parser = ["hash", "source-ip", "round-robin", "limits"])]
+        setting: String,
     },
     /// Summarise raw.jsonl: print the table, write results.json, results.md and chart.png.
     Report {
@@ -319,6 +343,28 @@ fn run(cli: Cli) -> Result<()> {
                 bpf: cost.result(),
             }
         }
+        Cmd::ModeCost {
+            addrs: a,
+            concurrency,
+            window,
+            setting,
+        } => {
+            let (warmup, measure) = window.durations()?;
+            let mut cost = CostMeter::new()?;
+            let result = load::rate(
+                &addrs(a)?,
+                concurrency,
+                Stop::Duration { warmup, measure },
+                &mut |edge| cost.edge(edge),
+            )?;
+            Record::ModeCost {
+                labels,
+                setting,
+                concurrency,
+                result,
+                bpf: cost.result(),
+            }
+        }
         Cmd::Latency {
             addrs: a,
             rate,
@@ -389,6 +435,18 @@ fn run(cli: Cli) -> Result<()> {
             result: steer::populate(&config)
                 .with_context(|| format!("cannot set up tcpshift with {}", config.display()))?,
         },
+        Cmd::Reweight { config } => Record::Reweight {
+            labels,
+            result: steer::reweight(&config)
+                .with_context(|| format!("cannot apply {}", config.display()))?,
+        },
+        Cmd::Memory => {
+            let m = memory::read_current()?;
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, &m).context("cannot write the reading")?;
+            writeln!(out).context("cannot write the reading")?;
+            return Ok(());
+        }
         Cmd::Uninstall => {
             steer::uninstall()?;
             return Ok(());

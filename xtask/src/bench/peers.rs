@@ -182,17 +182,43 @@ pub fn tcpshift_yaml(port: u16, v1: u32, v2: u32) -> String {
     )
 }
 
+/// The settings of the 80/20 service whose BPF time per connection the benchmark compares
+/// (`cargo xtask bench`'s mode-cost step), with the lines each adds to the service.
+pub const MODE_SETTINGS: [(&str, &str); 4] = [
+    ("hash", ""),
+    ("source-ip", "    affinity: source-ip\n"),
+    ("round-robin", "    balance: round-robin\n"),
+    // Far above the load (a few connections open at a time): LIMITS is set and sk_lookup
+    // reads every candidate's limit, but nothing is diverted.
+    ("limits", "    maxConnections: 1000000\n"),
+];
+
+/// [`tcpshift_yaml`] at 80/20 with a setting's `extra` lines ([`MODE_SETTINGS`]).
+pub fn tcpshift_mode_yaml(port: u16, extra: &str) -> String {
+    format!("{}{extra}", tcpshift_yaml(port, 80, 20))
+}
+
 /// A configuration with `services` services on ports `first_port..`, each with `subsets`
 /// subsets on `backend_port..` (shared by all services); two subsets split 80/20, more
-/// split evenly.
-pub fn scale_yaml(services: u32, subsets: u32, first_port: u16, backend_port: u16) -> String {
+/// split evenly. `changed`: the same services after one weight change each (70/30; with more
+/// subsets the first one's weight doubled).
+pub fn scale_yaml(
+    services: u32,
+    subsets: u32,
+    first_port: u16,
+    backend_port: u16,
+    changed: bool,
+) -> String {
     let mut y = String::with_capacity(services as usize * (60 + 30 * subsets as usize));
     y.push_str("services:\n");
     let weights: Vec<String> = (0..subsets)
         .map(|j| {
-            let w = match (subsets, j) {
-                (2, 0) => 80,
-                (2, _) => 20,
+            let w = match (subsets, j, changed) {
+                (2, 0, false) => 80,
+                (2, _, false) => 20,
+                (2, 0, true) => 70,
+                (2, _, true) => 30,
+                (_, 0, true) => 2,
                 _ => 1,
             };
             format!("v{j}: {w}")
@@ -291,13 +317,20 @@ mod tests {
 
     #[test]
     fn scale_config_shape() {
-        let y = scale_yaml(2, 2, 20000, 9101);
+        let y = scale_yaml(2, 2, 20000, 9101, false);
         assert!(y.contains("  s1:\n    listen: 20001\n"));
         assert!(y.contains("      v1: 127.0.0.1:9102\n"));
         assert!(y.contains("weights: {v0: 80, v1: 20}"));
-        let y = scale_yaml(1, 16, 20000, 9101);
+        let changed = scale_yaml(2, 2, 20000, 9101, true);
+        assert!(changed.contains("weights: {v0: 70, v1: 30}"));
+        assert_eq!(changed.replace("70, v1: 30", "80, v1: 20"), y);
+        let y = scale_yaml(1, 16, 20000, 9101, false);
         assert!(y.contains("v15: 127.0.0.1:9116"));
+        assert!(y.contains("{v0: 1, v1: 1,"));
         assert!(y.contains("v15: 1}"));
+        let changed = scale_yaml(1, 16, 20000, 9101, true);
+        assert!(changed.contains("{v0: 2, v1: 1,"));
+        assert!(changed.contains("v15: 1}"));
     }
 
     #[test]
@@ -306,5 +339,12 @@ mod tests {
         assert!(haproxy_cfg(31402).contains("bind 127.0.0.1:31402"));
         assert!(nginx_conf(31403, Path::new("/x")).contains("listen 127.0.0.1:31403"));
         assert!(tcpshift_yaml(31400, 80, 20).contains("weights: {v1: 80, v2: 20}"));
+        for (name, extra) in MODE_SETTINGS {
+            let y = tcpshift_mode_yaml(31400, extra);
+            assert!(
+                y.ends_with(&format!("weights: {{v1: 80, v2: 20}}\n{extra}")),
+                "{name}: {y}"
+            );
+        }
     }
 }
