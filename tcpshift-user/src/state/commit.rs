@@ -403,11 +403,12 @@ impl State {
                 "cannot remove a subset definition",
             )?;
         }
-        self.clear_limit_slots(id, from, to)
+        Ok(())
     }
 
-    /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters, subset definitions, owner rules, annotation and definition (last: it
-    /// is how the id is found).
+    /// Removes everything of service `id` but its `TS_SERVICES` entry: sockets, counters,
+    /// subset definitions, owner rules, limits, annotation and definition (last: it is how the
+    /// id is found).
     /// Slots from `n_subsets` on are empty already (a redefinition clears them).
     fn remove_id(&mut self, id: u32, n_subsets: u32, routes: Option<&mut RoutesMap>) -> Result<()> {
         self.clear_slots(id, 0, n_subsets)?;
