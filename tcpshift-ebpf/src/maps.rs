@@ -15,9 +15,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
 };
 use tcpshift_common::{
-    Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS,
-    ServiceEntry, ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, SubsetMeta, UdpCounters,
-    UdpFlow, UdpFlowKey, global_flags,
+    Counters, DEFAULT_UDP_FLOWS, Global, IPPROTO_TCP, MAX_SERVICES, MAX_SLOTS, ServiceEntry,
+    ServiceKey, ServiceMeta, SlotLimits, SlotLoad, SockTag, SubsetMeta, UdpCounters, UdpFlow,
+    UdpFlowKey, global_flags,
 };
 
 #[map(name = "TS_GLOBAL")]

@@ -62,9 +62,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, SockHash};
 use tcpshift_common::{
-    Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS,
-    RECENT_SECONDS, ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta, global_flags, map_names,
-    slot,
+    Counters, Global, LAYOUT_VERSION, MAGIC, MAX_SERVICES, MAX_SUBSETS, RECENT_SECONDS,
+    ServiceEntry, ServiceKey, ServiceMeta, SubsetMeta, global_flags, map_names, slot,
 };
 use tracing::debug;
 
