@@ -169,9 +169,10 @@ fn a_change_that_fails_part_way_is_rolled_back() {
     s.register();
     assert_eq!(s.reached(31400, 5), (5, 0));
 
-    // Fail the second service's bucket table (preparation), then the second service's
-    // entry (commit: the first service's new entry is already live and must be put back).
-    for point in ["table", "entry"] {
+    // Fail a definition write of the new service after its first one (preparation: the
+    // entries are not written yet), then the second service's entry (commit: the first
+    // service's new entry is already live and must be put back).
+    for point in ["definition", "entry"] {
         failpoints::arm(point, 1, u32::MAX, libc::EIO);
         let err = apply(
             &mut s.state,
@@ -243,8 +244,8 @@ fn enomem_is_retried_by_apply_and_set_weight() {
     assert_eq!(s.weights("echo"), Some(vec![0, 100]));
     assert_eq!(s.reached(31400, 5), (0, 5));
 
-    // set-weight goes through the same path: its bucket table write is retried too.
-    failpoints::arm("table", 0, 2, libc::ENOMEM);
+    // set-weight goes through the same path: its entry write is retried too.
+    failpoints::arm("entry", 0, 2, libc::ENOMEM);
     let (name, weights) = s
         .state
         .set_weights(None, &[("v1".into(), 100), ("v2".into(), 0)])
