@@ -179,7 +179,18 @@ pub fn read_state(dir: &Path) -> Result<KernelMemory> {
             continue;
         }
         let path = entry.path();
-        let fd = obj_get(&path)?;
+        // A pinned link or program refuses the read-only flag (EINVAL): not a map, skip it.
+        let fd = match obj_get(&path) {
+            Ok(fd) => fd,
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::raw_os_error)
+                    == Some(libc::EINVAL) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
         let text = fs::read_to_string(&fdinfo).with_context(|| format!("cannot read {fdinfo}"))?;
         let info = parse_fdinfo(&text).with_context(|| format!("fdinfo of {}", path.display()))?;
