@@ -50,16 +50,20 @@ pub fn run(bin_dir: &Path, time_scale: u32) -> Result<()> {
         &config,
         "services:\n  s:\n    listen: 31400\n    subsets: {v1: 127.0.0.1:9001}\n",
     )?;
+    let log_path = dir.join("tcpshiftd.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut daemon = Command::new(bin_dir.join("tcpshiftd"))
         .arg("--config")
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start {}", bin_dir.join("tcpshiftd").display()))?;
     let ctl = bin_dir.join("tcpshiftctl");
     let result = (|| {
-        let deadline = Instant::now() + Duration::from_secs(60 * u64::from(time_scale.max(1)));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60 * u64::from(time_scale.max(1)));
         let status: serde_json::Value = loop {
             let out = Command::new(&ctl).args(["status", "--json"]).output()?;
             if out.status.success()
@@ -68,8 +72,19 @@ pub fn run(bin_dir: &Path, time_scale: u32) -> Result<()> {
             {
                 break v;
             }
+            let daemon_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(exit) = daemon.try_wait()? {
+                bail!(
+                    "tcpshiftd stopped ({exit}) before installing its programs; its log:\n{}",
+                    daemon_log()
+                );
+            }
             if Instant::now() > deadline {
-                bail!("tcpshiftd did not install its programs in time");
+                bail!(
+                    "tcpshiftd did not install its programs within {} s; its log:\n{}",
+                    deadline.duration_since(started).as_secs(),
+                    daemon_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };

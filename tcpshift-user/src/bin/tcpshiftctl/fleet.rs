@@ -318,15 +318,17 @@ pub fn local_note(netns: &Netns) -> Option<String> {
         let now = now_ms() / 1000;
         Duration::from_secs(now.saturating_sub(secs))
     });
+    let error = s["last_error"].as_str();
+    let link = match (connected, error) {
+        (true, _) => "connected".to_string(),
+        // Not yet answered, no failure either: the first attempt is under way.
+        (false, None) => "connecting".to_string(),
+        (false, Some(e)) => format!("UNREACHABLE: keeping the last applied state; {e}"),
+    };
     Some(format!(
-        "fleet: node {} follows {} ({}), applied revision {applied}{}{}",
+        "fleet: node {} follows {} ({link}), applied revision {applied}{}{}",
         f.node,
         f.store,
-        if connected {
-            "connected"
-        } else {
-            "UNREACHABLE: keeping the last applied state"
-        },
         if applied == newest {
             String::new()
         } else {

@@ -110,7 +110,15 @@ impl Starter {
     }
 }
 
-async fn connect(options: &StoreOptions, seed: u32, tx: &watch::Sender<FollowStatus>) -> Store {
+/// Connects to the store, retrying with a backoff. Each failure is published (tcpshiftd's
+/// status and the runtime record `tcpshiftctl status` reads), so the host says
+/// `UNREACHABLE` while the store does not answer.
+async fn connect(
+    options: &StoreOptions,
+    seed: u32,
+    tx: &watch::Sender<FollowStatus>,
+    record: impl Fn(&FollowStatus),
+) -> Store {
     let mut wait = RETRY;
     let mut logged = false;
     loop {
@@ -133,6 +141,7 @@ async fn connect(options: &StoreOptions, seed: u32, tx: &watch::Sender<FollowSta
                     s.connected = false;
                     s.last_error = Some(e.to_string());
                 });
+                record(&tx.borrow());
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY);
             }
@@ -156,7 +165,10 @@ async fn follow(
             0
         }
     };
-    let store = connect(&options, seed, &tx).await;
+    let store = connect(&options, seed, &tx, |status| {
+        write_record(&url, &node, status, netns_inode)
+    })
+    .await;
     let follower = Follower::new(store.clone(), FollowOptions::default());
     let inner = follower.status();
     tokio::spawn(forward(inner.clone(), tx, url, node.clone(), netns_inode));
@@ -194,13 +206,19 @@ async fn forward(
 ) {
     loop {
         let status = inner.borrow_and_update().clone();
-        if let Err(e) = Following::new(&url, &node, &status).write(netns_inode) {
-            warn!("cannot write the runtime record: {e}");
-        }
+        write_record(&url, &node, &status, netns_inode);
         tx.send_replace(status);
         if inner.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Writes the runtime record `tcpshiftctl status` reads (a failure is logged: the record only
+/// informs).
+fn write_record(url: &str, node: &str, status: &FollowStatus, netns_inode: u64) {
+    if let Err(e) = Following::new(url, node, status).write(netns_inode) {
+        warn!("cannot write the runtime record: {e}");
     }
 }
 
