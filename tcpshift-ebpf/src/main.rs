@@ -8,6 +8,8 @@
 //!   started on (the flow table), new flows by weight.
 //! - `limits`: connection limits and outlier ejections on the per-connection path (open
 //!   connections counted exactly per subset, full or ejected subsets skipped).
+//! - `opaque`: the chosen subset's index as the verifier should see it (one state, not one
+//!   per possible index).
 //! - `maps`: the maps both programs share and the helpers that read and write them. What
 //!   each map holds, and who writes it, is documented once, in `tcpshift-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -25,6 +27,8 @@ mod atomic;
 mod limits;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod opaque;
 #[cfg(target_arch = "bpf")]
 mod sk_lookup;
 #[cfg(target_arch = "bpf")]

@@ -31,6 +31,7 @@ use tcpshift_common::{
 
 use crate::atomic::{add, count_recent};
 use crate::maps::{AF_INET, TS_CURSORS, TS_GLOBAL, TS_SOCKETS, count, log_on, lookup_service};
+use crate::opaque::subset_index;
 
 #[sk_lookup]
 pub fn tcpshift_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -219,7 +220,7 @@ fn miss_verdict(flags: u16) -> u32 {
 /// (never, once loaded: `TS_CURSORS` is an array).
 #[inline(always)]
 fn choose_subset(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u32> {
-    match entry.mode {
+    let index = match entry.mode {
         mode::ROUND_ROBIN => {
             let cursor = TS_CURSORS.get_ptr_mut(entry.id)?;
             // SAFETY: the pointer is to a live, aligned u64 of an array map value; every CPU
@@ -229,11 +230,12 @@ fn choose_subset(entry: &ServiceEntry, seed: u32, words: &[u32; 10]) -> Option<u
             // nothing, and then reads the addend as the result.)
             let position =
                 unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
-            Some(choose::round_robin(entry, position))
+            choose::round_robin(entry, position)
         }
-        mode::HASH_SOURCE_IP => Some(choose::by_position(entry, flow_hash(seed, words, 4))),
-        _ => Some(choose::by_position(entry, flow_hash(seed, words, 10))),
-    }
+        mode::HASH_SOURCE_IP => choose::by_position(entry, flow_hash(seed, words, 4)),
+        _ => choose::by_position(entry, flow_hash(seed, words, 10)),
+    };
+    Some(subset_index(index))
 }
 
 /// Assigns the first subset of the service's fallback order, other than `chosen`, that has a

@@ -185,5 +185,5 @@ fn flow_subset(entry: &ServiceEntry, seed: u32, key: &UdpFlowKey) -> u32 {
     } else {
         flow_hash(seed, &words, 10)
     };
-    choose::by_position(entry, hash)
+    crate::opaque::subset_index(choose::by_position(entry, hash))
 }

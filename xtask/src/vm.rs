@@ -360,7 +360,6 @@ const HOST_ONLY: &[&str] = &[
     "daemon",
     "signals",
     "ownership",
-    "outlier",
     "read_only",
     "takeover",
     "rollout",
