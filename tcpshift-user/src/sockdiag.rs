@@ -1,4 +1,5 @@
-//! Open connections' byte counts, from the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`).
+//! The kernel's socket diagnostics (`NETLINK_SOCK_DIAG`): open connections' byte counts, and
+//! the namespace's listening sockets ([`listening_tcp`], which the socket scan reads).
 //!
 //! The sock_ops program adds a connection's bytes to its subset's counters when it closes. For
 //! connections still open, [`tagged_connections`] dumps the TCP sockets of the calling thread's
@@ -13,6 +14,7 @@
 
 use std::{
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
@@ -70,6 +72,57 @@ const TCP_NEW_SYN_RECV: u8 = 12;
 /// Every TCP socket of the calling thread's network namespace that has a value in the
 /// socket-storage map `map` (whose kernel id is `map_id`), with its byte counts.
 pub fn tagged_connections(map: BorrowedFd<'_>, map_id: u32) -> io::Result<Vec<TaggedSocket>> {
+    let states: u32 =
+        ((1u32 << 12) - 2) & !(1 << TCP_LISTEN) & !(1 << TCP_TIME_WAIT) & !(1 << TCP_NEW_SYN_RECV);
+    let request = Request {
+        states,
+        extensions: 1 << (INET_DIAG_INFO - 1),
+        storage_map: Some(map),
+    };
+    let mut out = Vec::new();
+    dump(&request, |payload| {
+        if let Some(s) = parse_socket(payload, map_id) {
+            out.push(s);
+        }
+    })?;
+    Ok(out)
+}
+
+/// The listening TCP sockets of the calling thread's network namespace: (local address,
+/// socket inode), IPv4 and IPv6.
+///
+/// The kernel walks only its table of listening sockets for this request, so the cost does
+/// not grow with the connections of the namespace — unlike reading `/proc/net/tcp`, which
+/// prints every socket, `TIME_WAIT` included (tens of thousands on a host that makes many
+/// short connections; reading them four times a second cost tcpshiftd most of a core).
+pub fn listening_tcp() -> io::Result<Vec<(SocketAddr, u64)>> {
+    let request = Request {
+        states: 1 << TCP_LISTEN,
+        extensions: 0,
+        storage_map: None,
+    };
+    let mut out = Vec::new();
+    dump(&request, |payload| {
+        if let Some(l) = parse_listener(payload) {
+            out.push(l);
+        }
+    })?;
+    Ok(out)
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets, sent for IPv4 then IPv6.
+struct Request<'a> {
+    /// Bit `1 << state` for each TCP state wanted.
+    states: u32,
+    /// `inet_diag_req_v2.idiag_ext`: bit `1 << (INET_DIAG_x - 1)` for each extension.
+    extensions: u8,
+    /// Ask for each socket's value in this socket-storage map.
+    storage_map: Option<BorrowedFd<'a>>,
+}
+
+/// Runs `request` for both families in the calling thread's network namespace and hands
+/// every socket's message (`inet_diag_msg` and its attributes) to `each`.
+fn dump(request: &Request<'_>, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -83,17 +136,14 @@ pub fn tagged_connections(map: BorrowedFd<'_>, map_id: u32) -> io::Result<Vec<Ta
     }
     // SAFETY: fd was just returned to us.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut out = Vec::new();
     for (seq, family) in [(1u32, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
-        send_request(&sock, seq, family, map)?;
-        receive(&sock, seq, map_id, &mut out)?;
+        send_request(&sock, seq, family, request)?;
+        receive(&sock, seq, &mut each)?;
     }
-    Ok(out)
+    Ok(())
 }
 
-fn send_request(sock: &OwnedFd, seq: u32, family: u8, map: BorrowedFd<'_>) -> io::Result<()> {
-    let states: u32 =
-        ((1u32 << 12) - 2) & !(1 << TCP_LISTEN) & !(1 << TCP_TIME_WAIT) & !(1 << TCP_NEW_SYN_RECV);
+fn send_request(sock: &OwnedFd, seq: u32, family: u8, request: &Request<'_>) -> io::Result<()> {
     let mut msg = Vec::with_capacity(96);
     // struct nlmsghdr, length patched below.
     msg.extend_from_slice(&0u32.to_ne_bytes());
@@ -102,20 +152,17 @@ fn send_request(sock: &OwnedFd, seq: u32, family: u8, map: BorrowedFd<'_>) -> io
     msg.extend_from_slice(&seq.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes());
     // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zero sockid.
-    msg.extend_from_slice(&[
-        family,
-        libc::IPPROTO_TCP as u8,
-        1 << (INET_DIAG_INFO - 1),
-        0,
-    ]);
-    msg.extend_from_slice(&states.to_ne_bytes());
+    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, request.extensions, 0]);
+    msg.extend_from_slice(&request.states.to_ne_bytes());
     msg.extend_from_slice(&[0u8; 48]);
-    // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u32 }
-    msg.extend_from_slice(&(4u16 + 8).to_ne_bytes());
-    msg.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
-    msg.extend_from_slice(&8u16.to_ne_bytes());
-    msg.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
-    msg.extend_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    if let Some(map) = request.storage_map {
+        // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u32 }
+        msg.extend_from_slice(&(4u16 + 8).to_ne_bytes());
+        msg.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        msg.extend_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    }
     let len = msg.len() as u32;
     msg[..4].copy_from_slice(&len.to_ne_bytes());
     // SAFETY: sockaddr_nl zeroed = the kernel; msg is a valid buffer.
@@ -137,7 +184,7 @@ fn send_request(sock: &OwnedFd, seq: u32, family: u8, map: BorrowedFd<'_>) -> io
     Ok(())
 }
 
-fn receive(sock: &OwnedFd, seq: u32, map_id: u32, out: &mut Vec<TaggedSocket>) -> io::Result<()> {
+fn receive(sock: &OwnedFd, seq: u32, each: &mut impl FnMut(&[u8])) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: valid buffer.
@@ -175,15 +222,39 @@ fn receive(sock: &OwnedFd, seq: u32, map_id: u32, out: &mut Vec<TaggedSocket>) -
                     }
                     return Err(io::Error::from_raw_os_error(errno));
                 }
-                SOCK_DIAG_BY_FAMILY => {
-                    if let Some(s) = parse_socket(payload, map_id) {
-                        out.push(s);
-                    }
-                }
+                SOCK_DIAG_BY_FAMILY => each(payload),
                 _ => {}
             }
         }
     }
+}
+
+/// A listening socket's address and inode from its `inet_diag_msg`; `None` for a socket with
+/// no inode (nothing holds it) or a message too short.
+fn parse_listener(payload: &[u8]) -> Option<(SocketAddr, u64)> {
+    if payload.len() < INET_DIAG_MSG_LEN {
+        return None;
+    }
+    // inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid { sport (be16),
+    // dport (be16), src[4] (be32 words), dst[4], if, cookie[2] }, expires, rqueue, wqueue,
+    // uid, inode.
+    let port = u16::from_be_bytes([payload[4], payload[5]]);
+    let ip = match i32::from(payload[0]) {
+        libc::AF_INET => IpAddr::V4(Ipv4Addr::new(
+            payload[8],
+            payload[9],
+            payload[10],
+            payload[11],
+        )),
+        libc::AF_INET6 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&payload[8..24]);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    let inode = u64::from(u32_at(payload, 68));
+    (inode != 0).then_some((SocketAddr::new(ip, port), inode))
 }
 
 /// One `inet_diag_msg` with its attributes.

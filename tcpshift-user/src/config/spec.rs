@@ -112,6 +112,19 @@ pub fn specs_from_yaml_str(text: &str, source: &str) -> Result<Vec<ServiceSpec>,
                 .claim_protocol(listen, raw.protocol.unwrap_or_default(), &name)
                 .map_err(|e| invalid(source, format!("{path}.listen"), e.to_string()))?;
         }
+        // A subset's limits are read by the loader's configuration and from DestinationRules;
+        // here they would be dropped without a word, so they are refused.
+        if let Some((subset, _)) = raw.subsets.0.iter().find(|(_, a)| !a.policy().is_empty()) {
+            return Err(invalid(
+                source,
+                format!("{path}.subsets.{}", seg(subset)),
+                "`maxConnections` and `outlierDetection` are not read from a `services:` \
+                 document given to `tcpshiftctl apply`; set them with a DestinationRule's \
+                 `trafficPolicy` (`connectionPool.tcp.maxConnections`, `outlierDetection`; per \
+                 subset under `subsets[].trafficPolicy`) in the same apply, or in tcpshiftd's \
+                 configuration file",
+            ));
+        }
         let weights_given = raw.weights.is_some();
         let subsets = validate_subsets(source, &path, raw.subsets.0, raw.weights, false)?;
         let balance = balance_of(source, &path, raw.affinity, raw.balance)?;

@@ -16,6 +16,26 @@ const PROC_NET_TCP6: &str = "/proc/thread-self/net/tcp6";
 /// `TCP_LISTEN` in the `st` column of `/proc/net/tcp`.
 const TCP_LISTEN: u8 = 0x0A;
 
+/// Listening sockets in the current thread's netns, sorted by address, then inode.
+///
+/// Asked of the kernel's socket diagnostics ([`crate::sockdiag::listening_tcp`]), which
+/// walk the listening sockets only; when those cannot answer (no `tcp_diag` in the kernel),
+/// read from `/proc/thread-self/net/tcp` and `tcp6` instead ([`listeners_from_proc`]), which
+/// list every socket of the namespace.
+pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
+    match crate::sockdiag::listening_tcp() {
+        Ok(found) => {
+            let mut out: Vec<Listener> = found
+                .into_iter()
+                .map(|(local, inode)| Listener { inode, local })
+                .collect();
+            out.sort_by_key(|l| (l.local, l.inode));
+            Ok(out)
+        }
+        Err(_) => listeners_from_proc(),
+    }
+}
+
 /// Listening sockets in the current thread's netns, from `/proc/thread-self/net/tcp` and
 /// `tcp6` (state `0A`).
 ///
@@ -24,7 +44,7 @@ const TCP_LISTEN: u8 = 0x0A;
 /// (so little-endian hosts show `127.0.0.1` as `0100007F`); ports are printed in host order.
 /// A missing `tcp6` (IPv6 disabled) is not an error. The result is sorted by address, then
 /// inode.
-pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
+pub fn listeners_from_proc() -> Result<Vec<Listener>, DiscoveryError> {
     let mut out = Vec::new();
     for (path, optional) in [(PROC_NET_TCP, false), (PROC_NET_TCP6, true)] {
         let path = Path::new(path);

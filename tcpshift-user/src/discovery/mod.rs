@@ -32,7 +32,9 @@ use std::{
     path::PathBuf,
 };
 
-pub use listeners::{candidates, find_listener, listeners, parse_proc_net_tcp, udp_sockets};
+pub use listeners::{
+    candidates, find_listener, listeners, listeners_from_proc, parse_proc_net_tcp, udp_sockets,
+};
 pub use register::{Registration, register_missing};
 pub use shadowed::{
     ListenersByPort, ShadowedListener, describe, overlaps, shadowed_by, shadowed_by_protocol,
@@ -280,6 +282,38 @@ mod tests {
         st.st_ino
     }
 
+    /// The socket diagnostics and `/proc/net/tcp{,6}` list the same listeners, with the same
+    /// inodes, for IPv4, IPv6 and dual-stack wildcard sockets; a connected socket is in
+    /// neither list.
+    #[test]
+    fn socket_diagnostics_and_proc_agree() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = TcpListener::bind("[::1]:0").ok();
+        let any6 = TcpListener::bind("[::]:0").ok();
+        let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        let from_diag: Vec<Listener> = crate::sockdiag::listening_tcp()
+            .expect("sock_diag answers")
+            .into_iter()
+            .map(|(local, inode)| Listener { inode, local })
+            .collect();
+        let from_proc = listeners_from_proc().unwrap();
+        for sock in [Some(&v4), v6.as_ref(), any6.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let want = Listener {
+                inode: inode_of(sock),
+                local: sock.local_addr().unwrap(),
+            };
+            assert!(from_diag.contains(&want), "{want:?} in {from_diag:?}");
+            assert!(from_proc.contains(&want), "{want:?} in {from_proc:?}");
+        }
+        // The listings are taken one after the other while other tests open sockets, so only
+        // ours are compared exactly; nothing but listeners is in either.
+        let ports: Vec<u16> = from_diag.iter().map(|l| l.local.port()).collect();
+        assert!(!ports.contains(&client.local_addr().unwrap().port()));
+    }
+
     #[test]
     fn finds_v4_listener() {
         let sock = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -483,7 +517,7 @@ mod tests {
         assert_eq!(owner.pid, child.0.id() as i32, "{owner}");
         // The taken fd is a working listener: a connection made to it is accepted here.
         let taken = TcpListener::from(fd);
-        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
         let (_conn, _) = taken.accept().unwrap();
         drop(child);
     }

@@ -40,7 +40,7 @@ struct Scans {
 impl Scans {
     /// One scan: registers what can be registered and logs what happened.
     fn scan(&mut self, state: &mut State) -> Result<()> {
-        // The scan lists /proc/net/tcp right after this instant; a listener registered now
+        // The scan lists the listening sockets right after this instant; a listener registered now
         // was seen by it, a listener that could not be taken keeps this as when it was seen.
         let began = Instant::now();
         let mut still: HashSet<SubsetId> = HashSet::new();
