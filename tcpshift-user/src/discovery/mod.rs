@@ -517,7 +517,7 @@ mod tests {
         assert_eq!(owner.pid, child.0.id() as i32, "{owner}");
         // The taken fd is a working listener: a connection made to it is accepted here.
         let taken = TcpListener::from(fd);
-        let client = std::net::TcpStream::connect(addr).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
         let (_conn, _) = taken.accept().unwrap();
         drop(child);
     }
