@@ -10,12 +10,8 @@
 //! map added, split or removed by a layout change is counted as it is.
 
 use std::{
-    ffi::CString,
     fs,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
@@ -130,42 +126,8 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
 
 /// Opens a pinned BPF object read-only (`BPF_OBJ_GET`).
 fn obj_get(path: &Path) -> Result<OwnedFd> {
-    /// The `BPF_OBJ_GET` part of `union bpf_attr`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_F_RDONLY: u32 = 1 << 3;
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("{} contains a NUL byte", path.display()))?;
-    let attr = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        file_flags: BPF_F_RDONLY,
-        ..ObjGetAttr::default()
-    };
-    // SAFETY: `attr` is a valid, zero-padded `bpf_attr` prefix for BPF_OBJ_GET whose pathname
-    // points to `c_path`, alive for the duration of the call; the size passed is its size.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot open the pinned BPF object {}", path.display()));
-    }
-    let fd = i32::try_from(rc).context("BPF_OBJ_GET returned an out-of-range descriptor")?;
-    // SAFETY: the kernel just returned this new descriptor, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    tcpshift::state::open_pinned_read_only(path)
+        .with_context(|| format!("cannot open the pinned BPF object {}", path.display()))
 }
 
 /// Reads every pinned map of the state directory `dir` (programs and links are skipped).

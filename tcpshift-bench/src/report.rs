@@ -847,14 +847,30 @@ fn goals(s: &Summary) -> Vec<Goal> {
         out.push(at_least("connection rate × direct".into(), 0.95, None));
     }
     let ts_rate = s.rate.iter().find(|r| r.target == ts);
+    let v1_rate = s.rate.iter().find(|r| r.target == "direct-v1");
     for c in concurrencies {
-        out.push(at_least(
+        let mut goal = at_least(
             format!("connection rate × direct, concurrency {c}"),
             0.95,
             ts_rate
                 .and_then(|r| r.by_concurrency.get(&c))
                 .and_then(|f| f.ratio),
-        ));
+        );
+        // direct's client connects to two addresses (v1's and v2's), every other target's to
+        // one (the service's); the client's own connect(2) is cheaper with two (fewer
+        // TIME_WAIT sockets per destination to step over when picking a source port), which
+        // direct-v1, one address and no steering, shows.
+        if let Some(v1) = v1_rate
+            .and_then(|r| r.by_concurrency.get(&c))
+            .and_then(|f| f.ratio)
+        {
+            goal.shown = format!(
+                "{}; one address, no steering: direct-v1 × direct = {}",
+                goal.shown,
+                v1.show(3)
+            );
+        }
+        out.push(goal);
     }
     let mut goal = at_least(
         "peak connection rate × HAProxy's peak".into(),

@@ -428,9 +428,10 @@ type Event = (Instant, Instant, bool);
 const OLD_LISTED: usize = 20;
 
 /// For each flip `(how, before, after, to_b)`, looks at the connections whose handshake ended
-/// after it returned and that started before the next flip did. Those started after the
-/// return are judged (`after`, `stale_after`); those started before are SYNs in flight at the
-/// flip, counted apart when they went to the old subset.
+/// after it returned and before the next flip began (so their lookup cannot have seen the next
+/// flip's weights; a handshake spanning the next flip's start is judged by neither). Those
+/// started after the return are judged (`after`, `stale_after`); those started before are
+/// SYNs in flight at the flip, counted apart when they went to the old subset.
 fn analyse_flips(flips: &[(String, Instant, Instant, bool)], events: &[Event]) -> Vec<FlipSample> {
     let mut out = Vec::new();
     let us = |t: Instant, at: Instant| {
@@ -444,7 +445,7 @@ fn analyse_flips(flips: &[(String, Instant, Instant, bool)], events: &[Event]) -
         let until = flips.get(i + 1).map(|f| f.1);
         let window = events
             .iter()
-            .filter(|(t, done, _)| *done >= *after && until.is_none_or(|u| *t < u));
+            .filter(|(_, done, _)| *done >= *after && until.is_none_or(|u| *done < u));
         let mut s = FlipSample {
             how: how.clone(),
             update_us: (*after - *before).as_secs_f64() * 1e6,
@@ -503,6 +504,9 @@ mod tests {
             c(210, true),
             c(300, true),
             c(990, true),
+            // Started before the second change, handshake ended during it (its lookup may have
+            // seen the second change's weights): judged by neither change.
+            (at(998), at(1003), false),
             c(1005, true), // in flight at the second change's return, on the old subset
             c(1020, true), // stale
             c(1050, false),

@@ -10,9 +10,8 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     path::Path,
     process::Command,
     time::Duration,
@@ -33,39 +32,15 @@ const GOAL_BYTES: u64 = 2048;
 /// Services applied per `apply` call (the benchmark's chunk).
 const CHUNK: usize = 250;
 
-/// `BPF_OBJ_GET`.
-const BPF_OBJ_GET: libc::c_long = 7;
-
-/// Opens the pinned BPF object at `path`.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags (u32 each).
-    let mut attr = [0u64; 3];
-    attr[0] = c.as_ptr() as u64;
-    // SAFETY: attr is a valid, zeroed bpf_attr prefix of the size passed; pathname points to
-    // a NUL-terminated string that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// `memlock` of every map pinned in `dir`, by name (links and programs are skipped).
 fn memlock(dir: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for entry in fs::read_dir(dir).expect("read the state directory") {
         let path = entry.expect("a state directory entry").path();
-        let Ok(fd) = obj_get(&path) else { continue };
+        // A pinned link refuses the read-only flag: not a map, skipped.
+        let Ok(fd) = tcpshift::state::open_pinned_read_only(&path) else {
+            continue;
+        };
         let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
             .expect("read the map's fdinfo");
         if !info.lines().any(|l| l.starts_with("map_type:")) {

@@ -117,6 +117,14 @@ use encode::*;
 use error::*;
 use sys::*;
 
+/// Opens the pinned BPF map at `path` read-only (`BPF_OBJ_GET` with `BPF_F_RDONLY`: read
+/// permission on the pinned file is enough, and the descriptor cannot update the map). A pinned
+/// program or link refuses the flag with `EINVAL`. For tools that read what the kernel reports
+/// about a map (its `/proc/self/fdinfo`), such as the benchmark's memory accounting.
+pub fn open_pinned_read_only(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    sys::obj_get_read_only(path)
+}
+
 /// Directory under bpffs holding one state directory per network namespace.
 pub const BASE_DIR: &str = "/sys/fs/bpf/tcpshift";
 /// Name of the pinned sk_lookup link inside a state directory.
