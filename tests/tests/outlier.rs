@@ -185,19 +185,21 @@ fn a_resetting_subset_is_ejected_and_returns_when_healthy() -> Result<()> {
         "9002",
         "two",
     ])?;
-    ns.loader(
+    // Long enough for the checks made while v2 is ejected, on a slow (emulated) machine too.
+    let ejection = scaled(Duration::from_secs(3)).as_secs();
+    ns.loader(&format!(
         "services:
   tcp-echo:
     listen: 31400
-    subsets: {v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}
-    weights: {v1: 50, v2: 50}
+    subsets: {{v1: 127.0.0.1:9001, v2: 127.0.0.1:9002}}
+    weights: {{v1: 50, v2: 50}}
     outlierDetection:
       consecutiveGatewayErrors: 3
       interval: 200ms
-      baseEjectionTime: 3s
+      baseEjectionTime: {ejection}s
       maxEjectionPercent: 50
-",
-    )?;
+"
+    ))?;
     // Connections until v2 is ejected: each one that reaches v2 is reset.
     let mut failures = 0;
     poll_until(Duration::from_secs(20), "v2 ejected", || {
