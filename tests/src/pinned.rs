@@ -14,8 +14,10 @@ pub fn map_path(name: &str) -> Result<String> {
     Ok(format!("/sys/fs/bpf/tcpshift/netns-{ino}/{name}"))
 }
 
-/// The keys of the pinned map `name`, whose keys are `u32` (slots, service ids), sorted.
-pub fn map_keys(name: &str) -> Result<Vec<u32>> {
+/// Every entry of the pinned map `name` as (key bytes, value bytes), read with `bpftool map
+/// dump pinned … -j` (tcpshift's maps carry no BTF: raw bytes). A per-CPU map's entries have
+/// no single `value` and are refused.
+pub fn dump(name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let path = map_path(name)?;
     let out = Command::new("bpftool")
         .args(["map", "dump", "pinned", &path, "-j"])
@@ -27,9 +29,22 @@ pub fn map_keys(name: &str) -> Result<Vec<u32>> {
         String::from_utf8_lossy(&out.stderr)
     );
     let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")?;
+    dump.as_array()
+        .context("bpftool dump is not a list")?
+        .iter()
+        .map(|entry| {
+            let key = bytes(&entry["key"]).with_context(|| format!("{name}: a key"))?;
+            let value =
+                bytes(&entry["value"]).with_context(|| format!("{name}: a value (not per CPU)"))?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
+/// The keys of the pinned map `name`, whose keys are `u32` (slots, service ids), sorted.
+pub fn map_keys(name: &str) -> Result<Vec<u32>> {
     let mut keys = Vec::new();
-    for entry in dump.as_array().context("bpftool dump is not a list")? {
-        let key = bytes(&entry["key"])?;
+    for (key, _) in dump(name)? {
         let key: [u8; 4] = key
             .as_slice()
             .try_into()

@@ -7,15 +7,14 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::fd::AsRawFd,
     process::Command,
     thread,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
-use tcpshift_tests::{TestNs, poll_until, privileged, scaled, seed_addr, seed_config};
+use tcpshift_tests::{TestNs, pinned, poll_until, privileged, scaled, seed_addr, seed_config};
 
 /// Offsets (in `u64` words) of `tcpshift_common::Counters` fields, layout version 6.
 mod field {
@@ -43,26 +42,12 @@ const V2: u32 = 1;
 /// CPUs), read with `bpftool map dump pinned …/TS_COUNTERS -j` (the map has no BTF: raw
 /// bytes); the `u32` srtt buckets are widened to words.
 fn counters(subset: u32) -> Result<[u64; field::WORDS]> {
-    let ino = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
-    let path = format!("/sys/fs/bpf/tcpshift/netns-{ino}/TS_COUNTERS");
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "pinned", &path, "-j"])
-        .output()
-        .context("cannot run bpftool (cargo xtask bootstrap installs it)")?;
-    ensure!(
-        out.status.success(),
-        "bpftool map dump {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")?;
     let mut words = [0u64; field::WORDS];
-    for entry in dump.as_array().context("bpftool dump is not a list")? {
-        let key = bytes(&entry["key"])?;
+    for (key, value) in pinned::dump("TS_COUNTERS")? {
         let slot = u32::from_le_bytes(key.as_slice().try_into().context("4-byte key")?);
         if slot % 16 != subset {
             continue;
         }
-        let value = bytes(&entry["value"]).context("one value (not per CPU)")?;
         ensure!(
             value.len() == field::BYTES,
             "Counters of {} bytes, expected {} (layout changed?)",
@@ -81,18 +66,6 @@ fn counters(subset: u32) -> Result<[u64; field::WORDS]> {
         }
     }
     Ok(words)
-}
-
-/// bpftool's `["0x01", "0x00", …]` as bytes.
-fn bytes(v: &Value) -> Result<Vec<u8>> {
-    v.as_array()
-        .context("not a byte list")?
-        .iter()
-        .map(|b| {
-            let s = b.as_str().context("byte is not a string")?;
-            u8::from_str_radix(s.trim_start_matches("0x"), 16).with_context(|| format!("{s:?}"))
-        })
-        .collect()
 }
 
 /// Waits until subset `subset`'s counter `index` reaches `n` (fails if it goes past).
