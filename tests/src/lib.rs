@@ -25,6 +25,7 @@ pub mod chaos;
 pub mod etcd;
 pub mod fleet;
 pub mod pinned;
+pub mod snmp;
 
 /// Environment variable that explicitly skips privileged tests (for unprivileged laptops).
 pub const SKIP_VAR: &str = "TCPSHIFT_SKIP_PRIVILEGED";

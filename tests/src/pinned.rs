@@ -19,17 +19,8 @@ pub fn map_path(name: &str) -> Result<String> {
 /// no single `value` and are refused.
 pub fn dump(name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let path = map_path(name)?;
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "pinned", &path, "-j"])
-        .output()
-        .context("cannot run bpftool (cargo xtask bootstrap installs it)")?;
-    ensure!(
-        out.status.success(),
-        "bpftool map dump {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: Value = serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")?;
-    dump.as_array()
+    bpftool(&["map", "dump", "pinned", &path])?
+        .as_array()
         .context("bpftool dump is not a list")?
         .iter()
         .map(|entry| {
@@ -65,4 +56,30 @@ pub fn bytes(v: &Value) -> Result<Vec<u8>> {
             u8::from_str_radix(s.trim_start_matches("0x"), 16).with_context(|| format!("{s:?}"))
         })
         .collect()
+}
+
+/// The value at `key` of the pinned map `name` whose keys are `u32` (an array map: a service
+/// id's round-robin cursor, …), read with `bpftool map lookup pinned … -j`.
+pub fn lookup(name: &str, key: u32) -> Result<Vec<u8>> {
+    let path = map_path(name)?;
+    let key_bytes = key.to_le_bytes().map(|b| format!("0x{b:02x}"));
+    let mut args = vec!["map", "lookup", "pinned", &path, "key"];
+    args.extend(key_bytes.iter().map(String::as_str));
+    bytes(&bpftool(&args)?["value"]).with_context(|| format!("{name}[{key}]: the value"))
+}
+
+/// `bpftool ARGS -j`'s answer.
+fn bpftool(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool")
+        .args(args)
+        .arg("-j")
+        .output()
+        .context("cannot run bpftool (cargo xtask bootstrap installs it)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("bpftool -j is not JSON")
 }
