@@ -652,34 +652,47 @@ impl Bench {
                 &["--measure-without-signals"]
             };
             self.env.tcpshift_up_with(config, extra)?;
-            let labels = [
-                "--target".to_string(),
-                Target::Tcpshift.name().to_string(),
-                "--round".to_string(),
-                round.to_string(),
-            ];
-            let result = self.measure_one(
-                &labels,
-                &[
-                    "bpf-cost",
-                    "--addr",
-                    &Target::Tcpshift.addr(),
-                    "--concurrency",
-                    &p.scale_concurrency.to_string(),
-                    "--warmup",
-                    &p.warmup.to_string(),
-                    "--duration",
-                    &p.duration.to_string(),
-                    "--signals",
-                    setting,
-                ],
-                p.warmup + p.duration,
-            );
-            let down = self.env.tcpshift_down();
-            result?;
-            down?;
+            self.bpf_time_then_down(round, "bpf-cost", ["--signals", setting])?;
         }
         Ok(())
+    }
+
+    /// One `tcpshift-load SUBCOMMAND` run (BPF time per connection) against the tcpshiftd
+    /// just started, at the scale concurrency, labelled with the round; then tcpshiftd is
+    /// stopped whatever the run gave, and the first failure is returned.
+    fn bpf_time_then_down(
+        &mut self,
+        round: u32,
+        subcommand: &str,
+        [flag, value]: [&str; 2],
+    ) -> Result<()> {
+        let p = self.plan.clone();
+        let labels = [
+            "--target".to_string(),
+            Target::Tcpshift.name().to_string(),
+            "--round".to_string(),
+            round.to_string(),
+        ];
+        let result = self.measure_one(
+            &labels,
+            &[
+                subcommand,
+                "--addr",
+                &Target::Tcpshift.addr(),
+                "--concurrency",
+                &p.scale_concurrency.to_string(),
+                "--warmup",
+                &p.warmup.to_string(),
+                "--duration",
+                &p.duration.to_string(),
+                flag,
+                value,
+            ],
+            p.warmup + p.duration,
+        );
+        let down = self.env.tcpshift_down();
+        result?;
+        down
     }
 
     /// BPF time per connection of the 80/20 service in each of [`peers::MODE_SETTINGS`] (the
@@ -700,32 +713,7 @@ impl Bench {
                 p.rounds
             ));
             self.env.tcpshift_up(&config)?;
-            let labels = [
-                "--target".to_string(),
-                Target::Tcpshift.name().to_string(),
-                "--round".to_string(),
-                round.to_string(),
-            ];
-            let result = self.measure_one(
-                &labels,
-                &[
-                    "mode-cost",
-                    "--addr",
-                    &Target::Tcpshift.addr(),
-                    "--concurrency",
-                    &p.scale_concurrency.to_string(),
-                    "--warmup",
-                    &p.warmup.to_string(),
-                    "--duration",
-                    &p.duration.to_string(),
-                    "--setting",
-                    setting,
-                ],
-                p.warmup + p.duration,
-            );
-            let down = self.env.tcpshift_down();
-            result?;
-            down?;
+            self.bpf_time_then_down(round, "mode-cost", ["--setting", setting])?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Du
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tcpshift_bench::{
-    bpf_cost::CostMeter,
+    bpf_cost::{BpfCost, CostMeter},
     load::{self, Stop},
     memory,
     record::{Labels, Record},
@@ -262,6 +262,24 @@ fn addrs(a: Addrs) -> Result<Vec<SocketAddr>> {
     Ok(a.addr.0)
 }
 
+/// A closed-loop connection-rate run over `window` with the BPF programs' time metered over
+/// the same measured window (the `bpf-cost` and `mode-cost` subcommands).
+fn metered_rate(
+    a: Addrs,
+    concurrency: usize,
+    window: &Window,
+) -> Result<(load::RateResult, Option<BpfCost>)> {
+    let (warmup, measure) = window.durations()?;
+    let mut cost = CostMeter::new()?;
+    let result = load::rate(
+        &addrs(a)?,
+        concurrency,
+        Stop::Duration { warmup, measure },
+        &mut |edge| cost.edge(edge),
+    )?;
+    Ok((result, cost.result()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -327,20 +345,13 @@ fn run(cli: Cli) -> Result<()> {
             window,
             signals,
         } => {
-            let (warmup, measure) = window.durations()?;
-            let mut cost = CostMeter::new()?;
-            let result = load::rate(
-                &addrs(a)?,
-                concurrency,
-                Stop::Duration { warmup, measure },
-                &mut |edge| cost.edge(edge),
-            )?;
+            let (result, bpf) = metered_rate(a, concurrency, &window)?;
             Record::BpfCost {
                 labels,
                 signals: signals == "on",
                 concurrency,
                 result,
-                bpf: cost.result(),
+                bpf,
             }
         }
         Cmd::ModeCost {
@@ -349,20 +360,13 @@ fn run(cli: Cli) -> Result<()> {
             window,
             setting,
         } => {
-            let (warmup, measure) = window.durations()?;
-            let mut cost = CostMeter::new()?;
-            let result = load::rate(
-                &addrs(a)?,
-                concurrency,
-                Stop::Duration { warmup, measure },
-                &mut |edge| cost.edge(edge),
-            )?;
+            let (result, bpf) = metered_rate(a, concurrency, &window)?;
             Record::ModeCost {
                 labels,
                 setting,
                 concurrency,
                 result,
-                bpf: cost.result(),
+                bpf,
             }
         }
         Cmd::Latency {

@@ -5,6 +5,7 @@ use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    sync::Once,
 };
 
 use super::{DiscoveryError, Listener};
@@ -32,7 +33,18 @@ pub fn listeners() -> Result<Vec<Listener>, DiscoveryError> {
             out.sort_by_key(|l| (l.local, l.inode));
             Ok(out)
         }
-        Err(_) => listeners_from_proc(),
+        Err(e) => {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "the kernel's socket diagnostics cannot list listening sockets ({e}); \
+                     reading /proc/thread-self/net/tcp instead, which lists every socket and \
+                     costs more CPU on a host with many connections (load the tcp_diag and \
+                     inet_diag modules to avoid it)"
+                );
+            });
+            listeners_from_proc()
+        }
     }
 }
 
