@@ -159,6 +159,13 @@ fn rotated(first: usize) -> Vec<Target> {
     (0..n).map(|i| Target::ALL[(first + i) % n]).collect()
 }
 
+/// The labels of one measurement of `target` in round `round`, for `tcpshift-load`.
+fn target_labels(target: Target, round: u32) -> Vec<String> {
+    ["--target", target.name(), "--round", &round.to_string()]
+        .map(str::to_string)
+        .to_vec()
+}
+
 /// Prints a progress line with the time since the benchmark started.
 fn step(msg: impl std::fmt::Display) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -541,12 +548,7 @@ impl Bench {
     /// One workload against one target.
     fn workload(&mut self, w: Workload, target: Target, round: u32) -> Result<()> {
         let p = self.plan.clone();
-        let mut labels = vec![
-            "--target".to_string(),
-            target.name().to_string(),
-            "--round".to_string(),
-            round.to_string(),
-        ];
+        let mut labels = target_labels(target, round);
         if w != Workload::Split {
             labels.extend(self.cpu.iter().flatten().cloned());
         }
@@ -667,14 +669,8 @@ impl Bench {
         [flag, value]: [&str; 2],
     ) -> Result<()> {
         let p = self.plan.clone();
-        let labels = [
-            "--target".to_string(),
-            Target::Tcpshift.name().to_string(),
-            "--round".to_string(),
-            round.to_string(),
-        ];
         let result = self.measure_one(
-            &labels,
+            &target_labels(Target::Tcpshift, round),
             &[
                 subcommand,
                 "--addr",
@@ -844,14 +840,8 @@ impl Bench {
         self.env.tcpshift_up(config)?;
         let ctl = self.env.bin("tcpshiftctl").display().to_string();
         let netns = self.env.path().display().to_string();
-        let labels = [
-            "--target".to_string(),
-            "tcpshift".to_string(),
-            "--round".to_string(),
-            "1".to_string(),
-        ];
         let result = self.measure_one(
-            &labels,
+            &target_labels(Target::Tcpshift, 1),
             &[
                 "weight-change",
                 "--addr",
